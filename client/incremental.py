@@ -1,0 +1,55 @@
+"""Run an incremental scenario centrally: train task after task, score every task after each one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from client.trainer import Prompts, predict_logits, train_adaptors
+from shared.config import TrainConfig
+from shared.metrics import forgetting, macro, per_class_auroc
+from shared.model import RetuneModel
+from shared.scenarios import Task, supervise
+
+
+@dataclass
+class Split:
+    """Cached embeddings [N, d] and labels [N, C] (NaN = not labelled) of one data split."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class ScenarioResult:
+    """Task matrix (AUROC on task j's test data after task i), its forgetting, and per-task loss curves."""
+
+    tasks: list[str]
+    task_matrix: list[list[float | None]] = field(default_factory=list)
+    losses: list[list[float]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"tasks": self.tasks, "task_matrix": self.task_matrix, **forgetting(self.task_matrix)}
+
+
+def task_auroc(logits: np.ndarray, test: Split, task: Task, diseases: tuple[str, ...]) -> float | None:
+    """Macro AUROC over the task's scored diseases on the task's test rows."""
+    aurocs = per_class_auroc(logits[task.test_rows], test.labels[task.test_rows], diseases)
+    return macro({d: aurocs[d] for d in task.scored})
+
+
+def run_scenario(model: RetuneModel, tasks: list[Task], train: Split, test: Split, prompts: Prompts,
+                 diseases: tuple[str, ...], config: TrainConfig, device: torch.device | str = "cpu",
+                 on_task_done=None) -> ScenarioResult:
+    """Train ``model`` through ``tasks`` in order, with no replay of earlier tasks' data."""
+    result = ScenarioResult(tasks=[t.name for t in tasks])
+    for i, task in enumerate(tasks):
+        labels = supervise(train.labels[task.train_rows], diseases, task.supervised)
+        result.losses.append(train_adaptors(model, train.embeddings[task.train_rows], labels, prompts, config, device))
+        logits = predict_logits(model, test.embeddings, prompts, device)
+        result.task_matrix.append([task_auroc(logits, test, t, diseases) for t in tasks])
+        if on_task_done is not None:
+            on_task_done(i, task)
+    return result

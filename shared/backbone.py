@@ -1,0 +1,124 @@
+"""The frozen vision-language backbone, chosen by one spec string and built by open_clip's factory.
+
+A spec is one of:
+
+- ``biomedclip`` — alias of ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` (production);
+- any ``hf-hub:org/repo`` id;
+- a local directory (or ``local-dir:DIR``) holding ``open_clip_config.json`` + weights — how an air-gapped
+  hospital stages BiomedCLIP;
+- a built-in open_clip architecture name, optionally ``NAME:PRETRAINED_TAG``; without a tag the weights are
+  randomly initialised (seeded, so the result is reproducible) and every output says so.
+
+The backbone is frozen: no gradients, eval mode. Its embedding size is read from the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from PIL import Image
+
+from shared.errors import RetuneError
+
+BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+ALIASES: dict[str, str] = {"biomedclip": BIOMEDCLIP}
+#: The offline default until a pretrained offline backbone ships: a tiny, randomly initialised open_clip model.
+OFFLINE_DEFAULT = "retune-tiny-random"
+_CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
+_RANDOM_INIT_SEED = 0
+
+open_clip.add_model_config(_CONFIG_DIR)
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    """CUDA when the hospital has a GPU, the CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Backbone:
+    """A frozen open_clip model with its preprocessing and tokenizer."""
+
+    spec: str
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    embed_dim: int
+    pretrained: bool
+    identity: str
+    device: torch.device
+
+    @property
+    def label(self) -> str:
+        """Human-readable name; a randomly initialised backbone is labelled as such everywhere it is shown."""
+        return self.spec if self.pretrained else f"{self.spec} (RANDOMLY INITIALISED, not pretrained: demo only)"
+
+    def describe(self) -> dict[str, Any]:
+        return {"spec": self.spec, "label": self.label, "pretrained": self.pretrained,
+                "embed_dim": self.embed_dim, "identity": self.identity}
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised float32 text embeddings [len(texts), embed_dim] on the CPU."""
+        tokens = self.tokenizer(texts).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+
+
+def resolve_spec(spec: str) -> tuple[str, str]:
+    """Map a user spec to (open_clip model name, pretrained tag or '')."""
+    spec = ALIASES.get(spec.lower(), spec)
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        return spec, ""
+    if Path(spec).expanduser().is_dir():
+        return f"local-dir:{Path(spec).expanduser().resolve()}", ""
+    name, _, tag = spec.partition(":")
+    if name not in open_clip.list_models():
+        raise RetuneError(
+            f"unknown backbone {spec!r}: give 'biomedclip', an 'hf-hub:org/repo' id, a directory holding "
+            f"open_clip_config.json and weights, or an open_clip model name such as {OFFLINE_DEFAULT!r}")
+    return name, tag
+
+
+def _state_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_backbone(spec: str = OFFLINE_DEFAULT, device: torch.device | str | None = None) -> Backbone:
+    """Build the frozen backbone named by ``spec`` (see the module docstring)."""
+    name, tag = resolve_spec(spec)
+    device = torch.device(device) if device is not None else default_device()
+    pretrained = bool(tag) or name.startswith(("hf-hub:", "local-dir:"))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None, device=device)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (OSError, RuntimeError, ValueError) as exc:
+        hint = ("this machine may be offline: stage the model in a local directory (open_clip_config.json + "
+                "weights) and pass that directory as --backbone") if pretrained else "check the model name"
+        raise RetuneError(f"could not load backbone {spec!r}: {exc}; {hint}") from exc
+    model.eval().requires_grad_(False)
+    with torch.inference_mode():
+        size = model.visual.preprocess_cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        embed_dim = int(model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1])
+    identity = hashlib.sha256(json.dumps({
+        "model": name, "tag": tag, "weights": _state_hash(model),
+        "preprocess": model.visual.preprocess_cfg, "open_clip": open_clip.__version__,
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    backbone = Backbone(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim,
+                        pretrained=pretrained, identity=identity, device=device)
+    log.info("backbone %s: embed_dim=%d identity=%s", backbone.label, embed_dim, identity[:12])
+    return backbone

@@ -1,0 +1,54 @@
+"""Adaptor checkpoints: ``adaptors.safetensors`` plus a JSON sidecar saying what they belong to."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from shared import __version__
+from shared.config import AdaptorConfig
+from shared.errors import RetuneError
+from shared.model import RetuneModel
+from shared.prompts import PromptBank
+
+WEIGHTS = "adaptors.safetensors"
+SIDECAR = "adaptors.json"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(folder: Path, model: RetuneModel, prompts: PromptBank, backbone: dict[str, Any]) -> Path:
+    """Write the adaptors and their sidecar (backbone, embedding size, diseases, prompts, versions)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS)
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        "retune_version": __version__,
+        "backbone": backbone,
+        "embed_dim": model.dim,
+        "diseases": list(prompts.diseases),
+        "prompts": prompts.to_dict(),
+        "adaptor": asdict(model.config),
+    }
+    (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    return folder
+
+
+def load_checkpoint(folder: Path) -> tuple[RetuneModel, PromptBank, dict[str, Any]]:
+    """Read a checkpoint folder back: model (eval mode), prompt bank and the sidecar."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS).is_file() or not (folder / SIDECAR).is_file():
+        raise RetuneError(f"{folder} is not a checkpoint: expected {WEIGHTS} and {SIDECAR} in it")
+    sidecar = json.loads((folder / SIDECAR).read_text())
+    if sidecar.get("format_version") != FORMAT_VERSION:
+        raise RetuneError(f"{folder}: checkpoint format {sidecar.get('format_version')} is not {FORMAT_VERSION}")
+    model = RetuneModel(int(sidecar["embed_dim"]), AdaptorConfig(**sidecar["adaptor"]))
+    try:
+        model.load_state_dict(load_file(folder / WEIGHTS))
+    except RuntimeError as exc:
+        raise RetuneError(f"{folder}: adaptor weights do not match the sidecar: {exc}") from exc
+    return model.eval(), PromptBank.from_dict(sidecar["prompts"]), sidecar

@@ -1,0 +1,65 @@
+import torch
+
+from shared.config import AdaptorConfig
+from shared.model import RetuneModel, masked_bce, zero_shot_logits
+from shared.prompts import PromptBank
+
+
+def test_prompt_bank_has_four_templates_each_and_averaging_rows_sum_to_one():
+    bank = PromptBank(("Edema", "Pleural Effusion"))
+    prompts = bank.prompts("Pleural Effusion")
+    assert prompts["positive"][0] == "Findings consistent with pleural effusion"
+    assert prompts["negative"][1] == "No evidence of pleural effusion"
+    assert len(prompts["positive"]) == len(prompts["negative"]) == 4
+    matrix = bank.averaging_matrix()
+    assert matrix.shape == (4, len(bank.texts())) and len(bank.texts()) == 16
+    assert torch.allclose(matrix.sum(1), torch.ones(4))
+
+
+def test_overrides_and_round_trip():
+    bank = PromptBank(("Edema",), overrides={"Edema": {"positive": ["fluid"], "negative": ["dry", "clear"]}})
+    assert bank.texts() == ["fluid", "dry", "clear"]
+    assert PromptBank.from_dict(bank.to_dict()).texts() == bank.texts()
+
+
+def test_new_disease_adds_no_parameters():
+    model = RetuneModel(32)
+    n_params = sum(p.numel() for p in model.parameters())
+    for diseases in (("A",), ("A", "B", "C")):
+        bank = PromptBank(diseases)
+        text = torch.randn(len(bank.texts()), 32)
+        logits = model(torch.randn(5, 32), text, bank.averaging_matrix())
+        assert logits.shape == (5, len(diseases))
+    assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+def test_logit_is_scaled_cosine_difference():
+    model = RetuneModel(8, AdaptorConfig(kind="linear", logit_scale=3.0))
+    with torch.no_grad():
+        for adaptor in (model.image_adaptor.net, model.text_adaptor.net):
+            adaptor.weight.copy_(torch.eye(8))
+            adaptor.bias.zero_()
+    image, pos, neg = torch.randn(1, 8), torch.randn(1, 8), torch.randn(1, 8)
+    averaging = torch.eye(2)
+    cos = torch.nn.functional.cosine_similarity
+    expected = 3.0 * (cos(image, pos) - cos(image, neg))
+    assert torch.allclose(model(image, torch.cat([pos, neg]), averaging)[0], expected, atol=1e-5)
+    assert torch.allclose(zero_shot_logits(image, torch.cat([pos, neg]), averaging)[0], expected / 3, atol=1e-5)
+
+
+def test_residual_adaptor_mixes_identity():
+    config = AdaptorConfig(kind="residual", residual_alpha=0.0)
+    model = RetuneModel(8, config)
+    x = torch.randn(3, 8)
+    assert torch.allclose(model.image_adaptor(x), x)
+
+
+def test_masked_bce_ignores_unlabelled_entries():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 9.0]])
+    labels = torch.tensor([[1.0, float("nan")], [0.0, float("nan")]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels[:, 0])
+    assert torch.allclose(masked_bce(logits, labels), expected)
+    per_sample = masked_bce(logits, labels, reduction="none")
+    assert per_sample.shape == (2,)
+    assert torch.allclose(per_sample.mean(), expected)
+    assert masked_bce(logits, torch.full((2, 2), float("nan"))) == 0
