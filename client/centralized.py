@@ -35,12 +35,12 @@ def zero_shot_metrics(test: Split, prompts: Prompts, diseases: tuple[str, ...]) 
 
 def train_centralized(train: Split, test: Split, prompts: Prompts, diseases: tuple[str, ...],
                       scenario: Scenario = "joint", train_config: TrainConfig = TrainConfig(),
-                      adaptor_config: AdaptorConfig = AdaptorConfig(), chunks: int = 5,
+                      adaptor_config: AdaptorConfig = AdaptorConfig(), n_tasks: int | None = None,
                       device: torch.device | str = "cpu", on_task_done=None) -> CentralizedRun:
     """Train fresh adaptors (seeded by ``train_config.seed``) through ``scenario`` and score them on ``test``."""
     torch.manual_seed(train_config.seed)
     model = RetuneModel(train.embeddings.shape[1], adaptor_config)
-    tasks = make_tasks(scenario, train.labels, len(test.labels), diseases, chunks, train_config.seed)
+    tasks = make_tasks(scenario, train.labels, len(test.labels), diseases, n_tasks, train_config.seed)
     start = time.perf_counter()
     result = run_scenario(model, tasks, train, test, prompts, diseases, train_config, device, on_task_done)
     train_s = time.perf_counter() - start

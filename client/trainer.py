@@ -20,10 +20,11 @@ class Prompts:
 
 
 def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
-                   config: TrainConfig, device: torch.device | str = "cpu") -> list[float]:
+                   config: TrainConfig, device: torch.device | str = "cpu", proximal_mu: float = 0.0) -> list[float]:
     """Train ``model`` in place with Adam on masked BCE; returns the mean loss of each epoch.
 
-    Rows without a single labelled disease carry no signal and are dropped.
+    Rows without a single labelled disease carry no signal and are dropped. ``proximal_mu`` > 0 adds FedProx's
+    ``mu/2 · ||w − w_start||²`` towards the weights the model started from (the received global adaptors).
     """
     keep = ~np.isnan(labels).all(axis=1)
     x = torch.as_tensor(embeddings[keep], dtype=torch.float32, device=device)
@@ -32,6 +33,7 @@ def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarra
     model.to(device).train()
     if len(x) == 0:
         return []
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     history = []
@@ -40,8 +42,9 @@ def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarra
         for rows in torch.randperm(len(x), generator=generator).split(config.batch_size):
             rows = rows.to(device)
             loss = masked_bce(model(x[rows], text, averaging), y[rows])
+            objective = loss + proximal_mu / 2 * sum((p - a).square().sum() for p, a in zip(model.parameters(), anchor))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             total += float(loss.detach()) * len(rows)
         history.append(total / len(x))

@@ -25,12 +25,11 @@ import open_clip
 import torch
 from PIL import Image
 
+from shared.config import OFFLINE_DEFAULT
 from shared.errors import RetuneError
 
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 ALIASES: dict[str, str] = {"biomedclip": BIOMEDCLIP}
-#: The offline default until a pretrained offline backbone ships: a tiny, randomly initialised open_clip model.
-OFFLINE_DEFAULT = "retune-tiny-random"
 _CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
 _RANDOM_INIT_SEED = 0
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
+
+from shared.errors import RetuneError
 
 AdaptorKind = Literal["mlp", "linear", "residual"]
 Scenario = Literal["joint", "class", "label", "data"]
 UncertainPolicy = Literal["ignore", "ones", "zeros"]
+
+#: The offline default backbone until a pretrained offline backbone ships: tiny, randomly initialised.
+OFFLINE_DEFAULT = "retune-tiny-random"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,107 @@ class EmbedConfig:
     loader_threads: int = 2
 
 
+@dataclass(frozen=True)
+class SimulationPlan:
+    """What ``retune simulate`` generates besides the federation settings.
+
+    Parameters
+    ----------
+    hospitals : int
+        Simulated hospitals, each with its own scanner style, prevalence skew and labelled diseases (default 5).
+    images_per_hospital : int
+        Phantom images per hospital, split 70/10/20 train/val/test (default 600).
+    image_size : int
+        Phantom image size in pixels (default 128).
+    """
+
+    hospitals: int = 5
+    images_per_hospital: int = 600
+    image_size: int = 128
+
+
 def default_cache_dir() -> Path:
     """Where embeddings are cached unless ``--cache`` says otherwise: ``$RETUNE_CACHE`` or ``~/.cache/retune-fl``."""
     return Path(os.environ.get("RETUNE_CACHE", "~/.cache/retune-fl")).expanduser()
+
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """One federated run: the Flower run config (``[tool.flwr.app.config]``) maps onto these fields.
+
+    Run-config keys are the field names with dashes (``rounds-per-stage``).
+
+    Parameters
+    ----------
+    stages : int
+        Data-incremental stages; at each stage every hospital trains on its newly arrived data only (default 2).
+    rounds_per_stage : int
+        Federated rounds per stage (default 3).
+    local_epochs : int
+        Local epochs per round (default 2).
+    scenario : {"data", "class", "label"}
+        What a stage brings: new data (all diseases), new diseases, or new supervision (default "data").
+    strategy : {"fedavg", "fedprox", "fedadam"}
+        Aggregation, FedAvg weighted by examples by default.
+    proximal_mu : float
+        FedProx proximal weight (default 0.01).
+    server_lr : float
+        FedAdam server learning rate ``eta`` (default 0.01).
+    min_hospitals : int
+        Hospitals a round needs (default 2).
+    round_timeout : float
+        Seconds the server waits for replies in a round (default 600).
+    backbone : str
+        Backbone spec every hospital embeds with (default: the offline default).
+    diseases : str
+        Label schema or comma-separated diseases (default "chexpert5").
+    adaptor : {"mlp", "linear", "residual"}
+        Adaptor kind (default "mlp").
+    lr, batch_size : float, int
+        Local Adam learning rate and batch size (defaults as :class:`TrainConfig`).
+    seed : int
+        Seed of adaptor initialisation, stage splits and local shuffling (default 0).
+    run_dir : str
+        Server folder for the persisted round state and checkpoints (default "runs/federation").
+    sim_dir : str
+        Simulation only: folder with ``hospital-K/`` sites, chosen by a SuperNode's ``partition-id``.
+    cache : str
+        Hospital embedding cache (default: ``$RETUNE_CACHE`` or ``~/.cache/retune-fl``); a SuperNode's
+        ``cache`` node config overrides it.
+    """
+
+    stages: int = 2
+    rounds_per_stage: int = 3
+    local_epochs: int = 2
+    scenario: Scenario = "data"
+    strategy: StrategyName = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    min_hospitals: int = 2
+    round_timeout: float = 600.0
+    backbone: str = OFFLINE_DEFAULT
+    diseases: str = "chexpert5"
+    adaptor: AdaptorKind = "mlp"
+    lr: float = TrainConfig.lr
+    batch_size: int = TrainConfig.batch_size
+    seed: int = 0
+    run_dir: str = "runs/federation"
+    sim_dir: str = ""
+    cache: str = ""
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> FederationConfig:
+        """Build from a Flower run config; unknown keys are an error (a typo must not pass silently)."""
+        names = {f.name for f in fields(cls)}
+        values = {key.replace("-", "_"): value for key, value in run_config.items()}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise RetuneError(f"unknown run-config keys {unknown}; known: {sorted(n.replace('_', '-') for n in names)}")
+        typed = {f.name: type(getattr(cls(), f.name))(values[f.name]) for f in fields(cls) if f.name in values}
+        return cls(**typed)
+
+    def to_run_config(self) -> dict:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

@@ -1,10 +1,12 @@
 """Incremental scenarios: how training data and supervision arrive as a sequence of tasks.
 
 - ``joint``: one task with everything (the upper bound).
-- ``class``: task t brings the images positive for disease t (plus a share of images positive for none), and
-  supervises disease t only.
-- ``label``: disjoint chunks; task t supervises diseases 1..t (supervision accumulates).
-- ``data``: ``chunks`` disjoint chunks of the training and test data, every disease supervised.
+- ``class``: task t brings the images positive for its disease(s) (plus a share of images positive for none),
+  and supervises those diseases only.
+- ``label``: disjoint chunks; task t supervises the diseases of tasks 1..t (supervision accumulates).
+- ``data``: disjoint chunks of the training and test data, every disease supervised.
+
+By default class/label tasks bring one disease each; with fewer tasks the diseases are grouped in order.
 
 After each task the model is scored on every task's test data; that matrix gives forgetting.
 """
@@ -43,32 +45,47 @@ def supervise(labels: np.ndarray, diseases: tuple[str, ...], supervised: tuple[s
     return out
 
 
+def disease_groups(diseases: tuple[str, ...], n_tasks: int) -> list[tuple[str, ...]]:
+    """Split the diseases into ``n_tasks`` consecutive, non-empty groups (class/label-incremental tasks)."""
+    if not 1 <= n_tasks <= len(diseases):
+        raise RetuneError(f"{n_tasks} tasks cannot each bring a disease: choose 1 to {len(diseases)}")
+    return [tuple(group) for group in np.array_split(np.array(diseases, dtype=object), n_tasks)]
+
+
 def make_tasks(scenario: Scenario, train_labels: np.ndarray, n_test: int, diseases: tuple[str, ...],
-               chunks: int = 5, seed: int = 0) -> list[Task]:
-    """Split the training rows (and, for ``data``, the test rows) into the scenario's tasks."""
+               n_tasks: int | None = None, seed: int = 0) -> list[Task]:
+    """Split the training rows (and, for ``data``, the test rows) into the scenario's tasks.
+
+    ``n_tasks`` defaults to 5 data chunks, or one task per disease for ``class`` and ``label``.
+    """
     rng = np.random.default_rng(seed)
     n_train = len(train_labels)
     all_test = np.arange(n_test)
     if scenario == "joint":
         return [Task("joint", np.arange(n_train), diseases, all_test, diseases)]
     if scenario == "data":
-        if not 1 <= chunks <= min(n_train, n_test):
-            raise RetuneError(f"--chunks {chunks} must be between 1 and the number of train/test images")
-        train_parts = np.array_split(rng.permutation(n_train), chunks)
-        test_parts = np.array_split(rng.permutation(n_test), chunks)
+        n_tasks = n_tasks or 5
+        if not 1 <= n_tasks <= min(n_train, n_test):
+            raise RetuneError(f"{n_tasks} data chunks need at least as many train and test images")
+        train_parts = np.array_split(rng.permutation(n_train), n_tasks)
+        test_parts = np.array_split(rng.permutation(n_test), n_tasks)
         return [Task(f"chunk {t + 1}", np.sort(tr), diseases, np.sort(te), diseases)
                 for t, (tr, te) in enumerate(zip(train_parts, test_parts))]
+    if scenario not in SCENARIOS:
+        raise RetuneError(f"unknown scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
+    groups = disease_groups(diseases, n_tasks or len(diseases))
+    names = ["+" + "+".join(group) for group in groups]
     if scenario == "label":
-        parts = np.array_split(rng.permutation(n_train), len(diseases))
-        return [Task(f"+{d}", np.sort(parts[t]), diseases[:t + 1], all_test, (d,)) for t, d in enumerate(diseases)]
-    if scenario == "class":
-        owner = np.full(n_train, -1)
-        for row in range(n_train):
-            positives = np.flatnonzero(train_labels[row] == 1)
-            if len(positives):
-                owner[row] = rng.choice(positives)
-        negatives = rng.permutation(np.flatnonzero(owner == -1))
-        for t, part in enumerate(np.array_split(negatives, len(diseases))):
-            owner[part] = t
-        return [Task(d, np.flatnonzero(owner == t), (d,), all_test, (d,)) for t, d in enumerate(diseases)]
-    raise RetuneError(f"unknown scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
+        parts = np.array_split(rng.permutation(n_train), len(groups))
+        seen = [tuple(d for g in groups[:t + 1] for d in g) for t in range(len(groups))]
+        return [Task(names[t], np.sort(parts[t]), seen[t], all_test, groups[t]) for t in range(len(groups))]
+    group_of = {d: t for t, group in enumerate(groups) for d in group}
+    owner = np.full(n_train, -1)
+    for row in range(n_train):
+        positives = np.flatnonzero(train_labels[row] == 1)
+        if len(positives):
+            owner[row] = group_of[diseases[rng.choice(positives)]]
+    negatives = rng.permutation(np.flatnonzero(owner == -1))
+    for t, part in enumerate(np.array_split(negatives, len(groups))):
+        owner[part] = t
+    return [Task(names[t], np.flatnonzero(owner == t), groups[t], all_test, groups[t]) for t in range(len(groups))]

@@ -65,7 +65,7 @@ def test_rows_without_any_label_are_dropped(prompts):
 def test_incremental_scenarios_report_task_matrix_and_forgetting(prompts):
     train, test = _synthetic(900, 0), _synthetic(300, 1)
     for scenario, n_tasks in (("class", 3), ("label", 3), ("data", 3)):
-        run = train_centralized(train, test, prompts, DISEASES, scenario, TrainConfig(epochs=3), chunks=3)
+        run = train_centralized(train, test, prompts, DISEASES, scenario, TrainConfig(epochs=3), n_tasks=3)
         matrix = run.metrics["task_matrix"]
         assert len(matrix) == n_tasks and all(len(row) == n_tasks for row in matrix)
         assert run.metrics["forgetting"] is not None

@@ -32,7 +32,7 @@ def test_scenarios_partition_training_rows():
     rng = np.random.default_rng(1)
     labels = (rng.random((300, 3)) < 0.3).astype(np.float32)
     for scenario, n_tasks in (("joint", 1), ("class", 3), ("label", 3), ("data", 4)):
-        tasks = make_tasks(scenario, labels, 100, DISEASES, chunks=4, seed=0)
+        tasks = make_tasks(scenario, labels, 100, DISEASES, n_tasks=4 if scenario == "data" else None, seed=0)
         assert len(tasks) == n_tasks
         rows = np.concatenate([t.train_rows for t in tasks])
         assert sorted(rows) == list(range(300)), scenario  # disjoint and complete: no replay
@@ -42,8 +42,12 @@ def test_scenarios_partition_training_rows():
     for t, task in enumerate(class_tasks):
         has_positive = labels[task.train_rows].sum(1) > 0
         assert (labels[task.train_rows][has_positive, t] == 1).all()  # positives belong to their disease's task
-    data_tasks = make_tasks("data", labels, 100, DISEASES, chunks=4)
+    data_tasks = make_tasks("data", labels, 100, DISEASES, n_tasks=4)
     assert sorted(np.concatenate([t.test_rows for t in data_tasks])) == list(range(100))
+    grouped = make_tasks("label", labels, 100, DISEASES, n_tasks=2)
+    assert [t.supervised for t in grouped] == [("A", "B"), ("A", "B", "C")] and grouped[1].scored == ("C",)
+    with pytest.raises(RetuneError):
+        make_tasks("class", labels, 100, DISEASES, n_tasks=4)
     with pytest.raises(RetuneError):
         make_tasks("bogus", labels, 100, DISEASES)  # type: ignore[arg-type]
 

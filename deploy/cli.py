@@ -1,0 +1,246 @@
+"""``retune``: the command line that hospital IT, consortium operators and researchers run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from deploy.cli_data import data_app
+from deploy.cli_phantom import phantom
+from shared.config import (OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, FederationConfig, SimulationPlan,
+                           TrainConfig, default_cache_dir)
+from shared.errors import RetuneError
+
+app = typer.Typer(help="Federated RE-tune fine-tuning of chest X-ray vision-language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(data_app, name="data")
+app.command(help="Write procedurally generated phantom chest X-rays and their manifest.csv (offline demo data).")(phantom)
+console = Console(stderr=True)
+
+_T, _A = TrainConfig(), AdaptorConfig()
+DataOpt = Annotated[Path, typer.Option("--data", help="Label file: CheXpert/NIH/MIMIC CSV, ChestMNIST .npz or manifest CSV.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="auto|chexpert|nih|mimic|chestmnist|manifest")]
+BackboneOpt = Annotated[str, typer.Option(help="biomedclip, hf-hub:ID, a local open_clip directory, or an open_clip name.")]
+CacheOpt = Annotated[Path, typer.Option(help="Embedding cache folder (stays on this machine).")]
+DiseasesOpt = Annotated[Optional[str], typer.Option(help="Schema (chexpert5, nih14, chexpert14) or comma-separated diseases.")]
+UncertainOpt = Annotated[str, typer.Option(help="Uncertain (-1) labels: ignore|ones|zeros.")]
+BadFileOpt = Annotated[str, typer.Option("--on-bad-file", help="skip (report and go on) or fail (stop at the first).")]
+ImageRootOpt = Annotated[Optional[Path], typer.Option(help="Folder image paths are relative to (default: the label file's).")]
+
+
+def _load_data(data: Path, fmt: str, diseases: str | None, uncertain: str, image_root: Path | None,
+               backbone: str, cache: Path, on_bad_file: str):
+    """Read labels, load the backbone and embed every image through the cache."""
+    from client.local_data import embed_splits
+    from shared.backbone import load_backbone
+    from shared.cache import EmbeddingCache
+    from shared.data.problems import BadFiles, print_bad_files
+    from shared.data.readers import read_labels
+    from shared.labels import resolve_schema
+
+    table = read_labels(data, format=fmt, diseases=resolve_schema(diseases).diseases if diseases else None,
+                        uncertain=uncertain, image_root=image_root)
+    bb = load_backbone(backbone)
+    console.print(f"backbone: [bold]{bb.label}[/] (embedding size {bb.embed_dim})")
+    store = EmbeddingCache(cache, bb, EmbedConfig())
+    bad = BadFiles(on_bad_file)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    splits = embed_splits(table, store, bad)
+    embed_s = time.perf_counter() - start
+    print_bad_files(bad, console)
+    return table, bb, store, splits, bad, embed_s
+
+
+def _auroc_table(title: str, metrics: dict) -> Table:
+    table = Table(title=title)
+    for column in ("disease", "zero-shot AUROC", "adaptors AUROC"):
+        table.add_column(column, justify="right" if "AUROC" in column else "left")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for disease, value in metrics["per_class_auroc"].items():
+        table.add_row(disease, fmt(metrics["zero_shot"]["per_class_auroc"][disease]), fmt(value))
+    table.add_row("[bold]macro", fmt(metrics["zero_shot"]["macro_auroc"]), f"[bold]{fmt(metrics['macro_auroc'])}")
+    return table
+
+
+@app.command()
+def embed(data: DataOpt, cache: CacheOpt = default_cache_dir(), backbone: BackboneOpt = OFFLINE_DEFAULT,
+          fmt: FormatOpt = "auto", image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip") -> None:
+    """Embed every image of a data set once with the frozen backbone; later commands reuse the cache."""
+    _, bb, store, splits, bad, embed_s = _load_data(data, fmt, None, "ignore", image_root, backbone, cache, on_bad_file)
+    summary = {"cache": str(store.dir), "backbone": bb.describe(), "precision": store.precision,
+               "images": {name: len(split.labels) for name, split in splits.items()},
+               "bad_files": bad.summary(), "embed_s": round(embed_s, 2)}
+    print(json.dumps(summary, indent=2))
+
+
+@app.command()
+def train(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Output folder: metrics.json, metrics.png, adaptors.safetensors + .json.")],
+    backbone: BackboneOpt = OFFLINE_DEFAULT,
+    scenario: Annotated[str, typer.Option(help="joint|class|label|data")] = "joint",
+    tasks: Annotated[Optional[int], typer.Option(help="Number of tasks (default: 5 data chunks; one disease per class/label task).")] = None,
+    epochs: int = _T.epochs, batch_size: int = _T.batch_size, lr: float = _T.lr, seed: int = _T.seed,
+    adaptor: Annotated[str, typer.Option(help="mlp|linear|residual")] = _A.kind,
+    cache: CacheOpt = default_cache_dir(), fmt: FormatOpt = "auto", diseases: DiseasesOpt = None,
+    uncertain: UncertainOpt = "ignore", image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip",
+) -> None:
+    """Train RE-tune adaptors centrally on cached embeddings and score them against zero-shot."""
+    from client.centralized import train_centralized
+    from client.local_data import prompt_embeddings, require_rows
+    from deploy.plots import plot_training
+    from shared.checkpoint import save_checkpoint
+    from shared.prompts import PromptBank
+
+    table, bb, store, splits, bad, embed_s = _load_data(data, fmt, diseases, uncertain, image_root, backbone,
+                                                        cache, on_bad_file)
+    require_rows(splits, "train", "test")
+    bank = PromptBank(table.diseases)
+    prompts = prompt_embeddings(store, bank)
+    train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    adaptor_config = AdaptorConfig(kind=adaptor)  # type: ignore[arg-type]
+    with console.status(f"training adaptors ({scenario})"):
+        run = train_centralized(splits["train"], splits["test"], prompts, table.diseases, scenario,  # type: ignore[arg-type]
+                                train_config, adaptor_config, tasks, bb.device)
+    metrics = {**run.metrics, "backbone": bb.describe(), "embed_s": embed_s, "embed_precision": store.precision,
+               "train_config": {f.name: getattr(train_config, f.name) for f in fields(train_config)},
+               "data": {"source": str(data), "format": table.format, "diseases": list(table.diseases),
+                        "images": {k: len(v.labels) for k, v in splits.items()}, "bad_files": bad.summary()}}
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, run.model, bank, bb.describe())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_training(metrics, out / "metrics.png")
+    console.print(_auroc_table(f"{scenario} training on {len(splits['train'].labels)} images", metrics))
+    console.print(f"embedding {embed_s:.1f} s, training {run.metrics['train_s']:.1f} s; wrote {out}/metrics.json, "
+                  f"metrics.png and the adaptors checkpoint")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="Folder holding adaptors.safetensors and adaptors.json.")],
+    data: DataOpt, split: Annotated[str, typer.Option(help="train|val|test|all")] = "test",
+    cache: CacheOpt = default_cache_dir(), fmt: FormatOpt = "auto", uncertain: UncertainOpt = "ignore",
+    image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip",
+) -> None:
+    """Score a checkpoint on a data set; prints the same metrics as ``retune train``."""
+    from client.centralized import zero_shot_metrics
+    from client.incremental import Split
+    from client.local_data import prompt_embeddings, require_rows
+    from client.trainer import predict_logits
+    from shared.checkpoint import load_checkpoint
+    from shared.metrics import classification_metrics
+
+    model, bank, sidecar = load_checkpoint(checkpoint)
+    _, bb, store, splits, _, _ = _load_data(data, fmt, ",".join(bank.diseases), uncertain, image_root,
+                                            sidecar["backbone"]["spec"], cache, on_bad_file)
+    _check_backbone(bb.identity, sidecar)
+    if split == "all":
+        import numpy as np
+        splits["all"] = Split(np.concatenate([s.embeddings for s in splits.values()]),
+                              np.concatenate([s.labels for s in splits.values()]))
+    require_rows(splits, split)
+    prompts = prompt_embeddings(store, bank)
+    part = splits[split]
+    metrics = classification_metrics(predict_logits(model, part.embeddings, prompts), part.labels, bank.diseases)
+    metrics["zero_shot"] = zero_shot_metrics(part, prompts, bank.diseases)
+    console.print(_auroc_table(f"{checkpoint} on {split} ({len(part.labels)} images)", metrics))
+    print(json.dumps(metrics, indent=2))
+
+
+def _check_backbone(identity: str, sidecar: dict) -> None:
+    if sidecar["backbone"]["identity"] != identity:
+        raise RetuneError("the checkpoint's adaptors were trained on a different backbone (weights or "
+                          f"preprocessing differ from {sidecar['backbone']['spec']!r}); use the same backbone")
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="PNG/JPEG/DICOM files.")],
+    checkpoint: Annotated[Path, typer.Option(help="Folder holding adaptors.safetensors and adaptors.json.")],
+    cache: CacheOpt = default_cache_dir(),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Per-disease probabilities for each image."""
+    import torch
+
+    from client.local_data import prompt_embeddings
+    from client.trainer import predict_logits
+    from shared.backbone import load_backbone
+    from shared.cache import EmbeddingCache
+    from shared.checkpoint import load_checkpoint
+    from shared.data.problems import BadFiles, print_bad_files
+
+    model, bank, sidecar = load_checkpoint(checkpoint)
+    bb = load_backbone(sidecar["backbone"]["spec"])
+    _check_backbone(bb.identity, sidecar)
+    store = EmbeddingCache(cache, bb)
+    bad = BadFiles("skip")
+    embeddings, ok = store.images([str(p) for p in images], bad, show_progress=len(images) > 50)
+    print_bad_files(bad, console)
+    probs = torch.sigmoid(torch.as_tensor(predict_logits(model, embeddings, prompt_embeddings(store, bank)))).numpy()
+    result = {str(p): dict(zip(bank.diseases, map(float, row))) if good else None
+              for p, row, good in zip(images, probs, ok)}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"probabilities ({bb.label})")
+    table.add_column("image")
+    for disease in bank.diseases:
+        table.add_column(disease, justify="right")
+    for path, row in result.items():
+        table.add_row(path, *(["unreadable"] + [""] * (len(bank.diseases) - 1) if row is None
+                              else [f"{p:.2f}" for p in row.values()]))
+    Console().print(table)
+
+
+_F = FederationConfig()
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="Run folder: report.json, report.html, checkpoint/, hospitals/, cache/.")] = Path("runs/simulate"),
+    hospitals: Annotated[int, typer.Option(help="Simulated hospitals (phantom data, each its own scanner style).")] = 5,
+    stages: int = _F.stages, rounds_per_stage: int = _F.rounds_per_stage, local_epochs: int = _F.local_epochs,
+    scenario: Annotated[str, typer.Option(help="data|class|label")] = _F.scenario,
+    strategy: Annotated[str, typer.Option(help="fedavg|fedprox|fedadam")] = _F.strategy,
+    backbone: BackboneOpt = _F.backbone, seed: int = _F.seed,
+    images_per_hospital: int = SimulationPlan.images_per_hospital,
+    image_size: Annotated[int, typer.Option(help="Phantom image size in pixels.")] = SimulationPlan.image_size,
+) -> None:
+    """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
+    from deploy.simulate import run_simulation
+
+    if hospitals < 2:
+        raise RetuneError("a federation needs at least 2 hospitals (--hospitals)")
+    config = FederationConfig(stages=stages, rounds_per_stage=rounds_per_stage, local_epochs=local_epochs,
+                              scenario=scenario, strategy=strategy, backbone=backbone, seed=seed,  # type: ignore[arg-type]
+                              min_hospitals=hospitals, run_dir=str(out), sim_dir=str(out / "hospitals"),
+                              cache=str(out / "cache"))
+    report = run_simulation(config, SimulationPlan(hospitals, images_per_hospital, image_size), console)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    console.print(f"final macro AUROC [bold]{fmt(report['final']['macro_auroc'])}[/] · zero-shot "
+                  f"{fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized "
+                  f"{fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting "
+                  f"{fmt(report['stages']['forgetting'])} · {report['timing']['seconds_per_round']:.1f} s/round")
+    console.print(f"wrote {out}/report.json, {out}/report.html and the checkpoint {report['checkpoint']}")
+
+
+def main() -> None:
+    """Console entry point: user errors print one clear line and exit 2; bugs keep their traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    try:
+        app()
+    except RetuneError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
