@@ -1,0 +1,80 @@
+"""The hospital's Flower ClientApp: trains and evaluates the global adaptors on local data only.
+
+A train reply holds the adaptor arrays, the example count and scalar metrics; an evaluate reply holds scalar
+metrics. Both pass the wire-format allow-list before they leave (:func:`shared.wire.check_reply`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import Site, load_site, site_metrics, site_settings
+from client.trainer import train_adaptors
+from shared.config import AdaptorConfig, FederationConfig, TrainConfig
+from shared.model import RetuneModel
+from shared.scenarios import supervise
+from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, adaptor_spec, check_reply, load_record, to_record
+
+
+def local_seed(config: FederationConfig, site: Site, stage: int, round_: int) -> int:
+    """A seed that differs per site, stage and round, and is the same when a run is resumed."""
+    key = f"{config.seed}/{site.settings.name}/{stage}/{round_}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+def _context(msg: Message, context: Context, config: FederationConfig | None) -> tuple[FederationConfig, Site]:
+    config = config or FederationConfig.from_run_config(dict(context.run_config))
+    if "partition-id" in context.node_config:
+        torch.set_num_threads(1)  # simulated hospitals share this machine's cores
+    return config, load_site(config, site_settings(config, dict(context.node_config)))
+
+
+def _global_model(msg: Message, config: FederationConfig, site: Site) -> RetuneModel:
+    model = RetuneModel(site.embed_dim, AdaptorConfig(kind=config.adaptor))
+    return load_record(model, msg.content[ARRAYS])
+
+
+def _identity(context: Context) -> dict[str, int]:
+    return {"partition-id": int(context.node_config["partition-id"])} if "partition-id" in context.node_config else {}
+
+
+def make_client_app(config: FederationConfig | None = None) -> ClientApp:
+    """A ClientApp; with ``config=None`` it reads the Flower run config (``flwr run``)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, site = _context(msg, context, config)
+        model = _global_model(msg, cfg, site)
+        settings = msg.content[CONFIG]
+        stage, round_ = int(settings["stage"]), int(settings["round"])
+        task = site.tasks[stage]
+        labels = supervise(site.train.labels[task.train_rows], site.diseases, task.supervised)
+        train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                   seed=local_seed(cfg, site, stage, round_))
+        losses = train_adaptors(model, site.train.embeddings[task.train_rows], labels, site.prompts, train_config,
+                                proximal_mu=float(settings.get("proximal-mu", 0.0)))
+        examples = int((~torch.isnan(torch.as_tensor(labels))).any(dim=1).sum())
+        metrics = {NUM_EXAMPLES: examples, "train-loss": losses[-1] if losses else 0.0, **_identity(context)}
+        content = RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord(metrics)})
+        check_reply(content, adaptor_spec(model))
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg, site = _context(msg, context, config)
+        model = _global_model(msg, cfg, site)
+        metrics = {**site_metrics(model, site, int(msg.content[CONFIG]["stage"])), **_identity(context)}
+        content = RecordDict({METRICS: MetricRecord(metrics)})
+        check_reply(content, None)
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+#: The app ``flwr run .`` loads (``[tool.flwr.app.components] clientapp``).
+app = make_client_app()

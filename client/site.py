@@ -1,0 +1,141 @@
+"""A hospital site in a federation: its settings, its embedded data split into stages, and its evaluation.
+
+A SuperNode's ``node_config`` says where the hospital's data are:
+
+- ``manifest``: its label file (any format ``retune data check`` reads);
+- ``cache``: its embedding cache folder (default: the run config's, else ``$RETUNE_CACHE``);
+- ``diseases``: the diseases it labels, comma-separated (default: every disease of its label file);
+- ``name``: a display name.
+
+In a simulation the run config's ``sim-dir`` holds ``hospital-K/hospital.json`` with those keys, and the
+SuperNode's ``partition-id`` K picks one. Images and embeddings never leave the site; what it reports is
+scalars (:func:`site_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from client.incremental import Split
+from client.local_data import embed_splits, prompt_embeddings
+from client.trainer import Prompts, predict_logits
+from shared.backbone import load_backbone
+from shared.cache import EmbeddingCache
+from shared.config import FederationConfig, default_cache_dir
+from shared.data.problems import BadFiles, print_bad_files
+from shared.data.readers import read_labels
+from shared.errors import RetuneError
+from shared.labels import resolve_schema
+from shared.metrics import per_class_auroc
+from shared.model import RetuneModel
+from shared.prompts import PromptBank
+from shared.scenarios import Task, make_tasks
+
+SIM_SITE_FILE = "hospital.json"
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where one hospital's data live and what it labels."""
+
+    name: str
+    manifest: str
+    cache: str
+    labelled: tuple[str, ...] | None
+
+
+@dataclass
+class Site:
+    """A hospital's embedded data aligned to the federation's diseases, and its stage schedule."""
+
+    settings: SiteSettings
+    diseases: tuple[str, ...]
+    train: Split
+    test: Split
+    tasks: list[Task]
+    prompts: Prompts
+    embed_dim: int
+
+
+def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
+    """Resolve a SuperNode's settings from its node config (or, in a simulation, its partition)."""
+    values = dict(node_config)
+    if "manifest" not in values and "partition-id" in values and config.sim_dir:
+        path = Path(config.sim_dir) / f"hospital-{int(values['partition-id'])}" / SIM_SITE_FILE
+        values = {**json.loads(path.read_text()), **values}
+    if "manifest" not in values:
+        raise RetuneError("this SuperNode has no 'manifest' in its node config: start it with "
+                          "--node-config 'manifest=\"/data/labels.csv\" cache=\"/data/cache\"'")
+    labelled = values.get("diseases")
+    if isinstance(labelled, str):
+        labelled = [d.strip() for d in labelled.split(",") if d.strip()]
+    return SiteSettings(
+        name=str(values.get("name", Path(values["manifest"]).parent.name)),
+        manifest=str(values["manifest"]),
+        cache=str(values.get("cache") or config.cache or default_cache_dir()),
+        labelled=tuple(labelled) if labelled else None,
+    )
+
+
+def align_labels(labels: np.ndarray, have: tuple[str, ...], want: tuple[str, ...],
+                 labelled: tuple[str, ...] | None) -> np.ndarray:
+    """Columns of ``want`` in order; diseases the site does not have or does not label become NaN."""
+    out = np.full((len(labels), len(want)), np.nan, dtype=np.float32)
+    for c, disease in enumerate(want):
+        if disease in have and (labelled is None or disease in labelled):
+            out[:, c] = labels[:, have.index(disease)]
+    return out
+
+
+@lru_cache(maxsize=8)
+def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
+    """Read, embed (through the cache) and split a site's data; memoised for the life of the process."""
+    diseases = resolve_schema(config.diseases).diseases
+    table = read_labels(settings.manifest)
+    backbone = load_backbone(config.backbone)
+    cache = EmbeddingCache(Path(settings.cache), backbone)
+    bad = BadFiles("skip")
+    splits = embed_splits(table, cache, bad, show_progress=False)
+    print_bad_files(bad)
+    aligned = {name: Split(split.embeddings, align_labels(split.labels, table.diseases, diseases, settings.labelled))
+               for name, split in splits.items()}
+    train, test = aligned["train"], aligned["test"]
+    if len(train.labels) == 0 or len(test.labels) == 0:
+        raise RetuneError(f"site {settings.name}: no usable train or test images in {settings.manifest}")
+    tasks = make_tasks(config.scenario, train.labels, len(test.labels), diseases, config.stages, config.seed)
+    return Site(settings, diseases, train, test, tasks, prompt_embeddings(cache, PromptBank(diseases)),
+                backbone.embed_dim)
+
+
+def stage_test_rows(site: Site, stage: int) -> np.ndarray:
+    """Test rows of every stage up to ``stage`` (the test data that has arrived so far)."""
+    return np.unique(np.concatenate([task.test_rows for task in site.tasks[:stage + 1]]))
+
+
+def site_metrics(model: RetuneModel | None, site: Site, stage: int, logits: np.ndarray | None = None
+                 ) -> dict[str, float]:
+    """Scalars a site reports after a stage: per stage j ≤ ``stage`` and over all of them (``all``), per disease,
+    ``auroc/<part>/<disease>`` with ``pos``/``neg`` counts, so the server can weight by positive-negative pairs.
+
+    ``logits`` may be given instead of a model (e.g. the zero-shot baseline).
+    """
+    if logits is None:
+        logits = predict_logits(model, site.test.embeddings, site.prompts)
+    parts = {f"s{j}": site.tasks[j].test_rows for j in range(stage + 1)}
+    parts["all"] = stage_test_rows(site, stage)
+    metrics: dict[str, float] = {"num-examples": len(parts["all"])}
+    for part, rows in parts.items():
+        labels = site.test.labels[rows]
+        aurocs = per_class_auroc(logits[rows], labels, site.diseases)
+        for c, disease in enumerate(site.diseases):
+            if aurocs[disease] is None:
+                continue
+            metrics[f"auroc/{part}/{disease}"] = aurocs[disease]
+            metrics[f"pos/{part}/{disease}"] = int(np.sum(labels[:, c] == 1))
+            metrics[f"neg/{part}/{disease}"] = int(np.sum(labels[:, c] == 0))
+    return metrics

@@ -1,0 +1,124 @@
+"""The simulation report: ``report.json`` for machines, ``report.html`` (one self-contained page) for people."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from deploy.plots import plot_auroc_bars, plot_matrix  # noqa: E402
+from shared.metrics import forgetting  # noqa: E402
+
+
+def auroc_matrix(history: list[dict], stages: int) -> list[list[float | None]]:
+    """After stage i (its last round), AUROC on stage j's test data; ``None`` for stages not reached yet."""
+    last = {r["stage"]: r for r in history}
+    return [[last[i]["stage_auroc"][j] if j <= i else None for j in range(stages)] for i in sorted(last)]
+
+
+def build_report(config, plan, state, sites, baselines: dict, timing: dict, checkpoint: Path) -> dict:
+    """Everything a researcher needs to judge the run, as plain JSON."""
+    matrix = auroc_matrix(state.history, config.stages)
+    final = state.history[-1]
+    return {
+        "config": {**config.to_run_config(), **asdict(plan)},
+        "hospitals": [{"name": s.settings.name, "labelled": list(s.settings.labelled or s.diseases),
+                       "train_images": len(s.train.labels), "test_images": len(s.test.labels)} for s in sites],
+        "rounds": state.history,
+        "stages": {"auroc_matrix": matrix, **forgetting(matrix)},
+        "final": {"macro_auroc": final["macro_auroc"], "per_class_auroc": final["per_class_auroc"]},
+        "baselines": {name: {"macro_auroc": b["macro_auroc"], "per_class_auroc": b["per_class_auroc"]}
+                      for name, b in baselines.items()},
+        "timing": {**timing, "seconds_per_round": sum(r["wall_s"] for r in state.history) / len(state.history)},
+        "checkpoint": str(checkpoint),
+        "metric_note": "AUROC per disease is the positive×negative-pair-weighted mean of hospital AUROCs "
+                       "(all within-hospital pairs); baselines are aggregated the same way.",
+    }
+
+
+def _figure_tag(fig: plt.Figure, alt: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _figures(report: dict) -> list[str]:
+    rounds = report["rounds"]
+    x = range(1, len(rounds) + 1)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(x, [r["macro_auroc"] for r in rounds], marker="o", label="federated")
+    for (name, base), style in zip(report["baselines"].items(), ("--", ":")):
+        ax.axhline(base["macro_auroc"], ls=style, color="grey" if name == "zero_shot" else "black",
+                   label=f"{name.replace('_', '-')} {base['macro_auroc']:.3f}")
+    for r in rounds[1:]:
+        if r["round"] == 0:
+            ax.axvline(r["server_round"] - 0.5, color="lightgrey", lw=0.8)
+    ax.set(xlabel="round", ylabel="macro AUROC", title="macro AUROC per round (stage boundaries in grey)")
+    ax.legend(fontsize=8)
+    tags = [_figure_tag(fig, "macro AUROC per round")]
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    plot_auroc_bars(ax, {"zero-shot": report["baselines"]["zero_shot"]["per_class_auroc"],
+                         "centralized": report["baselines"]["centralized"]["per_class_auroc"],
+                         "federated": report["final"]["per_class_auroc"]})
+    ax.set_title("AUROC per disease")
+    tags.append(_figure_tag(fig, "AUROC per disease"))
+
+    matrix = report["stages"]["auroc_matrix"]
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    plot_matrix(ax, matrix, [f"stage {i + 1}" for i in range(len(matrix[0]))],
+                f"forgetting {report['stages']['forgetting'] or 0:.3f}")
+    tags.append(_figure_tag(fig, "forgetting matrix"))
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.bar([i - 0.2 for i in x], [r["bytes_up"] / 1e3 for r in rounds], 0.4, label="up (hospitals → server)")
+    ax.bar([i + 0.2 for i in x], [r["bytes_down"] / 1e3 for r in rounds], 0.4, label="down (server → hospitals)")
+    ax.set(xlabel="round", ylabel="kB", title="bytes per round")
+    ax.legend(fontsize=8)
+    tags.append(_figure_tag(fig, "bytes per round"))
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    names = sorted({name for r in rounds for name in r["hospitals"]})
+    for name in names:
+        ax.plot(x, [r["hospitals"].get(name) for r in rounds], marker=".", label=name)
+    ax.set(xlabel="round", ylabel="macro AUROC", title="per-hospital macro AUROC (own test data)")
+    ax.legend(fontsize=8)
+    tags.append(_figure_tag(fig, "per-hospital AUROC"))
+    return tags
+
+
+def write_html(report: dict, path: Path) -> Path:
+    """One self-contained page: figures inline, no external resources."""
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{fmt(report['baselines']['zero_shot']['per_class_auroc'][d])}"
+                   f"</td><td>{fmt(report['baselines']['centralized']['per_class_auroc'][d])}</td>"
+                   f"<td>{fmt(v)}</td></tr>" for d, v in report["final"]["per_class_auroc"].items())
+    hospitals = "".join(f"<tr><td>{html.escape(h['name'])}</td><td>{html.escape(', '.join(h['labelled']))}</td>"
+                        f"<td>{h['train_images']}</td><td>{h['test_images']}</td></tr>" for h in report["hospitals"])
+    config = html.escape(", ".join(f"{k}={v}" for k, v in report["config"].items()))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>retune-fl simulation report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:49%}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+td:first-child{{text-align:left}}.note{{color:#666;font-size:90%}}</style></head><body>
+<h1>retune-fl simulation report</h1>
+<p><b>final macro AUROC {fmt(report['final']['macro_auroc'])}</b> · zero-shot
+{fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized
+{fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting {fmt(report['stages']['forgetting'])} ·
+{report['timing']['seconds_per_round']:.1f} s per round</p>
+<p class="note">Not for clinical use. Phantom data. {html.escape(report['metric_note'])}</p>
+{''.join(_figures(report))}
+<h2>AUROC per disease</h2><table><tr><th>disease</th><th>zero-shot</th><th>centralized</th><th>federated</th></tr>
+{rows}</table>
+<h2>Hospitals</h2><table><tr><th>hospital</th><th>labels</th><th>train</th><th>test</th></tr>{hospitals}</table>
+<h2>Configuration</h2><p class="note">{config}</p></body></html>"""
+    path.write_text(page)
+    return path

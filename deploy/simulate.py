@@ -1,0 +1,136 @@
+"""``retune simulate``: a whole federation on one machine, through Flower's simulation engine.
+
+It prepares N phantom hospitals (each with its own scanner style, prevalence skew and labelled diseases),
+embeds their images once, computes the zero-shot and centralized baselines, runs S stages × R rounds with
+the same ServerApp and ClientApp a deployment uses, and writes ``report.json``, ``report.html`` and the final
+checkpoint. Everything lands under ``--out``; running the same command again resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from client.app import make_client_app
+from client.site import SIM_SITE_FILE, Site, load_site, site_metrics, site_settings
+from client.trainer import train_adaptors
+from server.app import CHECKPOINT, make_server_app
+from server.evaluation import federated_metrics
+from server.federation import initial_model, stage_diseases
+from server.state import RunState
+from shared.config import FederationConfig, SimulationPlan, TrainConfig
+from shared.labels import CHEXPERT5
+from shared.model import zero_shot_logits
+from shared.phantom import write_phantom
+from shared.scenarios import supervise
+
+HOSPITALS_DIR = "hospitals"
+
+
+def labelled_diseases(hospital: int, diseases: tuple[str, ...] = CHEXPERT5) -> list[str]:
+    """Hospitals 0 and 1 label everything; hospital k ≥ 2 does not label disease k mod C (partial labels)."""
+    return [d for c, d in enumerate(diseases) if hospital < 2 or c != hospital % len(diseases)]
+
+
+def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: Console) -> list[Site]:
+    """Generate (once) and embed (through the cache) every simulated hospital; returns their sites."""
+    sites = []
+    for k in range(plan.hospitals):
+        folder = Path(config.sim_dir) / f"hospital-{k}"
+        if not (folder / SIM_SITE_FILE).exists():
+            write_phantom(folder, n=plan.images_per_hospital, hospital=k, seed=config.seed, size=plan.image_size)
+            (folder / SIM_SITE_FILE).write_text(json.dumps({
+                "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
+                "diseases": ",".join(labelled_diseases(k))}, indent=2))
+        with console.status(f"embedding hospital-{k}"):
+            sites.append(load_site(config, site_settings(config, {"partition-id": k})))
+    return sites
+
+
+def evaluate_sites(sites: list[Site], config: FederationConfig, logits_of) -> dict:
+    """Aggregate per-site metrics exactly as the server does (pairs-weighted AUROC over hospitals)."""
+    stage = config.stages - 1
+    reports = [site_metrics(None, site, stage, logits=logits_of(site)) for site in sites]
+    return federated_metrics(reports, sites[0].diseases, stage, stage_diseases(config))
+
+
+def zero_shot_baseline(sites: list[Site], config: FederationConfig) -> dict:
+    """The frozen backbone with the prompts and no adaptors."""
+    return evaluate_sites(sites, config, lambda s: zero_shot_logits(
+        torch.as_tensor(s.test.embeddings), s.prompts.embeddings, s.prompts.averaging).numpy())
+
+
+def centralized_baseline(sites: list[Site], config: FederationConfig) -> dict:
+    """Pooled training on the same stage data, stage by stage, with the same epoch budget (rounds × epochs)."""
+    from client.trainer import predict_logits
+
+    model = initial_model(config, sites[0].embed_dim)
+    train_config = TrainConfig(epochs=config.rounds_per_stage * config.local_epochs, batch_size=config.batch_size,
+                               lr=config.lr, seed=config.seed)
+    for stage in range(config.stages):
+        x = np.concatenate([s.train.embeddings[s.tasks[stage].train_rows] for s in sites])
+        y = np.concatenate([supervise(s.train.labels[s.tasks[stage].train_rows], s.diseases,
+                                      s.tasks[stage].supervised) for s in sites])
+        train_adaptors(model, x, y, sites[0].prompts, train_config)
+    return evaluate_sites(sites, config, lambda s: predict_logits(model, s.test.embeddings, s.prompts))
+
+
+def _progress_table(config: FederationConfig, history: list[dict], baselines: dict) -> Table:
+    table = Table(title=f"federation: {config.stages} stages × {config.rounds_per_stage} rounds, "
+                        f"{config.strategy}, {config.scenario}-incremental")
+    for column in ("stage", "round", "hospitals", "macro AUROC", "bytes up", "s/round"):
+        table.add_column(column, justify="right")
+    for r in history[-12:]:
+        table.add_row(str(r["stage"] + 1), str(r["round"] + 1), str(r["clients"]),
+                      f"{r['macro_auroc']:.3f}" if r["macro_auroc"] is not None else "-",
+                      f"{r['bytes_up']:,}", f"{r['wall_s']:.1f}")
+    table.caption = " · ".join(f"{name} {b['macro_auroc']:.3f}" for name, b in baselines.items())
+    return table
+
+
+def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Console | None = None) -> dict:
+    """Prepare hospitals, compute baselines, federate, and return the report (also written to disk)."""
+    from flwr.simulation import run_simulation as flower_simulation
+
+    from deploy.report import build_report, write_html
+
+    console = console or Console(stderr=True)
+    out = Path(config.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    sites = prepare_hospitals(config, plan, console)
+    prepared_s = time.perf_counter() - start
+    with console.status("baselines: zero-shot and centralized"):
+        baselines = {"zero_shot": zero_shot_baseline(sites, config),
+                     "centralized": centralized_baseline(sites, config)}
+    history: list[dict] = []
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    with Live(_progress_table(config, history, baselines), console=console, refresh_per_second=4) as live:
+        def on_round(record: dict, state: RunState) -> None:
+            history[:] = state.history
+            live.update(_progress_table(config, history, baselines))
+
+        fed_start = time.perf_counter()
+        flower_simulation(
+            server_app=make_server_app(config, on_round), client_app=make_client_app(config),
+            num_supernodes=plan.hospitals,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
+        federation_s = time.perf_counter() - fed_start
+    state = RunState.open(config, initial=None)  # type: ignore[arg-type]
+    if not state.done:
+        raise RuntimeError(f"the federation stopped before its last round; see the log above ({out})")
+    report = build_report(config, plan, state, sites, baselines,
+                          {"prepare_s": prepared_s, "federation_s": federation_s}, out / CHECKPOINT)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_html(report, out / "report.html")
+    return report

@@ -1,0 +1,83 @@
+"""Server run state, persisted atomically after every round so that a restarted server resumes.
+
+``RUN_DIR/state.json`` is the commit point: it names the adaptor (and optimiser) files of the last completed
+round, written before it. A crash leaves either the previous state or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from safetensors.numpy import load_file, save_file
+
+from shared.cache import atomic_write_text
+from shared.config import FederationConfig
+from shared.errors import RetuneError
+
+STATE = "state.json"
+#: Settings that may differ between a run and its resumption (where things are, not what is computed).
+_LOCATION_KEYS = {"run-dir", "sim-dir", "cache", "round-timeout"}
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _LOCATION_KEYS}
+
+
+@dataclass
+class RunState:
+    """Where the run is (next stage and round to run), its history, and the global adaptors."""
+
+    run_dir: Path
+    config: dict
+    stage: int = 0
+    round: int = 0
+    server_round: int = 0
+    history: list[dict] = field(default_factory=list)
+    arrays: ArrayRecord | None = None
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, config: FederationConfig, initial: ArrayRecord) -> RunState:
+        """Resume the run in ``config.run_dir``, or start one from ``initial`` adaptors."""
+        run_dir = Path(config.run_dir)
+        path = run_dir / STATE
+        if not path.exists():
+            return cls(run_dir, config.to_run_config(), arrays=initial)
+        saved = json.loads(path.read_text())
+        if _comparable(saved["config"]) != _comparable(config.to_run_config()):
+            changed = sorted(k for k, v in _comparable(config.to_run_config()).items() if saved["config"].get(k) != v)
+            raise RetuneError(f"{run_dir} holds a run with different settings ({', '.join(changed)}): "
+                              "resume it with the same settings or choose another output folder")
+        arrays = ArrayRecord({k: Array(v) for k, v in load_file(run_dir / saved["arrays"]).items()})
+        optimizer = load_file(run_dir / saved["optimizer"]) if saved.get("optimizer") else {}
+        return cls(run_dir, saved["config"], saved["stage"], saved["round"], saved["server_round"],
+                   saved["history"], arrays, optimizer)
+
+    @property
+    def done(self) -> bool:
+        return self.stage >= int(self.config["stages"])
+
+    def commit(self, arrays: ArrayRecord, optimizer: dict[str, np.ndarray], record: dict) -> None:
+        """Record a completed round and advance the position; persisted before returning."""
+        self.arrays, self.optimizer = arrays, optimizer
+        self.history.append(record)
+        self.server_round += 1
+        self.round += 1
+        if self.round >= int(self.config["rounds-per-stage"]):
+            self.stage, self.round = self.stage + 1, 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        name = f"global-{self.server_round:05d}.safetensors"
+        save_file({k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()}, self.run_dir / name)
+        opt_name = f"optimizer-{self.server_round:05d}.safetensors" if optimizer else None
+        if opt_name:
+            save_file({k: np.ascontiguousarray(v) for k, v in optimizer.items()}, self.run_dir / opt_name)
+        atomic_write_text(self.run_dir / STATE, json.dumps({
+            "config": self.config, "stage": self.stage, "round": self.round, "server_round": self.server_round,
+            "arrays": name, "optimizer": opt_name, "history": self.history}, indent=1))
+        for old in self.run_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].safetensors"):
+            if old.name not in (name, opt_name):
+                old.unlink()

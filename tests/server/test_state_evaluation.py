@@ -1,0 +1,65 @@
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from server.evaluation import federated_metrics, pairs_weighted_auroc
+from server.state import STATE, RunState
+from shared.config import FederationConfig
+from shared.errors import RetuneError
+from shared.model import RetuneModel
+from shared.wire import to_record
+
+
+def test_state_commits_atomically_and_resumes(tmp_path):
+    config = FederationConfig(stages=2, rounds_per_stage=2, run_dir=str(tmp_path), strategy="fedadam")
+    first = to_record(RetuneModel(8))
+    state = RunState.open(config, first)
+    assert (state.stage, state.round, state.server_round) == (0, 0, 0)
+    second = to_record(RetuneModel(8))
+    state.commit(second, {"m/x": np.ones(3, dtype=np.float32)}, {"macro_auroc": 0.6})
+    state.commit(second, {"m/x": np.full(3, 2, dtype=np.float32)}, {"macro_auroc": 0.7})
+    assert (state.stage, state.round) == (1, 0)
+    resumed = RunState.open(config, first)
+    assert (resumed.stage, resumed.round, resumed.server_round) == (1, 0, 2)
+    assert [r["macro_auroc"] for r in resumed.history] == [0.6, 0.7]
+    for key, array in second.items():
+        assert np.array_equal(resumed.arrays[key].numpy(), array.numpy())
+    assert np.array_equal(resumed.optimizer["m/x"], np.full(3, 2))
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["global-00002.safetensors",
+                                                                       "optimizer-00002.safetensors"]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert json.loads((tmp_path / STATE).read_text())["server_round"] == 2
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    state = RunState.open(FederationConfig(run_dir=str(tmp_path)), to_record(RetuneModel(8)))
+    state.commit(state.arrays, {}, {})
+    with pytest.raises(RetuneError, match="local-epochs"):
+        RunState.open(FederationConfig(run_dir=str(tmp_path), local_epochs=9), to_record(RetuneModel(8)))
+    RunState.open(FederationConfig(run_dir=str(tmp_path), round_timeout=5), to_record(RetuneModel(8)))
+
+
+def test_pairs_weighted_auroc_equals_auroc_over_within_site_pairs():
+    """Weighting site AUROCs by pos×neg pairs is exactly the AUROC over all within-site pairs."""
+    rng = np.random.default_rng(0)
+    sites, wins, pairs = [], 0.0, 0
+    for n in (40, 90):
+        y = (rng.random(n) < 0.3).astype(int)
+        s = rng.normal(size=n) + y
+        pos, neg = s[y == 1], s[y == 0]
+        wins += (pos[:, None] > neg[None, :]).sum()
+        pairs += len(pos) * len(neg)
+        sites.append({"auroc/all/A": roc_auc_score(y, s), "pos/all/A": len(pos), "neg/all/A": len(neg)})
+    assert pairs_weighted_auroc(sites, "all", ("A",))["A"] == pytest.approx(wins / pairs)
+
+
+def test_federated_metrics_skip_sites_without_a_disease_and_score_stages():
+    sites = [{"auroc/all/A": 0.8, "pos/all/A": 1, "neg/all/A": 1, "auroc/all/B": 0.6, "pos/all/B": 1,
+              "neg/all/B": 1, "auroc/s0/A": 0.9, "pos/s0/A": 1, "neg/s0/A": 1},
+             {"auroc/all/A": 0.6, "pos/all/A": 1, "neg/all/A": 3}]
+    result = federated_metrics(sites, ("A", "B"), 1, [("A",), ("B",)])
+    assert result["per_class_auroc"] == {"A": pytest.approx(0.65), "B": pytest.approx(0.6)}
+    assert result["macro_auroc"] == pytest.approx(0.625)
+    assert result["stage_auroc"] == [pytest.approx(0.9), None]

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from shared.model import RetuneModel
+from shared.wire import (ARRAYS, METRICS, NUM_EXAMPLES, WireError, adaptor_spec, check_reply, load_record,
+                         payload_bytes, to_record)
+
+
+def _reply(model, **metrics):
+    return RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord({NUM_EXAMPLES: 10, **metrics})})
+
+
+def test_round_trip_and_payload_size():
+    model = RetuneModel(8)
+    record = to_record(model)
+    copy = load_record(RetuneModel(8), record)
+    for a, b in zip(model.parameters(), copy.parameters()):
+        assert np.array_equal(a.detach().numpy(), b.detach().numpy())
+    n_params = sum(p.numel() for p in model.parameters())
+    header = payload_bytes(record) - 4 * n_params
+    assert 0 < header <= 128 * len(record)  # float32 payload plus one small npy header per array
+
+
+def test_allow_list_accepts_adaptors_and_scalars():
+    model = RetuneModel(8)
+    check_reply(_reply(model, **{"train-loss": 0.3}), adaptor_spec(model))
+    check_reply(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 3, "auroc/all/Edema": 0.7})}), None)
+
+
+@pytest.mark.parametrize("tamper", ["extra_array", "shape", "dtype", "extra_record", "no_count", "embeddings"])
+def test_allow_list_refuses_anything_else(tamper):
+    model = RetuneModel(8)
+    spec = adaptor_spec(model)
+    reply = _reply(model)
+    arrays = {k: a.numpy() for k, a in reply[ARRAYS].items()}
+    if tamper == "extra_array":
+        arrays["image_embeddings"] = np.zeros((4, 8), dtype=np.float32)
+    elif tamper == "shape":
+        arrays["image_adaptor.net.0.bias"] = np.zeros(3, dtype=np.float32)
+    elif tamper == "dtype":
+        arrays["image_adaptor.net.0.bias"] = arrays["image_adaptor.net.0.bias"].astype(np.float64)
+    reply[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    if tamper == "extra_record":
+        reply["config"] = ConfigRecord({"patient": "x"})
+    elif tamper == "no_count":
+        reply[METRICS] = MetricRecord({"train-loss": 1.0})
+    elif tamper == "embeddings":
+        reply[METRICS] = MetricRecord({NUM_EXAMPLES: 1, "leak": [0.1, 0.2]})
+    with pytest.raises(WireError):
+        check_reply(reply, spec)
