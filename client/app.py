@@ -11,6 +11,7 @@ import hashlib
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.site import Site, load_site, site_metrics, site_settings
 from client.trainer import train_adaptors
@@ -42,9 +43,10 @@ def _identity(context: Context) -> dict[str, int]:
     return {"partition-id": int(context.node_config["partition-id"])} if "partition-id" in context.node_config else {}
 
 
-def make_client_app(config: FederationConfig | None = None) -> ClientApp:
-    """A ClientApp; with ``config=None`` it reads the Flower run config (``flwr run``)."""
-    app = ClientApp()
+def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp; with ``config=None`` it reads the Flower run config (``flwr run``). ``mods`` wrap every
+    message in and out (Flower client mods)."""
+    app = ClientApp(mods=mods or [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -218,14 +218,13 @@ def simulate(
     image_size: Annotated[int, typer.Option(help="Phantom image size in pixels.")] = SimulationPlan.image_size,
 ) -> None:
     """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
-    from deploy.simulate import run_simulation
+    from deploy.simulate import run_simulation, simulation_config
 
     if hospitals < 2:
         raise RetuneError("a federation needs at least 2 hospitals (--hospitals)")
-    config = FederationConfig(stages=stages, rounds_per_stage=rounds_per_stage, local_epochs=local_epochs,
-                              scenario=scenario, strategy=strategy, backbone=backbone, seed=seed,  # type: ignore[arg-type]
-                              min_hospitals=hospitals, run_dir=str(out), sim_dir=str(out / "hospitals"),
-                              cache=str(out / "cache"))
+    config = simulation_config(out, hospitals, stages=stages, rounds_per_stage=rounds_per_stage,
+                               local_epochs=local_epochs, scenario=scenario, strategy=strategy, backbone=backbone,
+                               seed=seed)
     report = run_simulation(config, SimulationPlan(hospitals, images_per_hospital, image_size), console)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     console.print(f"final macro AUROC [bold]{fmt(report['final']['macro_auroc'])}[/] · zero-shot "

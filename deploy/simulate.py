@@ -36,6 +36,12 @@ from shared.scenarios import supervise
 HOSPITALS_DIR = "hospitals"
 
 
+def simulation_config(out: Path, hospitals: int, **settings) -> FederationConfig:
+    """Federation settings of a simulation under ``out``: every hospital takes part in every round."""
+    return FederationConfig(min_hospitals=hospitals, run_dir=str(out), sim_dir=str(out / HOSPITALS_DIR),
+                            cache=str(out / "cache"), **settings)
+
+
 def labelled_diseases(hospital: int, diseases: tuple[str, ...] = CHEXPERT5) -> list[str]:
     """Hospitals 0 and 1 label everything; hospital k ≥ 2 does not label disease k mod C (partial labels)."""
     return [d for c, d in enumerate(diseases) if hospital < 2 or c != hospital % len(diseases)]
@@ -97,8 +103,12 @@ def _progress_table(config: FederationConfig, history: list[dict], baselines: di
     return table
 
 
-def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Console | None = None) -> dict:
-    """Prepare hospitals, compute baselines, federate, and return the report (also written to disk)."""
+def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Console | None = None,
+                   client_mods: list | None = None) -> dict:
+    """Prepare hospitals, compute baselines, federate, and return the report (also written to disk).
+
+    ``client_mods`` are Flower client mods wrapped around every simulated hospital's ClientApp.
+    """
     from flwr.simulation import run_simulation as flower_simulation
 
     from deploy.report import build_report, write_html
@@ -121,7 +131,7 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
 
         fed_start = time.perf_counter()
         flower_simulation(
-            server_app=make_server_app(config, on_round), client_app=make_client_app(config),
+            server_app=make_server_app(config, on_round), client_app=make_client_app(config, client_mods),
             num_supernodes=plan.hospitals,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})

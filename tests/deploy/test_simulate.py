@@ -1,0 +1,163 @@
+"""End to end: 3 phantom hospitals, tiny backbone, 2 stages × 2 rounds through Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, MetricRecord
+from safetensors.numpy import load_file
+
+from deploy.simulate import run_simulation, simulation_config
+from server.federation import initial_model
+from server.state import STATE
+from shared.config import SimulationPlan
+from shared.wire import payload_bytes, to_record
+
+HOSPITALS, STAGES, ROUNDS = 3, 2, 2
+PLAN = SimulationPlan(hospitals=HOSPITALS, images_per_hospital=240, image_size=64)
+CLI_ARGS = ["--hospitals", str(HOSPITALS), "--stages", str(STAGES), "--rounds-per-stage", str(ROUNDS),
+            "--local-epochs", "3", "--images-per-hospital", str(PLAN.images_per_hospital),
+            "--image-size", str(PLAN.image_size)]
+
+
+def _config(out: Path):
+    return simulation_config(out, HOSPITALS, stages=STAGES, rounds_per_stage=ROUNDS, local_epochs=3)
+
+
+def _recording_mod(log_path: str):
+    """A client mod that writes down the structure of every reply a hospital sends."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        entry = {"type": msg.metadata.message_type, "records": {}}
+        for name, record in reply.content.items():
+            if isinstance(record, ArrayRecord):
+                entry["records"][name] = {"kind": "arrays", "arrays": {
+                    k: [list(a.shape), a.dtype] for k, a in record.items()}}
+            elif isinstance(record, MetricRecord):
+                entry["records"][name] = {"kind": "metrics", "types": sorted({type(v).__name__ for v in record.values()})}
+            else:
+                entry["records"][name] = {"kind": type(record).__name__}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return reply
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    log = out / "replies.jsonl"
+    report = run_simulation(_config(out), PLAN, client_mods=[_recording_mod(str(log))])
+    return out, report, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_federation_learns_and_matches_centralized(finished):
+    out, report, _ = finished
+    final = report["final"]["macro_auroc"]
+    assert len(report["rounds"]) == STAGES * ROUNDS
+    assert final > report["baselines"]["zero_shot"]["macro_auroc"] + 0.03
+    assert abs(final - report["baselines"]["centralized"]["macro_auroc"]) < 0.05
+    assert len(report["stages"]["auroc_matrix"]) == STAGES and report["stages"]["forgetting"] is not None
+    for key in ("config", "rounds", "stages", "final", "baselines"):
+        assert key in report
+    for record in report["rounds"]:
+        assert {"stage", "round", "macro_auroc", "per_class_auroc", "bytes_up", "bytes_down", "wall_s",
+                "clients"} <= set(record)
+        assert record["clients"] == HOSPITALS
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5 and "http" not in page.replace("http-equiv", "")
+
+
+def test_bytes_up_per_hospital_is_the_adaptor_payload(finished):
+    out, report, _ = finished
+    config = _config(out)
+    payload = payload_bytes(to_record(initial_model(config, 128)))
+    for record in report["rounds"]:
+        assert record["bytes_up_per_hospital"] == {f"hospital-{k}": payload for k in range(HOSPITALS)}
+        assert record["bytes_up"] == HOSPITALS * payload
+        assert record["bytes_down"] == 2 * HOSPITALS * payload  # train and evaluate messages carry the adaptors
+
+
+def test_hospitals_send_only_adaptor_arrays_and_scalars(finished):
+    out, _, replies = finished
+    spec = {k: [list(t.shape), "float32"] for k, t in initial_model(_config(out), 128).state_dict().items()}
+    assert len(replies) == 2 * STAGES * ROUNDS * HOSPITALS
+    for entry in replies:
+        records = entry["records"]
+        if entry["type"] == "train":
+            assert set(records) == {"arrays", "metrics"}
+            assert records["arrays"]["arrays"] == spec
+        else:
+            assert set(records) == {"metrics"}
+        assert records["metrics"]["kind"] == "metrics" and set(records["metrics"]["types"]) <= {"int", "float"}
+
+
+def test_checkpoint_is_usable_by_evaluate_and_predict(finished, tmp_path):
+    from typer.testing import CliRunner
+
+    from deploy.cli import app
+
+    out, report, _ = finished
+    manifest = out / "hospitals" / "hospital-0" / "manifest.csv"
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--checkpoint", report["checkpoint"], "--data", str(manifest),
+                                 "--cache", str(out / "cache")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout[result.stdout.index("{"):])
+    assert metrics["macro_auroc"] > 0.5
+    image = next((out / "hospitals" / "hospital-0" / "images").glob("*.png"))
+    result = runner.invoke(app, ["predict", "--checkpoint", report["checkpoint"], "--json", str(image),
+                                 "--cache", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    probabilities = json.loads(result.stdout[result.stdout.index("{"):])[str(image)]
+    assert set(probabilities) == {"Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"}
+    assert all(0 <= p <= 1 for p in probabilities.values())
+
+
+def _retune(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from deploy.cli import main; main()", *args]
+
+
+def test_killed_server_resumes_to_the_same_adaptors(finished, tmp_path):
+    """Kill the whole simulation after a completed round, restart it, and reach the uninterrupted result."""
+    reference, _, _ = finished
+    out = tmp_path / "resumed"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen(_retune("simulate", "--out", str(out), *CLI_ARGS), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            state = out / STATE
+            if state.exists() and json.loads(state.read_text())["server_round"] >= 1:
+                break
+            assert proc.poll() is None, "the simulation ended before it could be interrupted"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no round completed within 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    interrupted = json.loads((out / STATE).read_text())["server_round"]
+    assert 1 <= interrupted < STAGES * ROUNDS
+    subprocess.run(_retune("simulate", "--out", str(out), *CLI_ARGS), env=env, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = json.loads((out / STATE).read_text())
+    assert state["server_round"] == STAGES * ROUNDS
+    expected = json.loads((reference / STATE).read_text())
+    resumed_weights = load_file(out / state["arrays"])
+    for key, value in load_file(reference / expected["arrays"]).items():
+        np.testing.assert_allclose(resumed_weights[key], value, rtol=0, atol=1e-6)
+    assert [r["macro_auroc"] for r in state["history"]] == pytest.approx(
+        [r["macro_auroc"] for r in expected["history"]], abs=1e-6)
