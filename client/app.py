@@ -7,12 +7,15 @@ metrics. Both pass the wire-format allow-list before they leave (:func:`shared.w
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client.dp_trainer import train_adaptors_dp
+from client.privacy import HospitalPrivacy
 from client.site import Site, load_site, site_metrics, site_settings
 from client.trainer import train_adaptors
 from shared.config import AdaptorConfig, FederationConfig, TrainConfig
@@ -58,10 +61,20 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         labels = supervise(site.train.labels[task.train_rows], site.diseases, task.supervised)
         train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                    seed=local_seed(cfg, site, stage, round_))
-        losses = train_adaptors(model, site.train.embeddings[task.train_rows], labels, site.prompts, train_config,
-                                proximal_mu=float(settings.get("proximal-mu", 0.0)))
+        embeddings = site.train.embeddings[task.train_rows]
+        privacy: dict[str, float] = {}
+        if site.settings.dp is not None:
+            ledger = HospitalPrivacy(Path(site.settings.ledger), site.settings.dp)
+            rounds_left = cfg.stages * cfg.rounds_per_stage - (stage * cfg.rounds_per_stage + round_)
+            losses, epsilon = train_adaptors_dp(model, embeddings, labels, site.prompts, train_config, ledger,
+                                                rounds_left, (str(msg.metadata.run_id), stage, round_))
+            privacy = {"epsilon": epsilon, "delta": site.settings.dp.delta}
+        else:
+            losses = train_adaptors(model, embeddings, labels, site.prompts, train_config,
+                                    proximal_mu=float(settings.get("proximal-mu", 0.0)))
         examples = int((~torch.isnan(torch.as_tensor(labels))).any(dim=1).sum())
-        metrics = {NUM_EXAMPLES: examples, "train-loss": losses[-1] if losses else 0.0, **_identity(context)}
+        metrics = {NUM_EXAMPLES: examples, "train-loss": losses[-1] if losses else 0.0, **privacy,
+                   **_identity(context)}
         content = RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord(metrics)})
         check_reply(content, adaptor_spec(model))
         return Message(content=content, reply_to=msg)

@@ -5,7 +5,10 @@ A SuperNode's ``node_config`` says where the hospital's data are:
 - ``manifest``: its label file (any format ``retune data check`` reads);
 - ``cache``: its embedding cache folder (default: the run config's, else ``$RETUNE_CACHE``);
 - ``diseases``: the diseases it labels, comma-separated (default: every disease of its label file);
-- ``name``: a display name.
+- ``name``: a display name;
+- ``dp-max-epsilon`` (turns DP-SGD on), ``dp-delta``, ``dp-target-epsilon``, ``dp-noise``, ``dp-max-grad-norm``,
+  ``dp-accountant`` and ``privacy-ledger`` (default: ``privacy-ledger.json`` beside the manifest): the
+  hospital's own privacy settings and its ε ledger (see :mod:`client.privacy`).
 
 In a simulation the run config's ``sim-dir`` holds ``hospital-K/hospital.json`` with those keys, and the
 SuperNode's ``partition-id`` K picks one. Images and embeddings never leave the site; what it reports is
@@ -23,6 +26,7 @@ import numpy as np
 
 from client.incremental import Split
 from client.local_data import embed_splits, prompt_embeddings
+from client.privacy import DPConfig
 from client.trainer import Prompts, predict_logits
 from shared.backbone import load_backbone
 from shared.cache import EmbeddingCache
@@ -47,6 +51,8 @@ class SiteSettings:
     manifest: str
     cache: str
     labelled: tuple[str, ...] | None
+    dp: DPConfig | None = None
+    ledger: str = ""
 
 
 @dataclass
@@ -79,7 +85,21 @@ def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
         manifest=str(values["manifest"]),
         cache=str(values.get("cache") or config.cache or default_cache_dir()),
         labelled=tuple(labelled) if labelled else None,
+        dp=_dp_config(values),
+        ledger=str(values.get("privacy-ledger") or Path(values["manifest"]).parent / "privacy-ledger.json"),
     )
+
+
+def _dp_config(values: dict) -> DPConfig | None:
+    """DP settings from node-config keys ``dp-*``; ``None`` unless ``dp-max-epsilon`` is set."""
+    if "dp-max-epsilon" not in values:
+        return None
+    optional = {"dp-target-epsilon": "target_epsilon", "dp-noise": "noise_multiplier",
+                "dp-max-grad-norm": "max_grad_norm", "dp-delta": "delta"}
+    kwargs = {field: float(values[key]) for key, field in optional.items() if key in values}
+    if "dp-accountant" in values:
+        kwargs["accountant"] = str(values["dp-accountant"])
+    return DPConfig(max_epsilon=float(values["dp-max-epsilon"]), **kwargs)
 
 
 def align_labels(labels: np.ndarray, have: tuple[str, ...], want: tuple[str, ...],

@@ -23,6 +23,14 @@ def auroc_matrix(history: list[dict], stages: int) -> list[list[float | None]]:
     return [[last[i]["stage_auroc"][j] if j <= i else None for j in range(stages)] for i in sorted(last)]
 
 
+def privacy_summary(history: list[dict], plan) -> dict:
+    """ε each hospital has spent by the end of the run (its ledger's total), and δ; empty without DP."""
+    epsilon: dict[str, float] = {}
+    for record in history:
+        epsilon.update(record.get("epsilon", {}))
+    return {"epsilon": epsilon, "delta": plan.dp_delta} if epsilon else {}
+
+
 def build_report(config, plan, state, sites, baselines: dict, timing: dict, checkpoint: Path) -> dict:
     """Everything a researcher needs to judge the run, as plain JSON."""
     matrix = auroc_matrix(state.history, config.stages)
@@ -36,6 +44,7 @@ def build_report(config, plan, state, sites, baselines: dict, timing: dict, chec
         "final": {"macro_auroc": final["macro_auroc"], "per_class_auroc": final["per_class_auroc"]},
         "baselines": {name: {"macro_auroc": b["macro_auroc"], "per_class_auroc": b["per_class_auroc"]}
                       for name, b in baselines.items()},
+        "privacy": privacy_summary(state.history, plan),
         "timing": {**timing, "seconds_per_round": sum(r["wall_s"] for r in state.history) / len(state.history)},
         "checkpoint": str(checkpoint),
         "metric_note": "AUROC per disease is the positive×negative-pair-weighted mean of hospital AUROCs "
@@ -96,6 +105,14 @@ def _figures(report: dict) -> list[str]:
     return tags
 
 
+def _privacy_line(report: dict) -> str:
+    privacy = report.get("privacy")
+    if not privacy:
+        return " · no differential privacy"
+    spent = ", ".join(f"{html.escape(h)} ε={e:.2f}" for h, e in sorted(privacy["epsilon"].items()))
+    return f" · DP-SGD (δ={privacy['delta']:g}): {spent}"
+
+
 def write_html(report: dict, path: Path) -> Path:
     """One self-contained page: figures inline, no external resources."""
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
@@ -113,7 +130,7 @@ td:first-child{{text-align:left}}.note{{color:#666;font-size:90%}}</style></head
 <p><b>final macro AUROC {fmt(report['final']['macro_auroc'])}</b> · zero-shot
 {fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized
 {fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting {fmt(report['stages']['forgetting'])} ·
-{report['timing']['seconds_per_round']:.1f} s per round</p>
+{report['timing']['seconds_per_round']:.1f} s per round{_privacy_line(report)}</p>
 <p class="note">Not for clinical use. Phantom data. {html.escape(report['metric_note'])}</p>
 {''.join(_figures(report))}
 <h2>AUROC per disease</h2><table><tr><th>disease</th><th>zero-shot</th><th>centralized</th><th>federated</th></tr>

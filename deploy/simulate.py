@@ -52,11 +52,12 @@ def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: C
     sites = []
     for k in range(plan.hospitals):
         folder = Path(config.sim_dir) / f"hospital-{k}"
-        if not (folder / SIM_SITE_FILE).exists():
+        if not (folder / "manifest.csv").exists():
             write_phantom(folder, n=plan.images_per_hospital, hospital=k, seed=config.seed, size=plan.image_size)
-            (folder / SIM_SITE_FILE).write_text(json.dumps({
-                "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
-                "diseases": ",".join(labelled_diseases(k))}, indent=2))
+        privacy = {"dp-max-epsilon": plan.dp_epsilon, "dp-delta": plan.dp_delta} if plan.dp_epsilon else {}
+        (folder / SIM_SITE_FILE).write_text(json.dumps({
+            "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
+            "diseases": ",".join(labelled_diseases(k)), **privacy}, indent=2))
         with console.status(f"embedding hospital-{k}"):
             sites.append(load_site(config, site_settings(config, {"partition-id": k})))
     return sites

@@ -85,6 +85,8 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
             "clients": len(accepted),
             "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
             "hospitals": {name: site_macro(metrics, diseases) for name, metrics in sites.items()},
+            "epsilon": {hospital_name(r): float(r.content[METRICS]["epsilon"]) for r in accepted
+                        if "epsilon" in r.content[METRICS]},
             "declined": [{"hospital": hospital_name(r), "reason": r.error.reason} for r in replies if r.has_error()],
         }
         strategy.refused.clear()

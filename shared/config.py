@@ -99,11 +99,17 @@ class SimulationPlan:
         Phantom images per hospital, split 70/10/20 train/val/test (default 600).
     image_size : int
         Phantom image size in pixels (default 128).
+    dp_epsilon : float | None
+        Turn on DP-SGD at every hospital with this ε budget over the run (default: off).
+    dp_delta : float
+        δ of the DP guarantee (default 1e-5).
     """
 
     hospitals: int = 5
     images_per_hospital: int = 600
     image_size: int = 128
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
 
 
 def default_cache_dir() -> Path:
