@@ -1,0 +1,156 @@
+"""The hospital boundary: Flower client mods that decide what may leave a hospital, and write it down.
+
+- :func:`boundary_guard` checks every reply against the wire-format allow-list (:func:`shared.wire.check_reply`)
+  and audits it; a non-conforming reply, or an exception in the app, is replaced by an error reply whose reason
+  holds no detail (the detail goes to the hospital's audit log and logger). If the audit entry cannot be
+  written, nothing leaves either: an error reply goes instead.
+- :func:`signature_mod` refuses global adaptors that do not carry the consortium's signature.
+- :func:`hospital_mods` stacks them with :func:`client.approval.approval_mod`, configured from the node config.
+
+**Expected spec.** A train reply must hold exactly the arrays the server sent in the train message (same names,
+shapes, dtypes: :func:`incoming_spec`), so the guard needs no model or backbone and a reply is never larger than
+what came in. Pass ``spec_fn`` to pin the spec to a model instead (``lambda msg: adaptor_spec(model)``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
+
+from client.approval import approval_mod, running_code
+from client.audit import ERROR, REFUSED, SENT, AuditLog, message_entry
+from shared.errors import RetuneError
+from shared.signing import ARRAYS_SIGNATURE, load_public_key, verify_arrays
+from shared.wire import ARRAYS, CONFIG, ArraySpec, WireError, check_reply
+
+log = logging.getLogger(__name__)
+#: Node-config keys (``flower-supernode --node-config 'audit-log="..." consortium-key="..."'``).
+AUDIT_LOG_KEY = "audit-log"
+CONSORTIUM_KEY = "consortium-key"
+MAX_REASON = 200
+
+SpecFn = Callable[[Message], dict[str, ArraySpec] | None]
+
+
+def incoming_spec(msg: Message) -> dict[str, ArraySpec] | None:
+    """Train: the names/shapes/dtypes of the global adaptors received; evaluate: None (metrics only)."""
+    category = msg.metadata.message_type.split(".")[0]
+    if category == MessageType.EVALUATE:
+        return None
+    if category != MessageType.TRAIN:
+        raise WireError(f"message type {msg.metadata.message_type!r} is not part of the wire format")
+    record = msg.content.get(ARRAYS) if msg.has_content() else None
+    if not isinstance(record, ArrayRecord) or not len(record):
+        raise WireError("a train message without global adaptors: there is no reply the hospital may send")
+    return {name: ArraySpec(tuple(array.shape), array.dtype) for name, array in record.items()}
+
+
+def _audit_log(audit_path: Path | str | None, context: Context) -> AuditLog | None:
+    path = audit_path or context.node_config.get(AUDIT_LOG_KEY)
+    return AuditLog(str(path)) if path else None
+
+
+def _error(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code, reason), reply_to=msg)
+
+
+def _check(msg: Message, reply: Message, spec: dict[str, ArraySpec] | None) -> str | None:
+    """Why ``reply`` may not leave, or None."""
+    if reply.metadata.reply_to_message_id != msg.metadata.message_id \
+            or reply.metadata.message_type != msg.metadata.message_type:
+        return "the reply does not answer the incoming message"
+    try:
+        check_reply(reply.content, spec)
+    except WireError as exc:
+        return str(exc)
+    return None
+
+
+def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None = None) -> Mod:
+    """A client mod that lets only wire-format replies leave and audits every reply.
+
+    ``spec_fn(msg)`` gives the arrays a train reply must hold (default :func:`incoming_spec`). ``audit_path``:
+    the hash-chained audit log (default: the node config's ``audit-log``; neither means no audit log, the
+    allow-list is enforced all the same).
+    """
+    spec_fn = spec_fn or incoming_spec
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        audit = _audit_log(audit_path, context)
+
+        def record(event: str, reply: Message, content_of: Message | None = None, **extra: object) -> Message:
+            if audit is None:
+                return reply
+            content = content_of.content if content_of is not None and content_of.has_content() else None
+            try:
+                audit.append(message_entry(event, msg, content, code_hash=running_code().code_hash, **extra))
+            except (RetuneError, OSError) as exc:  # fail closed: nothing leaves unaudited
+                log.error("audit log %s: %s; refusing the reply", audit.path, exc)
+                return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, "the hospital's audit log is unavailable")
+            return reply
+
+        def refuse(detail: str, content_of: Message | None = None) -> Message:
+            log.warning("refused a %s reply: %s", msg.metadata.message_type, detail)
+            reason = "reply refused at the hospital boundary (not the wire format; see the hospital's audit log)"
+            return record(REFUSED, _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, reason), content_of,
+                          reason=detail)
+
+        try:
+            spec = spec_fn(msg)
+        except WireError as exc:
+            return refuse(str(exc))
+        try:
+            reply = call_next(msg, context)
+        except Exception as exc:  # noqa: BLE001  the server learns the type only, never the message
+            log.exception("the ClientApp failed on a %s message", msg.metadata.message_type)
+            reason = f"the hospital's app raised {type(exc).__name__}; details stay in the hospital's log"
+            return record(ERROR, _error(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason),
+                          error_code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
+        if reply.has_error():
+            reason = (reply.error.reason or "")[:MAX_REASON]
+            return record(ERROR, _error(msg, reply.error.code, reason), error_code=reply.error.code, reason=reason)
+        problem = _check(msg, reply, spec)
+        if problem is not None:
+            return refuse(problem, reply)
+        return record(SENT, reply, reply)
+
+    return mod
+
+
+def signature_mod(public_key: Path | str | None = None) -> Mod:
+    """A client mod that refuses, before the app sees them, global adaptors without a valid consortium
+    signature (``config[ARRAYS_SIGNATURE]`` over ``arrays``). ``public_key`` None: the node config's
+    ``consortium-key``; neither means signatures are not checked at this hospital."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        path = public_key or context.node_config.get(CONSORTIUM_KEY)
+        if not path:
+            return call_next(msg, context)
+        try:
+            arrays = msg.content.get(ARRAYS)
+            config = msg.content.get(CONFIG)
+            if not isinstance(arrays, ArrayRecord):
+                raise WireError("the message carries no global adaptors to verify")
+            signature = config.get(ARRAYS_SIGNATURE) if isinstance(config, ConfigRecord) else None
+            verify_arrays(arrays, signature if isinstance(signature, bytes) else None, load_public_key(str(path)))
+        except RetuneError as exc:
+            log.warning("refused a %s message: %s", msg.metadata.message_type, exc)
+            return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION,
+                          "global adaptors refused: not signed by the consortium key this hospital trusts")
+        return call_next(msg, context)
+
+    return mod
+
+
+def hospital_mods(audit_path: Path | str | None = None, approved_path: Path | str | None = None,
+                  public_key: Path | str | None = None) -> list[Mod]:
+    """The hospital's mod stack, outermost first: boundary guard (audits every reply, including the refusals
+    below), code approval (before any data is touched), consortium signature of the incoming adaptors. Each
+    argument left None comes from the node config (``audit-log``, ``approved-apps``, ``consortium-key``) at
+    every message; a key absent there switches that check off."""
+    return [boundary_guard(audit_path=audit_path), approval_mod(approved_path), signature_mod(public_key)]

@@ -1,0 +1,246 @@
+"""The hospital boundary: hash-chained audit log, allow-list guard and consortium signature mod, run through
+real Flower ClientApps called the way a SuperNode calls them (``app(message, context)``)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from client.approval import running_code
+from client.audit import GENESIS, REFUSED, SENT, AuditLog, content_sha256, verify_log
+from client.guard import boundary_guard, hospital_mods, signature_mod
+from shared.errors import RetuneError
+from shared.model import RetuneModel
+from shared.signing import ARRAYS_SIGNATURE, generate_keys, sign_arrays
+from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, to_record
+
+GLOBAL = to_record(RetuneModel(8))
+
+
+def _message(kind: str = "train", arrays: ArrayRecord | None = GLOBAL, signature: bytes | None = None) -> Message:
+    config = ConfigRecord({"stage": 1, "round": 2, **({ARRAYS_SIGNATURE: signature} if signature else {})})
+    content = RecordDict({CONFIG: config, **({ARRAYS: arrays} if arrays is not None else {})})
+    meta = Metadata(run_id=7, message_id="msg-1", src_node_id=1, dst_node_id=42, reply_to_message_id="",
+                    group_id="5", created_at=time.time(), ttl=600.0, message_type=kind)
+    return Message(metadata=meta, content=content)
+
+
+def _context(**node_config: str) -> Context:
+    return Context(run_id=7, node_id=42, node_config=dict(node_config), state=RecordDict(), run_config={})
+
+
+def _app(mods, reply_fn, marker=None) -> ClientApp:
+    """A ClientApp whose train and evaluate handlers answer with ``reply_fn(msg)`` (and touch ``marker``)."""
+    app = ClientApp(mods=mods)
+
+    def handler(msg: Message, context: Context) -> Message:
+        if marker is not None:
+            marker.write_text("the app ran")
+        return Message(reply_fn(msg), reply_to=msg)
+
+    app.train()(handler)
+    app.evaluate()(handler)
+    return app
+
+
+def _train_reply(msg: Message) -> RecordDict:
+    return RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({NUM_EXAMPLES: 12, "train-loss": 0.5})})
+
+
+def _entries(path):
+    return AuditLog(path).entries()
+
+
+def test_audit_log_chains_and_verifies(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl")
+    written = [log.append({"event": SENT, "n": i}) for i in range(4)]
+    assert written[0]["prev"] == GENESIS and all(b["prev"] == a["hash"] for a, b in zip(written, written[1:]))
+    report = verify_log(log.path)
+    assert report.ok and report.entries == 4 and report.head == written[-1]["hash"]
+    assert verify_log(log.path, head=written[-1]["hash"]).ok
+
+
+@pytest.mark.parametrize("tamper, bad_line", [("edit", 2), ("delete", 2), ("swap", 2), ("garble", 3),
+                                              ("truncate", 4)])
+def test_audit_log_reports_the_first_bad_line(tmp_path, tamper, bad_line):
+    log = AuditLog(tmp_path / "audit.jsonl")
+    head = [log.append({"event": SENT, "bytes": 100 * i}) for i in range(4)][-1]["hash"]
+    lines = log.path.read_text().splitlines()
+    if tamper == "edit":
+        entry = json.loads(lines[1])
+        entry["bytes"] = 0
+        lines[1] = json.dumps(entry)
+    elif tamper == "delete":
+        del lines[1]
+    elif tamper == "swap":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif tamper == "garble":
+        lines[2] = lines[2][:-5]
+    else:
+        lines = lines[:3]
+    log.path.write_text("\n".join(lines) + "\n")
+    report = verify_log(log.path, head=head)
+    assert not report.ok and report.bad_line == bad_line and report.problem
+    if tamper == "truncate":
+        assert verify_log(log.path).ok  # only the head hash kept elsewhere detects a cut-off end
+
+
+def _writer(path: str, n: int, worker: int) -> None:
+    log = AuditLog(path)
+    for i in range(n):
+        log.append({"event": SENT, "worker": worker, "i": i})
+
+
+def test_concurrent_writers_keep_one_chain(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_writer, args=(str(path), 15, w)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert all(w.exitcode == 0 for w in workers)
+    report = verify_log(path)
+    assert report.ok and report.entries == 60
+    assert {(e["worker"], e["i"]) for e in _entries(path)} == {(w, i) for w in range(4) for i in range(15)}
+
+
+def test_append_refuses_a_damaged_last_line(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append({"event": SENT})
+    with log.path.open("a") as f:
+        f.write('{"event": "sent", "hash": ')  # a torn write
+    with pytest.raises(RetuneError, match="damaged"):
+        log.append({"event": SENT})
+
+
+def test_conforming_train_and_evaluate_replies_leave_and_are_audited(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    app = _app([boundary_guard(audit_path=audit)], _train_reply)
+    reply = app(_message("train"), _context())
+    assert reply.has_content() and list(reply.content[ARRAYS].keys()) == list(GLOBAL.keys())
+    evaluate = _app([boundary_guard(audit_path=audit)], lambda m: RecordDict({METRICS: MetricRecord(
+        {NUM_EXAMPLES: 3, "auroc/Edema": 0.7})}))
+    assert evaluate(_message("evaluate"), _context()).has_content()
+
+    train_entry, eval_entry = _entries(audit)
+    assert train_entry["event"] == SENT and train_entry["message_type"] == "train"
+    assert (train_entry["run_id"], train_entry["server_round"], train_entry["stage"], train_entry["round"]) == \
+        (7, 5, 1, 2)
+    assert train_entry["records"] == [ARRAYS, METRICS]
+    assert train_entry["arrays"] == {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in GLOBAL.items()}
+    assert train_entry["metric_keys"] == [NUM_EXAMPLES, "train-loss"]
+    assert train_entry["sha256"] == content_sha256(reply.content)
+    assert train_entry["bytes"] >= sum(len(a.data) for a in GLOBAL.values())
+    assert train_entry["code_hash"] == running_code().code_hash
+    assert eval_entry["arrays"] == {} and eval_entry["metric_keys"] == ["auroc/Edema", NUM_EXAMPLES]
+    assert verify_log(audit).ok
+
+
+def _leaky(kind: str):
+    def reply(msg: Message) -> RecordDict:
+        content = _train_reply(msg)
+        if kind == "extra_array":
+            arrays = {k: np.array(a.numpy()) for k, a in msg.content[ARRAYS].items()}
+            arrays["image_embeddings"] = np.ones((4, 8), np.float32)
+            content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        elif kind == "extra_record":
+            content["patients"] = ConfigRecord({"id": "patient-123"})
+        elif kind == "string_metric":
+            content[METRICS] = MetricRecord({NUM_EXAMPLES: 1, "leak": [0.1, 0.2]})
+        elif kind == "dtype":
+            content[ARRAYS] = ArrayRecord({k: Array(np.array(a.numpy(), np.float64))
+                                           for k, a in msg.content[ARRAYS].items()})
+        return content
+
+    return reply
+
+
+@pytest.mark.parametrize("kind", ["extra_array", "extra_record", "string_metric", "dtype"])
+def test_non_conforming_train_reply_is_refused_and_logged(tmp_path, kind):
+    audit = tmp_path / "audit.jsonl"
+    reply = _app([boundary_guard(audit_path=audit)], _leaky(kind))(_message("train"), _context())
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert reply.metadata.reply_to_message_id == "msg-1"
+    assert "patient" not in reply.error.reason and "embeddings" not in reply.error.reason
+    (entry,) = _entries(audit)
+    assert entry["event"] == REFUSED and entry["reason"]
+    assert verify_log(audit).ok
+
+
+def test_evaluate_reply_with_arrays_is_refused_and_the_audit_log_comes_from_node_config(tmp_path):
+    audit = tmp_path / "node-audit.jsonl"
+    reply = _app([boundary_guard()], _train_reply)(_message("evaluate"), _context(**{"audit-log": str(audit)}))
+    assert reply.has_error()
+    (entry,) = _entries(audit)
+    assert entry["event"] == REFUSED and entry["arrays"] and "allowed" in entry["reason"]
+
+
+def test_app_exception_leaves_only_its_type(tmp_path):
+    audit = tmp_path / "audit.jsonl"
+
+    def boom(msg):
+        raise ValueError("cannot read /data/patient-123/chest.dcm")
+
+    reply = _app([boundary_guard(audit_path=audit)], boom)(_message("train"), _context())
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert "ValueError" in reply.error.reason and "patient-123" not in reply.error.reason
+    (entry,) = _entries(audit)
+    assert entry["event"] == "error" and "patient-123" in entry["reason"]  # the detail stays at the hospital
+
+
+def test_guard_fails_closed_when_the_audit_log_is_unwritable(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    reply = _app([boundary_guard(audit_path=blocker / "audit.jsonl")], _train_reply)(_message("train"), _context())
+    assert reply.has_error() and "audit log" in reply.error.reason
+
+
+def test_train_message_without_global_adaptors_is_refused_before_the_app(tmp_path):
+    marker = tmp_path / "ran"
+    reply = _app([boundary_guard()], _train_reply, marker)(_message("train", arrays=None), _context())
+    assert reply.has_error() and not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    return generate_keys(tmp_path_factory.mktemp("keys"))
+
+
+def test_signature_mod_refuses_unsigned_or_altered_adaptors_before_the_app(tmp_path, consortium):
+    private, public = consortium
+    marker = tmp_path / "ran"
+    app = _app([signature_mod(public)], _train_reply, marker)
+    altered = ArrayRecord({k: Array(np.array(a.numpy()) * 2) for k, a in GLOBAL.items()})
+    for msg in (_message("train"), _message("train", altered, sign_arrays(GLOBAL, private)),
+                _message("train", GLOBAL, b"\0" * 64)):
+        reply = app(msg, _context())
+        assert reply.has_error() and reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+        assert not marker.exists()
+    assert app(_message("train", GLOBAL, sign_arrays(GLOBAL, private)), _context()).has_content()
+    assert marker.exists()
+
+
+def test_hospital_mods_from_node_config(tmp_path, consortium):
+    from client.approval import add_approval
+
+    private, public = consortium
+    audit, approved = tmp_path / "audit.jsonl", tmp_path / "approved.json"
+    add_approval(approved, running_code(), "it-admin")
+    context = _context(**{"audit-log": str(audit), "approved-apps": str(approved), "consortium-key": str(public)})
+    app = _app(hospital_mods(), _train_reply)
+    assert app(_message("train", GLOBAL, sign_arrays(GLOBAL, private)), context).has_content()
+    assert app(_message("train"), context).has_error()  # unsigned: refused by the signature mod ...
+    events = [(e["event"], e.get("error_code")) for e in _entries(audit)]
+    assert events == [(SENT, None), ("error", ErrorCode.MOD_FAILED_PRECONDITION)]  # ... and audited by the guard
+    assert verify_log(audit).ok
+    # no security keys in the node config: only the allow-list applies
+    assert app(_message("train"), _context()).has_content()
