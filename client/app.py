@@ -10,13 +10,15 @@ import hashlib
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.dp_trainer import train_adaptors_dp
-from client.privacy import HospitalPrivacy
-from client.site import Site, load_site, site_metrics, site_settings
+from client.guard import hospital_mods
+from client.privacy import BudgetExhausted, HospitalPrivacy
+from client.site import Site, load_site, node_values, site_metrics, site_settings
 from client.trainer import train_adaptors
 from shared.config import AdaptorConfig, FederationConfig, TrainConfig
 from shared.model import RetuneModel
@@ -46,10 +48,24 @@ def _identity(context: Context) -> dict[str, int]:
     return {"partition-id": int(context.node_config["partition-id"])} if "partition-id" in context.node_config else {}
 
 
+def _simulated_site(config: FederationConfig | None) -> Mod:
+    """Give a simulated SuperNode the node config its ``hospital.json`` describes (a no-op when deployed)."""
+
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        cfg = config or FederationConfig.from_run_config(dict(context.run_config))
+        context.node_config.update(node_values(cfg, dict(context.node_config)))
+        return call_next(msg, context)
+
+    return mod
+
+
 def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | None = None) -> ClientApp:
-    """A ClientApp; with ``config=None`` it reads the Flower run config (``flwr run``). ``mods`` wrap every
-    message in and out (Flower client mods)."""
-    app = ClientApp(mods=mods or [])
+    """A ClientApp; with ``config=None`` it reads the Flower run config (``flwr run``).
+
+    The hospital's own mods (boundary guard + audit log, code approval, consortium signature; configured by the
+    node config, see :func:`client.guard.hospital_mods`) always wrap the handlers; extra ``mods`` go outside them.
+    """
+    app = ClientApp(mods=[*(mods or []), _simulated_site(config), *hospital_mods()])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -66,8 +82,11 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         if site.settings.dp is not None:
             ledger = HospitalPrivacy(Path(site.settings.ledger), site.settings.dp)
             rounds_left = cfg.stages * cfg.rounds_per_stage - (stage * cfg.rounds_per_stage + round_)
-            losses, epsilon = train_adaptors_dp(model, embeddings, labels, site.prompts, train_config, ledger,
-                                                rounds_left, (str(msg.metadata.run_id), stage, round_))
+            try:
+                losses, epsilon = train_adaptors_dp(model, embeddings, labels, site.prompts, train_config, ledger,
+                                                    rounds_left, (str(msg.metadata.run_id), stage, round_))
+            except BudgetExhausted as exc:  # a deliberate decline: the reason is for the server to report
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
             privacy = {"epsilon": epsilon, "delta": site.settings.dp.delta}
         else:
             losses = train_adaptors(model, embeddings, labels, site.prompts, train_config,

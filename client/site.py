@@ -68,12 +68,18 @@ class Site:
     embed_dim: int
 
 
-def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
-    """Resolve a SuperNode's settings from its node config (or, in a simulation, its partition)."""
+def node_values(config: FederationConfig, node_config: dict) -> dict:
+    """A SuperNode's settings: its node config, completed in a simulation by its ``hospital.json``."""
     values = dict(node_config)
     if "manifest" not in values and "partition-id" in values and config.sim_dir:
         path = Path(config.sim_dir) / f"hospital-{int(values['partition-id'])}" / SIM_SITE_FILE
         values = {**json.loads(path.read_text()), **values}
+    return values
+
+
+def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
+    """Resolve a SuperNode's data settings from its node config (or, in a simulation, its partition)."""
+    values = node_values(config, node_config)
     if "manifest" not in values:
         raise RetuneError("this SuperNode has no 'manifest' in its node config: start it with "
                           "--node-config 'manifest=\"/data/labels.csv\" cache=\"/data/cache\"'")

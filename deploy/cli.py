@@ -15,7 +15,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from deploy.cli_approve import approve
+from deploy.cli_audit import audit_app
 from deploy.cli_data import data_app
+from deploy.cli_keys import keys
 from deploy.cli_phantom import phantom
 from shared.config import (OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, FederationConfig, SimulationPlan,
                            TrainConfig, default_cache_dir)
@@ -24,6 +27,9 @@ from shared.errors import RetuneError
 app = typer.Typer(help="Federated RE-tune fine-tuning of chest X-ray vision-language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
+app.add_typer(audit_app, name="audit")
+app.command()(approve)
+app.command()(keys)
 app.command(help="Write procedurally generated phantom chest X-rays and their manifest.csv (offline demo data).")(phantom)
 console = Console(stderr=True)
 
@@ -35,6 +41,7 @@ CacheOpt = Annotated[Path, typer.Option(help="Embedding cache folder (stays on t
 DiseasesOpt = Annotated[Optional[str], typer.Option(help="Schema (chexpert5, nih14, chexpert14) or comma-separated diseases.")]
 UncertainOpt = Annotated[str, typer.Option(help="Uncertain (-1) labels: ignore|ones|zeros.")]
 BadFileOpt = Annotated[str, typer.Option("--on-bad-file", help="skip (report and go on) or fail (stop at the first).")]
+PublicKeyOpt = Annotated[Optional[Path], typer.Option(help="consortium.pub: refuse a checkpoint it did not sign.")]
 ImageRootOpt = Annotated[Optional[Path], typer.Option(help="Folder image paths are relative to (default: the label file's).")]
 
 
@@ -130,17 +137,16 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="Folder holding adaptors.safetensors and adaptors.json.")],
     data: DataOpt, split: Annotated[str, typer.Option(help="train|val|test|all")] = "test",
     cache: CacheOpt = default_cache_dir(), fmt: FormatOpt = "auto", uncertain: UncertainOpt = "ignore",
-    image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip",
+    image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip", public_key: PublicKeyOpt = None,
 ) -> None:
     """Score a checkpoint on a data set; prints the same metrics as ``retune train``."""
     from client.centralized import zero_shot_metrics
     from client.incremental import Split
     from client.local_data import prompt_embeddings, require_rows
     from client.trainer import predict_logits
-    from shared.checkpoint import load_checkpoint
     from shared.metrics import classification_metrics
 
-    model, bank, sidecar = load_checkpoint(checkpoint)
+    model, bank, sidecar = _open_checkpoint(checkpoint, public_key)
     _, bb, store, splits, _, _ = _load_data(data, fmt, ",".join(bank.diseases), uncertain, image_root,
                                             sidecar["backbone"]["spec"], cache, on_bad_file)
     _check_backbone(bb.identity, sidecar)
@@ -157,6 +163,18 @@ def evaluate(
     print(json.dumps(metrics, indent=2))
 
 
+def _open_checkpoint(folder: Path, public_key: Path | None):
+    """Load a checkpoint, after verifying the consortium's signature when a public key is given."""
+    from shared.checkpoint import load_checkpoint
+    from shared.signing import verify_checkpoint
+
+    if public_key is not None:
+        verify_checkpoint(folder, public_key)
+    else:
+        console.print("[yellow]checkpoint signature not checked: pass --public-key consortium.pub to verify it")
+    return load_checkpoint(folder)
+
+
 def _check_backbone(identity: str, sidecar: dict) -> None:
     if sidecar["backbone"]["identity"] != identity:
         raise RetuneError("the checkpoint's adaptors were trained on a different backbone (weights or "
@@ -167,7 +185,7 @@ def _check_backbone(identity: str, sidecar: dict) -> None:
 def predict(
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG/DICOM files.")],
     checkpoint: Annotated[Path, typer.Option(help="Folder holding adaptors.safetensors and adaptors.json.")],
-    cache: CacheOpt = default_cache_dir(),
+    cache: CacheOpt = default_cache_dir(), public_key: PublicKeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Per-disease probabilities for each image."""
@@ -177,10 +195,9 @@ def predict(
     from client.trainer import predict_logits
     from shared.backbone import load_backbone
     from shared.cache import EmbeddingCache
-    from shared.checkpoint import load_checkpoint
     from shared.data.problems import BadFiles, print_bad_files
 
-    model, bank, sidecar = load_checkpoint(checkpoint)
+    model, bank, sidecar = _open_checkpoint(checkpoint, public_key)
     bb = load_backbone(sidecar["backbone"]["spec"])
     _check_backbone(bb.identity, sidecar)
     store = EmbeddingCache(cache, bb)

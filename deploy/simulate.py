@@ -32,8 +32,11 @@ from shared.labels import CHEXPERT5
 from shared.model import zero_shot_logits
 from shared.phantom import write_phantom
 from shared.scenarios import supervise
+from shared.signing import PRIVATE_KEY, PUBLIC_KEY, generate_keys
 
 HOSPITALS_DIR = "hospitals"
+#: The simulated consortium's Ed25519 key pair: the server signs adaptors, hospitals and users verify.
+KEYS_DIR = "keys"
 
 
 def simulation_config(out: Path, hospitals: int, **settings) -> FederationConfig:
@@ -57,7 +60,9 @@ def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: C
         privacy = {"dp-max-epsilon": plan.dp_epsilon, "dp-delta": plan.dp_delta} if plan.dp_epsilon else {}
         (folder / SIM_SITE_FILE).write_text(json.dumps({
             "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
-            "diseases": ",".join(labelled_diseases(k)), **privacy}, indent=2))
+            "diseases": ",".join(labelled_diseases(k)), **privacy,
+            "audit-log": str((folder / "audit.jsonl").resolve()),
+            "consortium-key": str((Path(config.run_dir) / KEYS_DIR / PUBLIC_KEY).resolve())}, indent=2))
         with console.status(f"embedding hospital-{k}"):
             sites.append(load_site(config, site_settings(config, {"partition-id": k})))
     return sites
@@ -117,6 +122,8 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
     console = console or Console(stderr=True)
     out = Path(config.run_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / KEYS_DIR / PRIVATE_KEY).exists():
+        generate_keys(out / KEYS_DIR)
     start = time.perf_counter()
     sites = prepare_hospitals(config, plan, console)
     prepared_s = time.perf_counter() - start
@@ -132,7 +139,7 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
 
         fed_start = time.perf_counter()
         flower_simulation(
-            server_app=make_server_app(config, on_round), client_app=make_client_app(config, client_mods),
+            server_app=make_server_app(config, on_round, out / KEYS_DIR / PRIVATE_KEY), client_app=make_client_app(config, client_mods),
             num_supernodes=plan.hospitals,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import Context
@@ -14,28 +15,42 @@ from shared.checkpoint import save_checkpoint
 from shared.config import FederationConfig
 from shared.labels import resolve_schema
 from shared.prompts import PromptBank
+from shared.signing import load_private_key, sign_checkpoint
 from shared.wire import load_record
 
 CHECKPOINT = "checkpoint"
 
 
-def save_final(config: FederationConfig, state: RunState, backbone: dict, embed_dim: int) -> Path:
-    """Write the global adaptors as a checkpoint that ``retune evaluate``/``predict`` read."""
+#: Server-only setting (never in the run config, which every hospital receives): the consortium's signing key.
+SIGNING_KEY_ENV = "RETUNE_CONSORTIUM_KEY"
+
+
+def save_final(config: FederationConfig, state: RunState, backbone: dict, embed_dim: int,
+               signing_key: Path | None = None) -> Path:
+    """Write the global adaptors as a checkpoint that ``retune evaluate``/``predict`` read, signed if a key is
+    given."""
     model = load_record(initial_model(config, embed_dim), state.arrays)
     bank = PromptBank(resolve_schema(config.diseases).diseases)
-    return save_checkpoint(Path(config.run_dir) / CHECKPOINT, model, bank, backbone)
+    folder = save_checkpoint(Path(config.run_dir) / CHECKPOINT, model, bank, backbone)
+    if signing_key is not None:
+        sign_checkpoint(folder, signing_key)
+    return folder
 
 
-def make_server_app(config: FederationConfig | None = None, on_round: RoundCallback | None = None) -> ServerApp:
-    """A ServerApp; with ``config=None`` it reads the Flower run config (``flwr run``)."""
+def make_server_app(config: FederationConfig | None = None, on_round: RoundCallback | None = None,
+                    signing_key: Path | None = None) -> ServerApp:
+    """A ServerApp; with ``config=None`` it reads the Flower run config (``flwr run``). The consortium signing
+    key comes from ``signing_key`` or the server's ``RETUNE_CONSORTIUM_KEY`` environment variable."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FederationConfig.from_run_config(dict(context.run_config))
+        key_path = signing_key or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
         backbone = load_backbone(cfg.backbone, device="cpu")
-        state = run_federation(grid, cfg, backbone.embed_dim, on_round)
-        save_final(cfg, state, backbone.describe(), backbone.embed_dim)
+        key = load_private_key(key_path) if key_path else None
+        state = run_federation(grid, cfg, backbone.embed_dim, on_round, key)
+        save_final(cfg, state, backbone.describe(), backbone.embed_dim, key_path)
 
     return app
 

@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
@@ -23,6 +24,7 @@ from shared.config import AdaptorConfig, FederationConfig
 from shared.labels import resolve_schema
 from shared.model import RetuneModel
 from shared.scenarios import disease_groups
+from shared.signing import ARRAYS_SIGNATURE, sign_arrays
 from shared.wire import ARRAYS, METRICS, adaptor_spec, payload_bytes, to_record
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,18 @@ def hospital_name(msg: Message) -> str:
     return f"hospital-{pid}" if pid >= 0 else f"node-{node}"
 
 
+def round_config(stage: int, round_: int, arrays, signing_key: Ed25519PrivateKey | None) -> ConfigRecord:
+    """What the server sends with the adaptors: the position, and the consortium's signature of the adaptors."""
+    values: dict = {"stage": stage, "round": round_}
+    if signing_key is not None:
+        values[ARRAYS_SIGNATURE] = sign_arrays(arrays, signing_key)
+    return ConfigRecord(values)
+
+
 def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
-                   on_round: RoundCallback | None = None) -> RunState:
-    """Run (or resume) every remaining round; returns the final state."""
+                   on_round: RoundCallback | None = None, signing_key: Ed25519PrivateKey | None = None) -> RunState:
+    """Run (or resume) every remaining round; returns the final state. With ``signing_key`` every global
+    adaptor set sent out is signed, so hospitals can refuse adaptors the consortium did not produce."""
     diseases = resolve_schema(config.diseases).diseases
     scored = stage_diseases(config)
     model = initial_model(config, embed_dim)
@@ -64,14 +75,14 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
         stage, round_, server_round = state.stage, state.round, state.server_round + 1
         down = payload_bytes(state.arrays)
         train_msgs = list(strategy.configure_train(
-            server_round, state.arrays, ConfigRecord({"stage": stage, "round": round_}), grid))
+            server_round, state.arrays, round_config(stage, round_, state.arrays, signing_key), grid))
         replies = sorted(grid.send_and_receive(train_msgs, timeout=config.round_timeout), key=reply_order)
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         accepted = [r for r in replies if not r.has_error() and r.metadata.src_node_id not in
                     {node for node, _ in strategy.refused}]
         arrays = arrays if arrays is not None else state.arrays
         eval_msgs = list(strategy.configure_evaluate(
-            server_round, arrays, ConfigRecord({"stage": stage, "round": round_}), grid))
+            server_round, arrays, round_config(stage, round_, arrays, signing_key), grid))
         evaluated = sorted((r for r in grid.send_and_receive(eval_msgs, timeout=config.round_timeout)
                             if not r.has_error()), key=reply_order)
         sites = {hospital_name(r): dict(r.content[METRICS]) for r in evaluated}

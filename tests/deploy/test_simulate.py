@@ -112,7 +112,7 @@ def test_checkpoint_is_usable_by_evaluate_and_predict(finished, tmp_path):
     manifest = out / "hospitals" / "hospital-0" / "manifest.csv"
     runner = CliRunner()
     result = runner.invoke(app, ["evaluate", "--checkpoint", report["checkpoint"], "--data", str(manifest),
-                                 "--cache", str(out / "cache")])
+                                 "--cache", str(out / "cache"), "--public-key", str(out / "keys" / "consortium.pub")])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout[result.stdout.index("{"):])
     assert metrics["macro_auroc"] > 0.5
@@ -161,3 +161,21 @@ def test_killed_server_resumes_to_the_same_adaptors(finished, tmp_path):
         np.testing.assert_allclose(resumed_weights[key], value, rtol=0, atol=1e-6)
     assert [r["macro_auroc"] for r in state["history"]] == pytest.approx(
         [r["macro_auroc"] for r in expected["history"]], abs=1e-6)
+
+
+def test_every_hospital_audited_what_it_sent_and_the_checkpoint_is_signed(finished, tmp_path):
+    from client.audit import verify_log
+    from shared.errors import RetuneError
+    from shared.signing import verify_checkpoint
+
+    out, report, _ = finished
+    for k in range(HOSPITALS):
+        audit = verify_log(out / "hospitals" / f"hospital-{k}" / "audit.jsonl")
+        assert audit.ok and audit.entries == 2 * STAGES * ROUNDS  # one train and one evaluate reply per round
+    verify_checkpoint(Path(report["checkpoint"]), out / "keys" / "consortium.pub")
+    other = tmp_path / "other"
+    from shared.signing import generate_keys
+
+    generate_keys(other)
+    with pytest.raises(RetuneError):
+        verify_checkpoint(Path(report["checkpoint"]), other / "consortium.pub")
