@@ -112,6 +112,13 @@ class SimulationPlan:
     dp_delta: float = 1e-5
 
 
+def _coerce(default, value):
+    """A run-config value as the type of its default (``"false"`` is False, not True)."""
+    if isinstance(default, bool) and isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return type(default)(value)
+
+
 def default_cache_dir() -> Path:
     """Where embeddings are cached unless ``--cache`` says otherwise: ``$RETUNE_CACHE`` or ``~/.cache/retune-fl``."""
     return Path(os.environ.get("RETUNE_CACHE", "~/.cache/retune-fl")).expanduser()
@@ -163,6 +170,8 @@ class FederationConfig:
     cache : str
         Hospital embedding cache (default: ``$RETUNE_CACHE`` or ``~/.cache/retune-fl``); a SuperNode's
         ``cache`` node config overrides it.
+    secure_aggregation : bool
+        Masked aggregation: the server learns only the sum of the hospitals' updates (default False).
     """
 
     stages: int = 2
@@ -183,6 +192,7 @@ class FederationConfig:
     run_dir: str = "runs/federation"
     sim_dir: str = ""
     cache: str = ""
+    secure_aggregation: bool = False
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FederationConfig:
@@ -192,7 +202,7 @@ class FederationConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise RetuneError(f"unknown run-config keys {unknown}; known: {sorted(n.replace('_', '-') for n in names)}")
-        typed = {f.name: type(getattr(cls(), f.name))(values[f.name]) for f in fields(cls) if f.name in values}
+        typed = {f.name: _coerce(getattr(cls(), f.name), values[f.name]) for f in fields(cls) if f.name in values}
         return cls(**typed)
 
     def to_run_config(self) -> dict:
