@@ -1,7 +1,9 @@
 """The hospital's Flower ClientApp: trains and evaluates the global adaptors on local data only.
 
 A train reply holds the adaptor arrays, the example count and scalar metrics; an evaluate reply holds scalar
-metrics. Both pass the wire-format allow-list before they leave (:func:`shared.wire.check_reply`).
+metrics. Both pass the wire-format allow-list before they leave (:func:`shared.wire.check_reply`). In secure mode
+(``secure-aggregation = true``) the train handler runs inside the secure-aggregation stages of
+:mod:`client.secagg` and only its masked update leaves; a plain train message is then refused.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from flwr.clientapp.typing import Mod
 from client.dp_trainer import train_adaptors_dp
 from client.guard import hospital_mods
 from client.privacy import BudgetExhausted, HospitalPrivacy
+from client.secagg import register_secure_handlers
 from client.site import Site, load_site, node_values, site_metrics, site_settings
 from client.trainer import train_adaptors
 from shared.config import AdaptorConfig, FederationConfig, TrainConfig
+from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.scenarios import supervise
-from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, adaptor_spec, check_reply, load_record, to_record
+from shared.wire import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, adaptor_spec, check_reply, load_record, secure_stage,
+                         to_record)
 
 
 def local_seed(config: FederationConfig, site: Site, stage: int, round_: int) -> int:
@@ -70,6 +75,8 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, site = _context(msg, context, config)
+        if cfg.secure_aggregation and secure_stage(msg.metadata.message_type) is None:
+            raise RetuneError("this run uses secure aggregation: the hospital sends masked updates only")
         model = _global_model(msg, cfg, site)
         settings = msg.content[CONFIG]
         stage, round_ = int(settings["stage"]), int(settings["round"])
@@ -97,6 +104,8 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         content = RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord(metrics)})
         check_reply(content, adaptor_spec(model))
         return Message(content=content, reply_to=msg)
+
+    register_secure_handlers(app, train)  # secure mode: train runs inside the masked-vector stage, then masked
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -26,7 +26,8 @@ from client.approval import approval_mod, running_code
 from client.audit import ERROR, REFUSED, SENT, AuditLog, message_entry
 from shared.errors import RetuneError
 from shared.signing import ARRAYS_SIGNATURE, load_public_key, verify_arrays
-from shared.wire import ARRAYS, CONFIG, ArraySpec, WireError, check_reply
+from shared.wire import (ARRAYS, CONFIG, SECAGG_MASKED, ArraySpec, WireError, check_reply, check_secure_reply,
+                         secure_stage)
 
 log = logging.getLogger(__name__)
 #: Node-config keys (``flower-supernode --node-config 'audit-log="..." consortium-key="..."'``).
@@ -44,6 +45,8 @@ def incoming_spec(msg: Message) -> dict[str, ArraySpec] | None:
         return None
     if category != MessageType.TRAIN:
         raise WireError(f"message type {msg.metadata.message_type!r} is not part of the wire format")
+    if secure_stage(msg.metadata.message_type) not in (None, SECAGG_MASKED):
+        return None  # secure-aggregation key exchange: no adaptors; check_secure_reply holds its fixed fields
     record = msg.content.get(ARRAYS) if msg.has_content() else None
     if not isinstance(record, ArrayRecord) or not len(record):
         raise WireError("a train message without global adaptors: there is no reply the hospital may send")
@@ -64,8 +67,12 @@ def _check(msg: Message, reply: Message, spec: dict[str, ArraySpec] | None) -> s
     if reply.metadata.reply_to_message_id != msg.metadata.message_id \
             or reply.metadata.message_type != msg.metadata.message_type:
         return "the reply does not answer the incoming message"
+    stage = secure_stage(msg.metadata.message_type)
     try:
-        check_reply(reply.content, spec)
+        if stage is not None:
+            check_secure_reply(reply.content, stage, spec)
+        else:
+            check_reply(reply.content, spec)
     except WireError as exc:
         return str(exc)
     return None
@@ -129,8 +136,8 @@ def signature_mod(public_key: Path | str | None = None) -> Mod:
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         path = public_key or context.node_config.get(CONSORTIUM_KEY)
-        if not path:
-            return call_next(msg, context)
+        if not path or secure_stage(msg.metadata.message_type) not in (None, SECAGG_MASKED):
+            return call_next(msg, context)  # secure-aggregation key exchange carries no adaptors to verify
         try:
             arrays = msg.content.get(ARRAYS)
             config = msg.content.get(CONFIG)

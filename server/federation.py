@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.evaluation import federated_metrics, site_macro
+from server.secagg import secure_train
 from server.state import RunState
 from server.strategy import make_strategy
 from server.strategy.adaptor_strategy import reply_order
@@ -76,10 +77,20 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
         down = payload_bytes(state.arrays)
         train_msgs = list(strategy.configure_train(
             server_round, state.arrays, round_config(stage, round_, state.arrays, signing_key), grid))
-        replies = sorted(grid.send_and_receive(train_msgs, timeout=config.round_timeout), key=reply_order)
-        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        accepted = [r for r in replies if not r.has_error() and r.metadata.src_node_id not in
-                    {node for node, _ in strategy.refused}]
+        if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
+            arrays, train_metrics, secure = secure_train(grid, strategy, server_round, train_msgs,
+                                                         config.round_timeout)
+            accepted, declined = secure.accepted, secure.declined
+            up = {hospital_name(r): secure.bytes_up[r.metadata.src_node_id] for r in accepted}
+            sent_down = secure.bytes_down
+        else:
+            replies = sorted(grid.send_and_receive(train_msgs, timeout=config.round_timeout), key=reply_order)
+            arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            accepted = [r for r in replies if not r.has_error() and r.metadata.src_node_id not in
+                        {node for node, _ in strategy.refused}]
+            declined = [r for r in replies if r.has_error()]
+            up = {hospital_name(r): payload_bytes(r.content[ARRAYS]) for r in accepted}
+            sent_down = down * len(train_msgs)
         arrays = arrays if arrays is not None else state.arrays
         eval_msgs = list(strategy.configure_evaluate(
             server_round, arrays, round_config(stage, round_, arrays, signing_key), grid))
@@ -89,16 +100,16 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
         record = {
             "stage": stage, "round": round_, "server_round": server_round,
             **federated_metrics(list(sites.values()), diseases, stage, scored),
-            "bytes_up": sum(payload_bytes(r.content[ARRAYS]) for r in accepted),
-            "bytes_down": down * len(train_msgs) + payload_bytes(arrays) * len(eval_msgs),
-            "bytes_up_per_hospital": {hospital_name(r): payload_bytes(r.content[ARRAYS]) for r in accepted},
+            "bytes_up": sum(up.values()),
+            "bytes_down": sent_down + payload_bytes(arrays) * len(eval_msgs),
+            "bytes_up_per_hospital": up,
             "wall_s": time.perf_counter() - start,
             "clients": len(accepted),
             "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
             "hospitals": {name: site_macro(metrics, diseases) for name, metrics in sites.items()},
             "epsilon": {hospital_name(r): float(r.content[METRICS]["epsilon"]) for r in accepted
                         if "epsilon" in r.content[METRICS]},
-            "declined": [{"hospital": hospital_name(r), "reason": r.error.reason} for r in replies if r.has_error()],
+            "declined": [{"hospital": hospital_name(r), "reason": r.error.reason} for r in declined],
         }
         strategy.refused.clear()
         state.commit(arrays, strategy.optimizer_state(), record)

@@ -7,6 +7,24 @@ Hospital → server (evaluate): ``metrics`` only
 
 Replies carry adaptor arrays and scalar metrics, nothing else: no images, embeddings, labels or strings.
 :func:`check_reply` enforces that allow-list on both sides of the boundary.
+
+Secure aggregation (run config ``secure-aggregation = true``, protocol in :mod:`shared.secagg`) replaces the train
+exchange by four train actions per round; their replies never carry the plain ``arrays`` or ``num-examples``:
+
+Server → hospital ``train.secagg_setup``:       ``secagg`` (protocol, session, the hospital's index)
+Hospital → server:                              ``secagg`` (``pk1``, ``pk2``: two X25519 public keys)
+Server → hospital ``train.secagg_share_keys``:  ``secagg`` (everyone's public keys, threshold)
+Hospital → server:                              ``secagg`` (``destinations``, ``ciphertexts``: encrypted shares
+                                                for each peer, ``commitment``: hash of its self-mask seed)
+Server → hospital ``train.secagg_masked``:      ``arrays`` + ``config`` (as ``train``) + ``secagg`` (relayed shares)
+Hospital → server:                              ``masked`` (uint64 arrays: the adaptors' names and shapes plus
+                                                ``num-examples``, ``train-loss``, ``clipped``, all masked)
+Server → hospital ``train.secagg_unmask``:      ``secagg`` (survivors, dropped)
+Hospital → server:                              ``secagg`` (``seed-shares`` of survivors, ``key-shares`` of dropped)
+
+Secure replies carry ``metrics`` (always with the masked vector, else optional) with :data:`SECURE_METRICS` only
+(simulated identity; DP ε and δ with the masked vector); key material has fixed sizes. :func:`check_secure_reply`
+is that allow-list; a reply with both ``masked`` and ``arrays`` is refused.
 """
 
 from __future__ import annotations
@@ -15,15 +33,33 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.errors import RetuneError
 from shared.model import RetuneModel
+from shared.secagg import CIPHERTEXT_BYTES, COMMITMENT_BYTES, EXTRAS, KEY_BYTES, MAX_PARTICIPANTS, SHARE_BYTES
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
+#: Secure aggregation: key material (ConfigRecord, both directions) and the masked update (ArrayRecord of uint64).
+SECAGG = "secagg"
+MASKED = "masked"
+SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_MASKED, SECAGG_UNMASK = (
+    "secagg_setup", "secagg_share_keys", "secagg_masked", "secagg_unmask")
+SECURE_STAGES = (SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_MASKED, SECAGG_UNMASK)
+#: Plain metrics a secure reply may carry; everything else about the update is masked.
+SECURE_METRICS = {SECAGG_SETUP: {"partition-id"}, SECAGG_SHARE_KEYS: {"partition-id"},
+                  SECAGG_MASKED: {"partition-id", "epsilon", "delta"}, SECAGG_UNMASK: {"partition-id"}}
+#: Key-material fields of each secure reply: (kind, size of each bytes value, required).
+_SECURE_FIELDS: dict[str, dict[str, tuple[str, int, bool]]] = {
+    SECAGG_SETUP: {"pk1": ("bytes", KEY_BYTES, True), "pk2": ("bytes", KEY_BYTES, True)},
+    SECAGG_SHARE_KEYS: {"destinations": ("ints", 0, True), "ciphertexts": ("bytes-list", CIPHERTEXT_BYTES, True),
+                        "commitment": ("bytes", COMMITMENT_BYTES, True)},
+    SECAGG_UNMASK: {"seed-shares": ("bytes-list", SHARE_BYTES, True),
+                    "key-shares": ("bytes-list", SHARE_BYTES, False)},
+}
 
 
 class WireError(RetuneError):
@@ -93,3 +129,67 @@ def check_reply(content: RecordDict, spec: dict[str, ArraySpec] | None) -> None:
         if not isinstance(content[ARRAYS], ArrayRecord):
             raise WireError("'arrays' must be an ArrayRecord")
         check_arrays(content[ARRAYS], spec)
+
+
+def secure_stage(message_type: str) -> str | None:
+    """The secure-aggregation stage a message type names (``train.secagg_*``), or None."""
+    category, _, action = message_type.partition(".")
+    return action if category == "train" and action in SECURE_STAGES else None
+
+
+def masked_spec(spec: dict[str, ArraySpec]) -> dict[str, ArraySpec]:
+    """What a masked update holds: every adaptor array's name and shape as uint64, and one uint64 per extra."""
+    return {**{name: ArraySpec((1,), "uint64") for name in EXTRAS},
+            **{name: ArraySpec(s.shape, "uint64") for name, s in spec.items()}}
+
+
+def _check_secure_value(key: str, value: object, kind: str, size: int) -> int:
+    if kind == "bytes":
+        if not isinstance(value, bytes) or len(value) != size:
+            raise WireError(f"secagg {key!r} must be {size} bytes")
+        return 1
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PARTICIPANTS:
+        raise WireError(f"secagg {key!r} must be a list of 1 to {MAX_PARTICIPANTS} values")
+    if kind == "ints":
+        if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PARTICIPANTS for v in value):
+            raise WireError(f"secagg {key!r} must hold hospital indices")
+    elif any(not isinstance(v, bytes) or len(v) != size for v in value):
+        raise WireError(f"secagg {key!r} must hold values of {size} bytes")
+    return len(value)
+
+
+def check_secure_reply(content: RecordDict, stage: str, spec: dict[str, ArraySpec] | None) -> None:
+    """Allow-list of a hospital's secure-aggregation reply at ``stage`` (see the module docstring): key material
+    of fixed sizes, or the masked update (``spec``: the adaptors sent) with its metrics record; metrics from
+    :data:`SECURE_METRICS` only; no plain ``arrays``, no plain ``num-examples``, nothing else."""
+    if stage not in SECURE_STAGES:
+        raise WireError(f"{stage!r} is not a secure-aggregation stage")
+    required = {MASKED, METRICS} if stage == SECAGG_MASKED else {SECAGG}
+    keys = set(content.keys())
+    if not required <= keys or keys - required - {METRICS}:
+        raise WireError(f"secure reply records {sorted(keys)} are not {sorted(required)} (+ {METRICS!r})")
+    if METRICS in keys:
+        metrics = content[METRICS]
+        if not isinstance(metrics, MetricRecord):
+            raise WireError("'metrics' must be a MetricRecord")
+        check_metrics(metrics)
+        extra = sorted(set(metrics.keys()) - SECURE_METRICS[stage])
+        if extra:
+            raise WireError(f"a secure reply may not carry the plain metrics {extra}")
+    if stage == SECAGG_MASKED:
+        if spec is None:
+            raise WireError("a masked update needs the spec of the adaptors it masks")
+        if not isinstance(content[MASKED], ArrayRecord):
+            raise WireError("'masked' must be an ArrayRecord")
+        check_arrays(content[MASKED], masked_spec(spec))
+        return
+    record, fields = content[SECAGG], _SECURE_FIELDS[stage]
+    if not isinstance(record, ConfigRecord):
+        raise WireError("'secagg' must be a ConfigRecord")
+    unknown = sorted(set(record.keys()) - set(fields))
+    missing = sorted(k for k, (_, _, needed) in fields.items() if needed and k not in record)
+    if unknown or missing:
+        raise WireError(f"secagg fields: unexpected {unknown}, missing {missing}")
+    counts = {key: _check_secure_value(key, record[key], *fields[key][:2]) for key in record}
+    if stage == SECAGG_SHARE_KEYS and counts["destinations"] != counts["ciphertexts"]:
+        raise WireError("secagg 'destinations' and 'ciphertexts' differ in length")

@@ -1,0 +1,452 @@
+"""Secure aggregation end to end: the server's four stages (:mod:`server.secagg`) against hospitals running
+:mod:`client.secagg`, through Flower's simulation engine and through an in-process grid for the drop-out cases.
+
+What the tests show: what the server receives from each hospital is uniform on Z/2^64 and uncorrelated with its
+update; the unmasked aggregate is the example-weighted FedAvg within :data:`shared.secagg.QUANTISATION_ERROR`
+(plus float32 rounding); a hospital dropping out after sharing keys (before its masked vector) or a survivor going
+silent at unmask still lets the round complete with the others' sum; too many drop-outs yield no aggregate; and a
+hospital refuses a server that breaks the protocol's rules.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import zlib
+
+import numpy as np
+import pytest
+from scipy import stats
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.serverapp import Grid, ServerApp
+
+from client.secagg import STATE_KEY, register_secure_handlers
+from server.secagg import SecureRound, secure_round, secure_train
+from server.strategy import make_strategy
+from shared.config import FederationConfig
+from shared.model import RetuneModel
+from shared.secagg import EXTRAS, QUANTISATION_ERROR, SecAggError, Layout, encode_update
+from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_UNMASK,
+                         adaptor_spec, to_record)
+
+GLOBAL = to_record(RetuneModel(16))
+SPEC = adaptor_spec(RetuneModel(16))
+
+
+# --- trivial hospitals: a synthetic update per partition, and a switch to fail at one stage --------------------
+
+
+def update_of(partition: int, arrays: ArrayRecord) -> tuple[dict[str, np.ndarray], int, float]:
+    """Hospital ``partition``'s "trained" adaptors, example count and loss (deterministic, varied magnitudes)."""
+    out = {}
+    for name, array in arrays.items():
+        rng = np.random.default_rng([partition, zlib.crc32(name.encode())])
+        scale = 10.0 ** rng.uniform(-3, 1)
+        out[name] = (array.numpy() + scale * rng.standard_normal(array.shape)).astype(np.float32)
+    return out, 17 * (partition + 1) + 3 * partition ** 2, 0.25 + 0.1 * partition
+
+
+def synthetic_train(msg: Message, context: Context) -> Message:
+    """A trivial train handler; ``fail-round`` in the node config makes it raise in that round (a hospital that
+    shared its keys and then goes down before sending its masked vector)."""
+    partition = int(context.node_config["partition-id"])
+    if int(context.node_config.get("fail-round", -1)) == int(msg.content[CONFIG]["round"]):
+        raise RuntimeError(f"hospital-{partition} went down mid-round")
+    arrays, n, loss = update_of(partition, msg.content[ARRAYS])
+    content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          METRICS: MetricRecord({NUM_EXAMPLES: n, "train-loss": loss, "partition-id": partition})})
+    return Message(content, reply_to=msg)
+
+
+def hospital_app() -> ClientApp:
+    app = ClientApp()
+    register_secure_handlers(app, synthetic_train)
+    return app
+
+
+def train_content(round_: int, arrays: ArrayRecord = GLOBAL) -> RecordDict:
+    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({"stage": 0, "round": round_})})
+
+
+def fedavg(partitions: list[int], arrays: ArrayRecord = GLOBAL) -> tuple[dict[str, np.ndarray], int, float]:
+    """Plain example-weighted FedAvg of those hospitals' updates, in float64."""
+    updates = [update_of(p, arrays) for p in partitions]
+    total = sum(n for _, n, _ in updates)
+    avg = {k: sum(u[k].astype(np.float64) * n for u, n, _ in updates) / total for k in arrays}
+    return avg, total, sum(loss * n for _, n, loss in updates) / total
+
+
+def assert_is_fedavg(result: SecureRound, partitions: list[int], arrays: ArrayRecord = GLOBAL) -> None:
+    expected, total, loss = fedavg(partitions, arrays)
+    assert result.failure is None and result.arrays is not None
+    assert result.num_examples == total and int(result.metrics[NUM_EXAMPLES]) == total
+    assert abs(float(result.metrics["train-loss"]) - loss) <= QUANTISATION_ERROR
+    assert int(result.metrics["clipped"]) == 0
+    worst = 0.0
+    for name, value in expected.items():
+        got = result.arrays[name].numpy()
+        assert got.dtype == np.float32 and got.shape == value.shape
+        # quantisation bound, plus half an ulp for storing the average as float32
+        bound = QUANTISATION_ERROR + np.abs(value) * 2.0 ** -24
+        error = np.abs(got.astype(np.float64) - value)
+        assert np.all(error <= bound), name
+        worst = max(worst, float(np.max(error)))
+    assert worst > 0  # it is a real quantised computation, not a copy
+
+
+def masked_vector(reply: Message) -> np.ndarray:
+    record = reply.content[MASKED]
+    layout = Layout.of({name: s.shape for name, s in SPEC.items()})
+    return layout.join({name: array.numpy() for name, array in record.items()})
+
+
+def plain_vector(partition: int) -> np.ndarray:
+    arrays, n, loss = update_of(partition, GLOBAL)
+    layout = Layout.of({name: s.shape for name, s in SPEC.items()})
+    return encode_update(layout, arrays, n, loss)
+
+
+def looks_uniform(y: np.ndarray) -> bool:
+    """Kolmogorov-Smirnov against U(0, 2^64) and every bit a fair coin (6σ: false alarms below 1e-6)."""
+    n = len(y)
+    bits = (y[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
+    return bool(stats.kstest(y.astype(np.float64) / 2.0 ** 64, "uniform").pvalue > 1e-6
+                and np.all(np.abs(bits.mean(axis=0) - 0.5) < 6 * 0.5 / np.sqrt(n)))
+
+
+def assert_looks_nothing_like_its_update(reply: Message, partition: int) -> None:
+    """The masked vector is uniform on Z/2^64 and uncorrelated with the hospital's update (whose own encoding is
+    anything but uniform)."""
+    assert set(reply.content.keys()) == {MASKED, METRICS} and ARRAYS not in reply.content
+    assert set(reply.content[METRICS].keys()) <= {"partition-id", "epsilon", "delta"}
+    y, x = masked_vector(reply), plain_vector(partition)
+    assert looks_uniform(y) and not looks_uniform(x)
+    n = len(y)
+    weights = np.concatenate([update_of(partition, GLOBAL)[0][k].ravel() for k in sorted(SPEC)])
+    assert abs(np.corrcoef(y[len(EXTRAS):].astype(np.float64), weights)[0, 1]) < 6 / np.sqrt(n)
+    assert abs(np.corrcoef(y.view(np.int64).astype(np.float64), x.view(np.int64).astype(np.float64))[0, 1]) \
+        < 6 / np.sqrt(n)
+
+
+# --- an in-process grid: each node a ClientApp call with its own Context, messages serialised both ways ---------
+
+
+def _wire(content: RecordDict) -> RecordDict:
+    return recorddict_from_proto(recorddict_to_proto(content))
+
+
+class LocalGrid:
+    """What ``grid.send_and_receive`` does, in-process: deliver (serialised), run the node's ClientApp with its
+    persistent Context, turn an exception into an error reply, serialise the reply back. ``silent`` nodes never
+    answer messages of the given stages."""
+
+    def __init__(self, app: ClientApp, hospitals: int, fail_round: dict[int, int] | None = None,
+                 silent: dict[int, set[str]] | None = None) -> None:
+        self.app, self.silent = app, silent or {}
+        self.contexts = {1000 + 7 * k: Context(run_id=1, node_id=1000 + 7 * k, node_config={
+            "partition-id": k, **({"fail-round": fail_round[k]} if k in (fail_round or {}) else {})},
+            state=RecordDict(), run_config={}) for k in range(hospitals)}
+        self.partition = {node: k for k, node in enumerate(self.contexts)}
+        self.received: list[tuple[str, int, Message]] = []  # (message type, node, reply) as the server got it
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def deliver(self, msg: Message) -> Message:
+        meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=msg.metadata.dst_node_id,
+                        reply_to_message_id="", group_id=msg.metadata.group_id, created_at=time.time(), ttl=600.0,
+                        message_type=msg.metadata.message_type)
+        return Message(metadata=meta, content=_wire(msg.content))
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            stage = msg.metadata.message_type.split(".")[1]
+            if stage in self.silent.get(self.partition[node], set()):
+                continue
+            incoming = self.deliver(msg)
+            try:
+                reply = self.app(incoming, self.contexts[node])
+            except Exception as exc:  # noqa: BLE001  what a SuperNode reports for a failing ClientApp
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, repr(exc)), reply_to=incoming)
+            if not reply.has_error():
+                reply = Message(metadata=reply.metadata, content=_wire(reply.content))
+            self.received.append((msg.metadata.message_type, node, reply))
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Outside a ServerApp, messages need the identity Flower gives the server process (restored after)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _run(grid: LocalGrid, round_: int = 1) -> SecureRound:
+    return secure_round(grid, grid.get_node_ids(), train_content(round_), round_, timeout=10)
+
+
+# --- through Flower's simulation engine -------------------------------------------------------------------------
+
+
+def test_simulation_masks_every_update_and_survives_a_dropout(tmp_path):
+    """Three hospitals in Flower's simulation engine: round 1 with all, round 2 with hospital 2 failing after it
+    shared its keys (its ClientApp raises at the masked-vector stage)."""
+    from flwr.simulation import run_simulation
+
+    results: dict[int, SecureRound] = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        while len(nodes := list(grid.get_node_ids())) < 3:
+            time.sleep(0.1)
+        for round_ in (1, 2):
+            results[round_] = secure_round(grid, nodes, train_content(round_), round_, timeout=120)
+
+    hospitals = ClientApp()
+    register_secure_handlers(hospitals, _train_failing_in_round_2)
+    start = time.perf_counter()
+    run_simulation(server_app=server, client_app=hospitals, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    elapsed = time.perf_counter() - start
+    assert set(results) == {1, 2}, f"the ServerApp did not finish ({elapsed:.0f} s)"
+
+    first, second = results[1], results[2]
+    assert_is_fedavg(first, [0, 1, 2])
+    assert len(first.accepted) == 3 and not first.dropped and not first.declined
+    for reply in first.accepted:
+        partition = int(reply.content[METRICS]["partition-id"])
+        assert_looks_nothing_like_its_update(reply, partition)
+        assert first.masked_bytes[reply.metadata.src_node_id] > 8 * Layout.of(
+            {n: s.shape for n, s in SPEC.items()}).size
+        assert first.bytes_up[reply.metadata.src_node_id] > first.masked_bytes[reply.metadata.src_node_id]
+
+    assert_is_fedavg(second, [0, 1])
+    assert len(second.accepted) == 2 and len(second.dropped) == 1
+    assert [int(r.content[METRICS]["partition-id"]) for r in second.accepted] == [0, 1]
+    assert len(second.declined) == 1 and second.declined[0].metadata.src_node_id == second.dropped[0]
+
+
+def _train_failing_in_round_2(msg: Message, context: Context) -> Message:
+    if int(context.node_config["partition-id"]) == 2 and int(msg.content[CONFIG]["round"]) == 2:
+        raise RuntimeError("hospital-2 went down mid-round")
+    return synthetic_train(msg, context)
+
+
+# --- in-process: drop-outs at every stage, failures, refusals ---------------------------------------------------
+
+
+def test_aggregate_is_fedavg_and_each_vector_is_masked():
+    grid = LocalGrid(hospital_app(), hospitals=4)
+    result = _run(grid)
+    assert_is_fedavg(result, [0, 1, 2, 3])
+    for reply in result.accepted:
+        assert_looks_nothing_like_its_update(reply, int(reply.content[METRICS]["partition-id"]))
+    # the secrets are gone once a hospital has answered the unmask request
+    assert all(STATE_KEY not in context.state for context in grid.contexts.values())
+
+
+def test_a_hospital_failing_after_key_sharing_is_unmasked_out_of_the_sum():
+    grid = LocalGrid(hospital_app(), hospitals=3, fail_round={1: 1})
+    result = _run(grid)
+    assert_is_fedavg(result, [0, 2])
+    node = [n for n, k in grid.partition.items() if k == 1]
+    assert result.dropped == node and [m.metadata.src_node_id for m in result.declined] == node
+    assert "went down" in result.declined[0].error.reason
+    # survivors were asked for the dropped hospital's key shares, and only for those
+    unmask = [r for t, _, r in grid.received if t.endswith(SECAGG_UNMASK)]
+    assert len(unmask) == 2 and all(len(r.content[SECAGG]["key-shares"]) == 1 for r in unmask)
+
+
+def test_drop_outs_at_every_stage():
+    """Eight hospitals: one silent at setup (7 share keys: threshold 4), one silent at key sharing, one fails at its
+    masked vector, one survivor silent at unmask; the round completes with the sum of the five survivors."""
+    grid = LocalGrid(hospital_app(), hospitals=8, fail_round={3: 1},
+                     silent={0: {"secagg_setup"}, 1: {"secagg_share_keys"}, 4: {SECAGG_UNMASK}})
+    result = _run(grid)
+    assert_is_fedavg(result, [2, 4, 5, 6, 7])
+    assert sorted(grid.partition[n] for n in result.dropped) == [3]
+    assert sorted(grid.partition[m.metadata.src_node_id] for m in result.declined) == [0, 1, 3]
+
+
+def test_a_silent_survivor_too_many_fails_the_round():
+    """Five hospitals (threshold 3): one fails at its masked vector, then two of the four survivors go silent at
+    unmask: two shares per secret are not enough, and the server gets no aggregate (nor any single update)."""
+    grid = LocalGrid(hospital_app(), hospitals=5, fail_round={3: 1}, silent={0: {SECAGG_UNMASK}, 4: {SECAGG_UNMASK}})
+    result = _run(grid)
+    assert result.arrays is None and "3 needed" in result.failure
+
+
+def test_too_many_drop_outs_yield_no_aggregate():
+    grid = LocalGrid(hospital_app(), hospitals=3, fail_round={0: 1, 1: 1})
+    result = _run(grid)
+    assert result.arrays is None and "fewer than the threshold" in result.failure
+    assert not result.accepted
+
+
+def test_secure_train_feeds_the_strategy_one_weighted_reply():
+    """FedAvg keeps the secure average; FedAdam takes its server step from it as from plain FedAvg."""
+    for name in ("fedavg", "fedprox", "fedadam"):
+        config = FederationConfig(strategy=name, min_hospitals=3, server_lr=0.05)
+        secure, plain = make_strategy(config, SPEC), make_strategy(config, SPEC)
+        grid = LocalGrid(hospital_app(), hospitals=3)
+        train_msgs = list(secure.configure_train(1, GLOBAL, ConfigRecord({"stage": 0, "round": 1}), grid))
+        arrays, metrics, outcome = secure_train(grid, secure, 1, train_msgs, timeout=10)
+        plain_msgs = list(plain.configure_train(1, GLOBAL, ConfigRecord({"stage": 0, "round": 1}), grid))
+        replies = [synthetic_train(grid.deliver(m), grid.contexts[m.metadata.dst_node_id]) for m in plain_msgs]
+        expected, expected_metrics = plain.aggregate_train(1, replies)
+        assert outcome.num_examples == fedavg([0, 1, 2])[1]
+        assert float(metrics["train-loss"]) == pytest.approx(float(expected_metrics["train-loss"]), abs=1e-6)
+        for key in SPEC:
+            np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=0, atol=1e-5)
+        if name == "fedadam":
+            assert secure.optimizer_state() and not np.allclose(arrays[key].numpy(), outcome.arrays[key].numpy())
+
+
+# --- a hospital refuses a server that breaks the rules ----------------------------------------------------------
+
+
+def _through_masked(hospitals: int = 3) -> tuple[LocalGrid, dict[int, Message]]:
+    """Run setup, share keys and masked vectors honestly; return the grid and the unmask messages the server
+    would send next (captured, not delivered)."""
+    grid = LocalGrid(hospital_app(), hospitals=hospitals)
+    captured: dict[int, Message] = {}
+    real = grid.send_and_receive
+
+    def capture(messages, timeout=None):
+        if messages and messages[0].metadata.message_type.endswith(SECAGG_UNMASK):
+            captured.update({m.metadata.dst_node_id: m for m in messages})
+            return []
+        return real(messages, timeout)
+
+    grid.send_and_receive = capture
+    _run(grid)
+    grid.send_and_receive = real
+    return grid, captured
+
+
+def _ask(grid: LocalGrid, template: Message, **fields) -> Message:
+    record = dict(template.content[SECAGG].items())
+    record.update({k: v for k, v in fields.items() if v is not None})
+    for k in [k for k, v in fields.items() if v is None]:
+        record.pop(k, None)
+    msg = Message(RecordDict({SECAGG: ConfigRecord(record)}), dst_node_id=template.metadata.dst_node_id,
+                  message_type=template.metadata.message_type, group_id=template.metadata.group_id)
+    return grid.app(grid.deliver(msg), grid.contexts[msg.metadata.dst_node_id])
+
+
+def test_a_hospital_answers_one_unmask_request_per_round():
+    grid, unmask = _through_masked()
+    template = next(iter(unmask.values()))
+    _ask(grid, template)
+    with pytest.raises(SecAggError, match="without a secure-aggregation round"):
+        _ask(grid, template, dropped=[template.content[SECAGG]["survivors"][0]])
+
+
+def test_a_hospital_masks_once_per_round():
+    """A second masked-vector request in the same round (say, for other adaptors) is refused: two vectors under the
+    same masks would give away the difference of two updates."""
+    grid, _ = _through_masked()
+    node = next(iter(grid.contexts))
+    msg = next(m for m in grid.sent if m.metadata.dst_node_id == node and m.metadata.message_type.endswith(
+        SECAGG_MASKED))
+    with pytest.raises(SecAggError, match="out of order"):
+        grid.app(grid.deliver(msg), grid.contexts[node])
+
+
+def test_a_hospital_never_reveals_both_shares_of_one_peer():
+    grid, unmask = _through_masked()
+    node, template = next(iter(unmask.items()))
+    survivors = list(template.content[SECAGG]["survivors"])
+    with pytest.raises(SecAggError, match="both survivor and dropped"):
+        _ask(grid, template, dropped=[survivors[-1]])
+    me = grid.contexts[node].state[STATE_KEY]["index"]
+    other = [i for i in survivors if i != me]
+    with pytest.raises(SecAggError, match="do not match"):
+        _ask(grid, template, survivors=[me, other[0]], dropped=None)  # a peer missing from both lists
+    with pytest.raises(SecAggError, match="fewer than the threshold"):
+        _ask(grid, template, survivors=[me], dropped=other)
+
+
+def test_a_hospital_refuses_a_minority_threshold_and_foreign_keys():
+    grid = LocalGrid(hospital_app(), hospitals=5)
+    captured = {}
+    real = grid.send_and_receive
+
+    def capture(messages, timeout=None):
+        if messages and messages[0].metadata.message_type.endswith("secagg_share_keys"):
+            captured.update({m.metadata.dst_node_id: m for m in messages})
+            return []
+        return real(messages, timeout)
+
+    grid.send_and_receive = capture
+    assert _run(grid).arrays is None
+    template = next(iter(captured.values()))
+    with pytest.raises(SecAggError, match="strict majority"):
+        _ask(grid, template, threshold=2)
+    pk1 = list(template.content[SECAGG]["pk1"])
+    pk1[0], pk1[1] = pk1[1], pk1[0]
+    with pytest.raises(SecAggError, match="own public keys|repeated"):
+        _ask(grid, template, pk1=pk1)
+
+
+def test_a_plain_update_never_leaves_and_the_wire_check_holds():
+    """The masked reply passes the secure allow-list and the plain train allow-list refuses it, and vice versa."""
+    from shared.wire import WireError, check_reply, check_secure_reply
+
+    grid = LocalGrid(hospital_app(), hospitals=2)
+    result = _run(grid)
+    assert result.failure is None
+    for reply in result.accepted:
+        check_secure_reply(reply.content, SECAGG_MASKED, SPEC)
+        with pytest.raises(WireError):
+            check_reply(reply.content, SPEC)
+        sneaky = RecordDict({**dict(reply.content.items()), ARRAYS: GLOBAL})
+        with pytest.raises(WireError):
+            check_secure_reply(sneaky, SECAGG_MASKED, SPEC)
+    for kind, node, reply in grid.received:
+        assert ARRAYS not in reply.content and NUM_EXAMPLES not in reply.content.get(METRICS, {})
+
+
+# --- inside the hospital boundary (guard, audit log, consortium signature) -------------------------------------
+
+
+def test_the_hospital_boundary_passes_and_audits_the_secure_stages(tmp_path):
+    """With the hospital's own mods around the handlers: every secure reply passes the boundary guard and is
+    audited (masked vector included, no plain arrays), and the masked-vector stage still needs signed adaptors."""
+    from client.audit import SENT, AuditLog, verify_log
+    from client.guard import hospital_mods
+    from shared.signing import ARRAYS_SIGNATURE, PRIVATE_KEY, PUBLIC_KEY, generate_keys, sign_arrays
+
+    generate_keys(tmp_path / "keys")
+    audit = tmp_path / "audit.jsonl"
+    app = ClientApp(mods=hospital_mods(audit_path=audit, public_key=tmp_path / "keys" / PUBLIC_KEY))
+    register_secure_handlers(app, synthetic_train)
+    grid = LocalGrid(app, hospitals=3)
+    signed = train_content(1)
+    signed[CONFIG][ARRAYS_SIGNATURE] = sign_arrays(GLOBAL, tmp_path / "keys" / PRIVATE_KEY)
+    result = secure_round(grid, grid.get_node_ids(), signed, 1, timeout=10)
+    assert_is_fedavg(result, [0, 1, 2])
+    assert verify_log(audit).ok
+    entries = AuditLog(audit).entries()
+    assert len(entries) == 3 * 4 and {e["event"] for e in entries} == {SENT}
+    for entry in entries:
+        assert "arrays" not in entry["records"]
+        if entry["message_type"].endswith(SECAGG_MASKED):
+            assert entry["records"] == [MASKED, METRICS] and entry["metric_keys"] == ["partition-id"]
+            assert {spec["dtype"] for spec in entry["arrays"].values()} == {"uint64"}
+    unsigned = secure_round(grid, grid.get_node_ids(), train_content(2), 2, timeout=10)
+    assert unsigned.arrays is None and all("not signed" in m.error.reason for m in unsigned.declined)
