@@ -17,6 +17,7 @@ from rich.table import Table
 
 from deploy.cli_approve import approve
 from deploy.cli_audit import audit_app
+from deploy.cli_backbone import build_backbone
 from deploy.cli_certs import certs
 from deploy.cli_data import data_app
 from deploy.cli_keys import keys
@@ -31,6 +32,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit")
 app.command()(approve)
 app.command()(keys)
+app.command(name="build-backbone")(build_backbone)
 app.command(help="Create the federation's CA, SuperLink TLS certificate, SuperExec secrets and hospital keys.")(certs)
 app.command(help="Write procedurally generated phantom chest X-rays and their manifest.csv (offline demo data).")(phantom)
 console = Console(stderr=True)

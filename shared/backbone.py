@@ -7,7 +7,14 @@ A spec is one of:
 - a local directory (or ``local-dir:DIR``) holding ``open_clip_config.json`` + weights — how an air-gapped
   hospital stages BiomedCLIP;
 - a built-in open_clip architecture name, optionally ``NAME:PRETRAINED_TAG``; without a tag the weights are
-  randomly initialised (seeded, so the result is reproducible) and every output says so.
+  randomly initialised (seeded, so the result is reproducible) and every output says so;
+- a backbone shipped with retune-fl (``retune-minilm-phantom``) or a folder written by ``retune build-backbone``:
+  verified against its ``SHA256SUMS``, assembled once into a complete open_clip directory under the cache
+  (:mod:`shared.pretrain.artifact`) and loaded through ``local-dir:`` like any staged directory.
+
+A staged directory whose HF text tower names its model by a relative ``hf_model_name`` (``org/name``) that exists
+as a folder inside the directory (holding that model's ``config.json``) uses that folder, so the text tower's
+configuration resolves offline (e.g. stage BiomedCLIP with ``microsoft/BiomedNLP-.../config.json`` beside it).
 
 The backbone is frozen: no gradients, eval mode. Its embedding size is read from the model.
 """
@@ -64,7 +71,7 @@ class Backbone:
         return {"spec": self.spec, "label": self.label, "pretrained": self.pretrained,
                 "embed_dim": self.embed_dim, "identity": self.identity}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised float32 text embeddings [len(texts), embed_dim] on the CPU."""
         tokens = self.tokenizer(texts).to(self.device)
@@ -72,8 +79,16 @@ class Backbone:
 
 
 def resolve_spec(spec: str) -> tuple[str, str]:
-    """Map a user spec to (open_clip model name, pretrained tag or '')."""
+    """Map a user spec to (open_clip model name, pretrained tag or '').
+
+    A shipped or built backbone artifact is verified and staged here (once), and maps to its staged directory.
+    """
+    from shared.pretrain.artifact import resolve_artifact, stage
+
     spec = ALIASES.get(spec.lower(), spec)
+    artifact = resolve_artifact(spec)
+    if artifact is not None:
+        return f"local-dir:{stage(artifact)}", ""
     if spec.startswith(("hf-hub:", "local-dir:")):
         return spec, ""
     if Path(spec).expanduser().is_dir():
@@ -94,6 +109,40 @@ def _state_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _staged_text_tower(name: str) -> dict[str, Any]:
+    """open_clip overrides pointing a staged directory's HF text tower at the model folder staged inside it.
+
+    Only for ``local-dir:`` specs whose ``text_cfg.hf_model_name`` is a relative path naming a folder of the
+    directory with a ``config.json``; every other spec gets no override (open_clip's own behaviour).
+    """
+    if not name.startswith("local-dir:"):
+        return {}
+    root = Path(name[len("local-dir:"):])
+    try:
+        text_cfg = dict(json.loads((root / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # open_clip reports a missing or broken config itself
+    hf_name = text_cfg.get("hf_model_name")
+    if not hf_name or Path(hf_name).is_absolute() or not (root / hf_name / "config.json").is_file():
+        return {}
+    text_cfg["hf_model_name"] = str((root / hf_name).resolve())
+    # As open_clip does: the HF tower loads its own pretrained weights only when no full checkpoint is staged.
+    has_checkpoint = any(any(root.glob(f"*{ext}")) for ext in (".safetensors", ".bin", ".pth"))
+    text_cfg["hf_model_pretrained"] = not has_checkpoint
+    return {"text_cfg": text_cfg}
+
+
+def _identity_name(name: str) -> str:
+    """The model name in the identity: a staged retune artifact by its digest, wherever the cache lives."""
+    if name.startswith("local-dir:"):
+        from shared.pretrain.artifact import staged_digest
+
+        digest = staged_digest(Path(name[len("local-dir:"):]))
+        if digest is not None:
+            return f"retune-artifact:{digest}"
+    return name
+
+
 def load_backbone(spec: str = OFFLINE_DEFAULT, device: torch.device | str | None = None) -> Backbone:
     """Build the frozen backbone named by ``spec`` (see the module docstring)."""
     name, tag = resolve_spec(spec)
@@ -102,7 +151,8 @@ def load_backbone(spec: str = OFFLINE_DEFAULT, device: torch.device | str | None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_RANDOM_INIT_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None, device=device)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag or None, device=device,
+                                                                         **_staged_text_tower(name))
         tokenizer = open_clip.get_tokenizer(name)
     except (OSError, RuntimeError, ValueError) as exc:
         hint = ("this machine may be offline: stage the model in a local directory (open_clip_config.json + "
@@ -114,7 +164,7 @@ def load_backbone(spec: str = OFFLINE_DEFAULT, device: torch.device | str | None
         size = (size, size) if isinstance(size, int) else tuple(size)
         embed_dim = int(model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1])
     identity = hashlib.sha256(json.dumps({
-        "model": name, "tag": tag, "weights": _state_hash(model),
+        "model": _identity_name(name), "tag": tag, "weights": _state_hash(model),
         "preprocess": model.visual.preprocess_cfg, "open_clip": open_clip.__version__,
     }, sort_keys=True, default=str).encode()).hexdigest()
     backbone = Backbone(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, embed_dim=embed_dim,

@@ -13,8 +13,8 @@ AdaptorKind = Literal["mlp", "linear", "residual"]
 Scenario = Literal["joint", "class", "label", "data"]
 UncertainPolicy = Literal["ignore", "ones", "zeros"]
 
-#: The offline default backbone until a pretrained offline backbone ships: tiny, randomly initialised.
-OFFLINE_DEFAULT = "retune-tiny-random"
+#: The offline default backbone: a small CLIP on the real MiniLM text tower, aligned on phantom chest X-rays.
+OFFLINE_DEFAULT = "retune-minilm-phantom"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny offline backbone is loaded once per test session."""
+"""Shared fixtures: a tiny, randomly initialised backbone (fast) is loaded once per test session."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.backbone import OFFLINE_DEFAULT, Backbone, load_backbone
+from shared.backbone import Backbone, load_backbone
 
 
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
-    return load_backbone(OFFLINE_DEFAULT, device="cpu")
+    return load_backbone("retune-tiny-random", device="cpu")
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from shared.config import SimulationPlan
 from shared.wire import payload_bytes, to_record
 
 HOSPITALS, STAGES, ROUNDS = 3, 2, 2
-PLAN = SimulationPlan(hospitals=HOSPITALS, images_per_hospital=240, image_size=64)
+PLAN = SimulationPlan(hospitals=HOSPITALS, images_per_hospital=300, image_size=128)
 CLI_ARGS = ["--hospitals", str(HOSPITALS), "--stages", str(STAGES), "--rounds-per-stage", str(ROUNDS),
             "--local-epochs", "3", "--images-per-hospital", str(PLAN.images_per_hospital),
             "--image-size", str(PLAN.image_size)]
@@ -79,10 +79,14 @@ def test_federation_learns_and_matches_centralized(finished):
     assert page.count("data:image/png;base64,") == 5 and "http" not in page.replace("http-equiv", "")
 
 
+def _embed_dim(report: dict) -> int:
+    return json.loads((Path(report["checkpoint"]) / "adaptors.json").read_text())["embed_dim"]
+
+
 def test_bytes_up_per_hospital_is_the_adaptor_payload(finished):
     out, report, _ = finished
     config = _config(out)
-    payload = payload_bytes(to_record(initial_model(config, 128)))
+    payload = payload_bytes(to_record(initial_model(config, _embed_dim(report))))
     for record in report["rounds"]:
         assert record["bytes_up_per_hospital"] == {f"hospital-{k}": payload for k in range(HOSPITALS)}
         assert record["bytes_up"] == HOSPITALS * payload
@@ -90,8 +94,9 @@ def test_bytes_up_per_hospital_is_the_adaptor_payload(finished):
 
 
 def test_hospitals_send_only_adaptor_arrays_and_scalars(finished):
-    out, _, replies = finished
-    spec = {k: [list(t.shape), "float32"] for k, t in initial_model(_config(out), 128).state_dict().items()}
+    out, report, replies = finished
+    model = initial_model(_config(out), _embed_dim(report))
+    spec = {k: [list(t.shape), "float32"] for k, t in model.state_dict().items()}
     assert len(replies) == 2 * STAGES * ROUNDS * HOSPITALS
     for entry in replies:
         records = entry["records"]

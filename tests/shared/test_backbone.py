@@ -5,7 +5,7 @@ from shared.backbone import BIOMEDCLIP, load_backbone, resolve_spec
 from shared.errors import RetuneError
 
 
-def test_offline_default_is_frozen_and_labelled(tiny_backbone):
+def test_random_backbone_is_frozen_and_labelled(tiny_backbone):
     assert tiny_backbone.embed_dim == 128  # read from the model, not a constant elsewhere
     assert not any(p.requires_grad for p in tiny_backbone.model.parameters())
     assert not tiny_backbone.model.training
