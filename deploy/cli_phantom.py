@@ -19,6 +19,7 @@ def phantom(
     hospital: Annotated[int, typer.Option("--hospital", help="Hospital id K: sets scanner style and prevalence.")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed; same seed, same bytes.")] = 0,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 256,
+    style_family: Annotated[str, typer.Option("--style-family", help="clinical (modern sites, as retune simulate) or archive (digitised film, as the default backbone's pretraining).")] = "clinical",
 ) -> None:
     """Write N phantom chest X-rays of hospital K with CheXpert-5 labels (real co-occurrence statistics)."""
     console = Console()
@@ -27,7 +28,8 @@ def phantom(
     try:
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task("phantom", total=n, hospital=hospital)
-            manifest = write_phantom(out, n, hospital, seed, size, progress=lambda k: bar.update(task, completed=k))
+            manifest = write_phantom(out, n, hospital, seed, size, family=style_family,
+                                     progress=lambda k: bar.update(task, completed=k))
     except RetuneError as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(code=1) from exc

@@ -12,15 +12,17 @@ Typical use::
 
 from shared.phantom.cooccurrence import LABEL_NOISE, JointTable, load_table
 from shared.phantom.generator import PhantomCase, generate, iter_batches, render_case, sample_case, split_of
-from shared.phantom.styles import HospitalStyle, hospital_style
+from shared.phantom.styles import STYLE_FAMILIES, HospitalStyle, StyleFamily, hospital_style
 from shared.phantom.writer import MANIFEST_COLUMNS, write_phantom
 
 __all__ = [
     "LABEL_NOISE",
     "MANIFEST_COLUMNS",
+    "STYLE_FAMILIES",
     "HospitalStyle",
     "JointTable",
     "PhantomCase",
+    "StyleFamily",
     "generate",
     "hospital_style",
     "iter_batches",

@@ -32,6 +32,7 @@ class PhantomCase:
     anatomy: Anatomy
     findings: Findings
     noise_seed: int
+    family: str = "clinical"  # the hospital's style family (see shared.phantom.styles)
 
 
 def _check(hospital: int, seed: int, size: int | None = None, n: int | None = None) -> None:
@@ -43,23 +44,23 @@ def _check(hospital: int, seed: int, size: int | None = None, n: int | None = No
         raise RetuneError(f"cannot generate {n} images: n must be 0 or more")
 
 
-def sample_case(index: int, hospital: int = 0, seed: int = 0) -> PhantomCase:
-    """Draw image ``index`` of hospital ``hospital`` under ``seed`` (cheap: no pixels)."""
+def sample_case(index: int, hospital: int = 0, seed: int = 0, family: str = "clinical") -> PhantomCase:
+    """Draw image ``index`` of hospital ``hospital`` (of style family ``family``) under ``seed`` (cheap: no pixels)."""
     _check(hospital, seed)
-    style = hospital_style(hospital, seed)
+    style = hospital_style(hospital, seed, family)
     table = load_table()
     rng = np.random.default_rng((_IMAGE_SALT, seed, hospital, index))
     labels = sample_labels(rng, table.skewed(style.skew), table)
     observed = add_label_noise(rng, labels)
     anatomy = sample_anatomy(rng, style.ap_fraction)
     findings = sample_findings(rng, labels, anatomy)
-    return PhantomCase(index, hospital, seed, labels, observed, anatomy, findings, int(rng.integers(2**63)))
+    return PhantomCase(index, hospital, seed, labels, observed, anatomy, findings, int(rng.integers(2**63)), family)
 
 
 def render_case(case: PhantomCase, size: int = 256) -> np.ndarray:
     """Render ``case`` in its hospital's style to a ``size x size`` uint8 image."""
     _check(case.hospital, case.seed, size)
-    style = hospital_style(case.hospital, case.seed)
+    style = hospital_style(case.hospital, case.seed, case.family)
     anatomy = apply_to_anatomy(case.anatomy, case.findings)
     frame = patient_frame(size, anatomy, style.blur)
     density = render_anatomy(frame, anatomy, render_findings(frame, anatomy, case.findings))

@@ -39,6 +39,7 @@ def write_phantom(
     size: int = 256,
     *,
     start: int = 0,
+    family: str = "clinical",
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write images ``start .. start+n-1`` of hospital ``hospital`` under ``out_dir`` and return the manifest path.
@@ -52,11 +53,11 @@ def write_phantom(
         raise RetuneError(f"phantom output {out} exists and is not a folder: choose another --out")
     if n < 1:
         raise RetuneError(f"cannot write {n} phantom images: --n must be at least 1")
-    sample_case(start, hospital, seed)  # validates hospital and seed before anything is written
+    sample_case(start, hospital, seed, family)  # validates hospital, seed and family before anything is written
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for k, index in enumerate(range(start, start + n)):
-        case = sample_case(index, hospital, seed)
+        case = sample_case(index, hospital, seed, family)
         name = image_name(index, hospital)
         Image.fromarray(render_case(case, size)).save(out / name, compress_level=3)
         row = {"image": name, "split": split_of(index, hospital, seed), "patient": patient_id(index, hospital, seed)}
@@ -68,13 +69,13 @@ def write_phantom(
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / PARAMS_NAME).write_text(json.dumps(phantom_params(n, hospital, seed, size, start), indent=1) + "\n")
+    (out / PARAMS_NAME).write_text(json.dumps(phantom_params(n, hospital, seed, size, start, family), indent=1) + "\n")
     return manifest
 
 
-def phantom_params(n: int, hospital: int, seed: int, size: int, start: int = 0) -> dict:
+def phantom_params(n: int, hospital: int, seed: int, size: int, start: int = 0, family: str = "clinical") -> dict:
     """The provenance record written to ``phantom.json``."""
-    style = hospital_style(hospital, seed)
+    style = hospital_style(hospital, seed, family)
     table = load_table()
     return {
         "generator": f"retune-fl {__version__} shared.phantom",

@@ -45,3 +45,29 @@ def test_labels_and_anatomy_do_not_depend_on_style() -> None:
     restyled = dataclasses.replace(case, hospital=3)
     assert not np.array_equal(render_case(case, 64), render_case(restyled, 64))
     assert np.array_equal(case.labels, restyled.labels)
+
+
+def test_archive_family_is_a_scanner_population_simulate_never_draws() -> None:
+    """The default backbone pretrains on ``archive`` sites; ``retune simulate`` draws ``clinical`` ones."""
+    clinical = [hospital_style(k, 0) for k in range(64)]
+    archive = [hospital_style(1000 + k, 1000, "archive") for k in range(64)]
+    assert {s.family for s in clinical} == {"clinical"} and {s.family for s in archive} == {"archive"}
+    assert max(s.contrast for s in clinical) < min(s.contrast for s in archive)
+    assert max(s.gamma for s in archive) <= min(s.gamma for s in clinical)
+    assert max(s.noise for s in archive) < 0.005 and all(s.equalise == 0 for s in archive)
+    assert not any(s.marker or any(s.collimation) for s in archive)
+    assert any(s.marker for s in clinical) and any(any(s.collimation) for s in clinical)
+    case = sample_case(3, 1000, 1000, "archive")
+    assert case.family == "archive" and np.array_equal(case.labels, sample_case(3, 1000, 1000, "archive").labels)
+    film = render_case(case, 64).astype(float)
+    modern = render_case(dataclasses.replace(case, family="clinical"), 64).astype(float)
+    assert np.abs(film - modern).mean() > 8
+
+
+def test_unknown_style_family_is_refused() -> None:
+    import pytest
+
+    from shared.errors import RetuneError
+
+    with pytest.raises(RetuneError, match="unknown style family 'film'"):
+        hospital_style(0, 0, "film")
