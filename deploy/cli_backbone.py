@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from shared.pretrain.build import BuildConfig
+from shared.pretrain.config import BuildConfig
 
 _B = BuildConfig()
 
@@ -20,11 +20,14 @@ def build_backbone(
     images: Annotated[int, typer.Option(help="Training phantoms.")] = _B.images,
     epochs: Annotated[int, typer.Option(help="Passes over the training phantoms.")] = _B.epochs,
     hospitals: Annotated[int, typer.Option(help="Pretraining hospitals (scanner styles), ids from --first-hospital.")] = _B.hospitals,
+    style_family: Annotated[str, typer.Option(help="Style family of the pretraining hospitals: archive (digitised film) or clinical.")] = _B.style_family,
     first_hospital: Annotated[int, typer.Option(help="First pretraining hospital id (keep >= 1000: simulate uses 0..N-1).")] = _B.first_hospital,
     val_images: Annotated[int, typer.Option(help="Held-out phantoms from unseen pretraining-style hospitals.")] = _B.val_images,
     batch_size: int = _B.batch_size, lr: float = _B.lr, weight_decay: float = _B.weight_decay,
     sentence_weight: Annotated[float, typer.Option(help="Weight of the finding-sentence loss (0: CLIP loss only).")] = _B.sentence_weight,
     sentence_balance: Annotated[float, typer.Option(help="Up-weight rare findings in that loss: (neg/pos) ** this.")] = _B.sentence_balance,
+    described_mentions: Annotated[float, typer.Option(help="Share of findings described by appearance, without their label's name.")] = _B.described_mentions,
+    generic_mentions: Annotated[float, typer.Option(help="Share of present findings stated plainly (no severity/side) in the text.")] = _B.generic_mentions,
     hard_negatives: Annotated[bool, typer.Option(help="Hard-negative reports (one finding flipped) in the CLIP loss.")] = _B.hard_negatives,
     report_variants: Annotated[int, typer.Option(help="Reports written per image (one per epoch, cycled).")] = _B.report_variants,
     tower: Annotated[str, typer.Option(help="Image tower: resnet (open_clip ModifiedResNet) or vit.")] = _B.tower,
@@ -41,14 +44,17 @@ def build_backbone(
     the frozen MiniLM, build record, model card, SHA256SUMS). Deterministic in --seed."""
     import torch
 
-    from shared.pretrain.build import build, with_overrides
+    from shared.pretrain.build import build
+    from shared.pretrain.config import with_overrides
 
     if threads:
         torch.set_num_threads(threads)
     config = with_overrides(_B, seed=seed, images=images, epochs=epochs, hospitals=hospitals,
-                            first_hospital=first_hospital, val_images=val_images, batch_size=batch_size, lr=lr,
+                            first_hospital=first_hospital, style_family=style_family, val_images=val_images, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, sentence_weight=sentence_weight,
-                            sentence_balance=sentence_balance, hard_negatives=hard_negatives,
+                            sentence_balance=sentence_balance, described_mentions=described_mentions,
+                            generic_mentions=generic_mentions,
+                            hard_negatives=hard_negatives,
                             report_variants=report_variants, tower=tower, image_size=image_size, width=width,
                             layers=layers, patch_size=patch_size, embed_dim=embed_dim)
     console = Console(stderr=True)

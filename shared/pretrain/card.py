@@ -47,7 +47,7 @@ def model_card(record: dict, weights_bytes: int) -> str:
         quality = "Not measured on simulate-like hospitals in this build (`--no-evaluate`)."
     return f"""# retune-minilm-phantom
 
-A small CLIP-style vision-language backbone for **offline demos and tests** of retune-fl: an open_clip ViT
+A small CLIP-style vision-language backbone for **offline demos and tests** of retune-fl: a small open_clip
 image tower trained from scratch on procedurally generated *phantom* chest X-rays, aligned with the real, frozen
 `sentence-transformers/all-MiniLM-L6-v2` text encoder. It exists because no pretrained vision-language weights
 can be had offline; production uses BiomedCLIP.
@@ -77,17 +77,26 @@ training {t['train_s']:.0f} s{', evaluation ' + format(t['evaluate_s'], '.0f') +
 
 - **Training data: phantoms only.** {record['training_images']:,} images from {cfg['hospitals']} pretraining
   hospitals (ids {cfg['first_hospital']}..{cfg['first_hospital'] + cfg['hospitals'] - 1}) under phantom seed
-  {cfg['seed'] + 1000}: scanner styles and prevalence skews `retune simulate` never generates (it uses hospitals
-  0..N-1, seed 0), so a federation on this backbone still has a domain gap to close. Label vectors follow the real
-  CheXpert-5 co-occurrence statistics, with report-like label noise.
-- **Text:** each image is paired with a generated radiology-style report (several phrasings per finding and per
-  absence, severity and side words from the rendered findings, random order, omissions, merged negations, filler
-  sentences) and a hard negative (the same report with one finding flipped); {record['reports']:,} reports over {record['distinct_sentences']:,} distinct sentences
-  texts. The RE-tune prompt sentences and their frames ("Findings consistent with", "No evidence of", ...) never
-  occur in training text, so zero-shot scores measure generalisation across phrasing.
+  {cfg['seed'] + 1000}, of the `{cfg['style_family']}` style family: digitised film (steep tone curves, little
+  noise, no local-contrast processing, no collimation or side markers) and higher prevalence, a scanner mix
+  `retune simulate` never generates (its hospitals 0..N-1, seed 0, are `clinical` sites), so a federation on this
+  backbone still has a domain gap to close. Label vectors follow the real CheXpert-5 co-occurrence statistics,
+  with report-like label noise.
+- **Text:** each image gets {cfg['report_variants']} generated radiology-style reports (one per epoch, cycled):
+  several phrasings per finding and per absence, severity and side words from the rendered findings; a share
+  {cfg['described_mentions']} of findings described by appearance without their label's name ("Blunting of the
+  left costophrenic angle.", "Lungs are well expanded."), as reports often do; random order, omissions, merged
+  negations, filler sentences; and for each a hard negative (the same report with one finding
+  flipped). {record['reports']:,} reports over {record['distinct_sentences']:,} distinct sentences. The frozen MiniLM
+  embeds every distinct *sentence* once (mean pooling); a report's text feature is the token-weighted mean of its
+  sentences' features, which makes the text side cheap enough for 2 CPU cores (the prompts RE-tune scores with are
+  single sentences, encoded the same way). The RE-tune prompt sentences and their frames ("Findings consistent
+  with", "No evidence of", "There is no", ...) never occur in training text, so zero-shot scores measure
+  generalisation across phrasing.
 - **Objective:** CLIP loss (image to report with hard negatives, report to image) plus a finding-sentence loss
   (per disease, cos to the mean of sampled positive training sentences minus cos to the mean of negative ones,
-  BCE on the report labels), weight {cfg['sentence_weight']}. AdamW, lr {cfg['lr']}, weight decay
+  BCE on the report labels, rare findings up-weighted by (negatives/positives)^{cfg['sentence_balance']}), weight
+  {cfg['sentence_weight']}. AdamW, lr {cfg['lr']}, weight decay
   {cfg['weight_decay']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs, cosine schedule; the MiniLM is locked
   (LiT-style), so only the image tower, the text projection and the logit scale learn.
 

@@ -36,20 +36,24 @@ PROMPT_FRAMES: tuple[str, ...] = ("findings consistent with", "findings suggesti
 NEGATIVE: dict[int, tuple[str, ...]] = {
     ATELECTASIS: ("No atelectasis.", "Atelectasis is absent.", "Negative for atelectasis.", "No lobar collapse.",
                   "Lungs are well expanded without atelectasis.", "No volume loss or atelectasis.",
-                  "Without atelectasis.", "No focal atelectasis is seen.", "Atelectasis has resolved."),
+                  "Without atelectasis.", "No focal atelectasis is seen.", "Atelectasis has resolved.",
+                  "No atelectasis is identified.", "Atelectasis is not seen."),
     CARDIOMEGALY: ("Heart size is normal.", "Normal heart size.", "No cardiomegaly.", "The heart is not enlarged.",
                    "Cardiac silhouette is within normal limits.", "Cardiomediastinal silhouette is unremarkable.",
                    "Cardiomegaly is absent.", "Negative for cardiomegaly.", "The cardiac size is normal.",
-                   "Normal size of the cardiac silhouette."),
+                   "Normal size of the cardiac silhouette.", "Cardiomegaly is not seen."),
     CONSOLIDATION: ("No focal consolidation.", "No consolidation.", "No airspace consolidation.",
                     "Consolidation is absent.", "Negative for consolidation.", "Lungs are clear without consolidation.",
-                    "No focal airspace opacity.", "Without focal consolidation.", "No consolidation is seen."),
+                    "No focal airspace opacity.", "Without focal consolidation.", "No consolidation is seen.",
+                    "No consolidation is identified.", "Consolidation is not seen."),
     EDEMA: ("No pulmonary edema.", "No edema.", "No vascular congestion or pulmonary edema.", "Edema is absent.",
             "Negative for pulmonary edema.", "Pulmonary vasculature is normal.", "No interstitial edema.",
-            "Without pulmonary edema.", "No pulmonary edema is seen."),
+            "Without pulmonary edema.", "No pulmonary edema is seen.", "No edema is identified.",
+            "Pulmonary edema is not seen."),
     EFFUSION: ("No pleural effusion.", "No pleural effusions.", "No effusion.", "Costophrenic angles are sharp.",
                "Pleural effusion is absent.", "Negative for pleural effusion.", "No pleural fluid.",
-               "Without pleural effusion.", "No pleural effusion is seen."),
+               "Without pleural effusion.", "No pleural effusion is seen.", "No pleural effusion is identified.",
+               "Pleural effusion is not seen."),
 }
 #: Short nouns for merged negations ("No pleural effusion, focal consolidation or pulmonary edema.").
 NOUN: dict[int, tuple[str, ...]] = {
@@ -182,8 +186,97 @@ def _atelectasis(f: Findings, rng: np.random.Generator) -> str:
         f"There is {kind} atelectasis on the {side}.", f"{_cap(side)} {kind} atelectasis.")))
 
 
-POSITIVE = {ATELECTASIS: _atelectasis, CARDIOMEGALY: _cardiomegaly, CONSOLIDATION: _consolidation,
-            EDEMA: _edema, EFFUSION: _effusion}
+_DETAILED = {ATELECTASIS: _atelectasis, CARDIOMEGALY: _cardiomegaly, CONSOLIDATION: _consolidation,
+             EDEMA: _edema, EFFUSION: _effusion}
+def _described_atelectasis(f: Findings, rng: np.random.Generator) -> str:
+    a = f.atelectasis
+    side = _side_word(a.side) if a is not None else str(rng.choice(("right", "left")))
+    if a is not None and a.collapse:
+        return str(rng.choice((f"Collapse of the {side} {a.collapse} lobe.", f"{_cap(side)} {a.collapse} lobe volume loss.")))
+    return str(rng.choice((f"{_cap(side)} basilar volume loss.", f"Plate-like opacity at the {side} lung base.",
+                           f"Linear opacity at the {side} base with volume loss.", f"Volume loss in the {side} lower lobe.",
+                           f"Subsegmental collapse at the {side} base.")))
+
+
+def _described_cardiomegaly(f: Findings, rng: np.random.Generator) -> str:
+    return str(rng.choice(("The heart is enlarged.", "Enlarged cardiac silhouette.", "Increased cardiothoracic ratio.",
+                           "Heart size is increased.", "The cardiac silhouette is enlarged.", "Enlarged heart.")))
+
+
+def _described_consolidation(f: Findings, rng: np.random.Generator) -> str:
+    if f.consolidations:
+        p = max(f.consolidations, key=lambda q: q.density)
+        side, zone = _side_word(p.side), _zone(p.centre[1])
+        if len({q.side for q in f.consolidations}) > 1:
+            return str(rng.choice(("Bilateral airspace opacities.", "Multifocal airspace disease.")))
+    else:
+        side, zone = str(rng.choice(("right", "left"))), str(rng.choice(("upper", "mid", "lower")))
+    where = f"{side} {'base' if zone == 'lower' else zone + ' lung'}"
+    return str(rng.choice((f"Airspace opacity in the {where}.", f"Dense opacity in the {where}.",
+                           f"Infiltrate in the {where}.", f"Airspace disease in the {where}.",
+                           f"Focal opacification of the {where}.")))
+
+
+def _described_edema(f: Findings, rng: np.random.Generator) -> str:
+    kerley = f.edema is not None and f.edema.kerley > 0.3
+    lines = " with Kerley B lines" if kerley and rng.random() < 0.5 else ""
+    return str(rng.choice(("Pulmonary vascular congestion.", f"Interstitial markings are increased{lines}.",
+                           f"Perihilar haziness{lines}.", "Cephalization of the pulmonary vessels.",
+                           f"Fluid overload with interstitial thickening{lines}.")))
+
+
+def _described_effusion(f: Findings, rng: np.random.Generator) -> str:
+    if f.effusions:
+        where = "both" if len(f.effusions) == 2 else _side_word(f.effusions[0].side)
+    else:
+        where = str(rng.choice(("right", "left", "both")))
+    angle = "both costophrenic angles" if where == "both" else f"the {where} costophrenic angle"
+    base = "both bases" if where == "both" else f"the {where} base"
+    return str(rng.choice((f"Blunting of {angle}.", f"Layering pleural fluid at {base}.",
+                           f"Meniscus of fluid at {base}.", f"Fluid in the pleural space at {base}.")))
+
+
+#: A present finding described by what it looks like, without its label's name ("Blunting of the left
+#: costophrenic angle."), as reports often do.
+DESCRIBED = {ATELECTASIS: _described_atelectasis, CARDIOMEGALY: _described_cardiomegaly,
+             CONSOLIDATION: _described_consolidation, EDEMA: _described_edema, EFFUSION: _described_effusion}
+#: An absent finding stated without its label's name.
+DESCRIBED_ABSENT: dict[int, tuple[str, ...]] = {
+    ATELECTASIS: ("Lungs are well expanded.", "No volume loss.", "Lung volumes are normal."),
+    CARDIOMEGALY: ("Heart size is normal.", "Normal cardiac silhouette.", "The heart is not enlarged."),
+    CONSOLIDATION: ("Lungs are clear.", "No focal airspace opacity.", "No infiltrate."),
+    EDEMA: ("Pulmonary vasculature is normal.", "No vascular congestion.", "No interstitial thickening."),
+    EFFUSION: ("Costophrenic angles are sharp.", "No pleural fluid.", "No blunting of the costophrenic angles."),
+}
+#: Plain mentions without details ("Pleural effusion is present.", "Likely consolidation.").
+GENERIC: dict[int, tuple[str, ...]] = {
+    ATELECTASIS: ("atelectasis",), CARDIOMEGALY: ("cardiomegaly",), CONSOLIDATION: ("consolidation",),
+    EDEMA: ("pulmonary edema", "edema"), EFFUSION: ("pleural effusion", "effusion"),
+}
+GENERIC_TEMPLATES = ("{D}.", "{D} is present.", "Likely {d}.", "Probable {d}.", "{D} is noted.", "{D} is seen.")
+
+
+def generic_mention(disease: int, rng: np.random.Generator) -> str:
+    d = str(rng.choice(GENERIC[disease]))
+    return str(rng.choice(GENERIC_TEMPLATES)).format(d=d, D=_cap(d))
+
+
+#: A sentence stating a present finding by name, with details drawn from the case's findings (or at random).
+POSITIVE = _DETAILED
+
+
+def finding_sentence(disease: int, present: bool, findings: Findings, stream: np.random.Generator,
+                     config: "ReportConfig") -> str:
+    """The sentence a report states ``disease`` with: described without its name (share ``config.described``),
+    plainly named (share ``config.generic`` of the rest, present findings only) or named with details."""
+    u = stream.random()
+    if u < config.described:
+        return DESCRIBED[disease](findings, stream) if present else str(stream.choice(DESCRIBED_ABSENT[disease]))
+    if not present:
+        return str(stream.choice(NEGATIVE[disease]))
+    if stream.random() < config.generic:
+        return generic_mention(disease, stream)
+    return POSITIVE[disease](findings, stream)
 
 
 @dataclass(frozen=True)
@@ -200,12 +293,20 @@ class ReportConfig:
         Chance that the absent findings mentioned are negated together in one sentence (default 0.3).
     filler : float
         Chance of each of up to two sentences about things outside the five findings (default 0.25).
+    described : float
+        Chance that a finding is described by its appearance without its label's name ("Blunting of the left
+        costophrenic angle.", "Lungs are well expanded.") (default 0.5).
+    generic : float
+        Chance that a present finding stated by name is stated plainly, without severity or side ("Consolidation
+        is present.") (default 0.0).
     """
 
     omit_absent: float = 0.3
     omit_present: float = 0.04
     merge_negatives: float = 0.3
     filler: float = 0.25
+    described: float = 0.5
+    generic: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -241,14 +342,15 @@ def _render(polarity: dict[int, bool], findings: Findings, streams: dict[int, in
     negatives = [d for d, present in polarity.items() if not present]
     positives = [d for d, present in polarity.items() if present]
     for d in positives:
-        keyed.append((keys[d], POSITIVE[d](findings, np.random.default_rng(streams[d]))))
+        keyed.append((keys[d], finding_sentence(d, True, findings, np.random.default_rng(streams[d]), config)))
     if len(negatives) >= 2 and u[0] < config.merge_negatives:
         ordered = sorted(negatives, key=lambda d: keys[d])
         nouns = [str(np.random.default_rng(streams[d]).choice(NOUN[d])) for d in ordered]
         joiner = "or" if u[1] < 0.7 else "and no"
         keyed.append((keys[ordered[0]], f"No {', '.join(nouns[:-1])} {joiner} {nouns[-1]}."))
     else:
-        keyed.extend((keys[d], str(np.random.default_rng(streams[d]).choice(NEGATIVE[d]))) for d in negatives)
+        keyed.extend((keys[d], finding_sentence(d, False, findings, np.random.default_rng(streams[d]), config))
+                     for d in negatives)
     if not positives and u[2] < 0.35:
         keyed.append((keys[5], NORMAL[picks[0] % len(NORMAL)]))
     for k in range(2):

@@ -147,8 +147,23 @@ def test_zero_shot_on_simulate_like_phantoms_is_clearly_above_chance(phantom_bac
     prompts = prompt_embeddings(cache, PromptBank(CHEXPERT5))
     logits = zero_shot_logits(torch.as_tensor(emb), prompts.embeddings, prompts.averaging).numpy()
     auroc = per_class_auroc(logits, table.labels(), CHEXPERT5)
-    assert np.mean(list(auroc.values())) > 0.62, auroc
-    assert auroc["Pleural Effusion"] > 0.7 and auroc["Edema"] > 0.7, auroc
+    assert np.mean(list(auroc.values())) > 0.65 and min(auroc.values()) > 0.6, auroc  # every finding, not just some
+
+
+def test_adaptors_beat_zero_shot_by_a_tenth_on_the_simulate_defaults(tmp_path):
+    """The issue's bar, measured through the real path on the hospitals ``retune simulate`` generates by default:
+    zero-shot macro-AUROC >= 0.65 with the RE-tune prompts, centrally trained adaptors >= zero-shot + 0.10."""
+    from shared.config import SimulationPlan
+    from shared.pretrain.evaluate import evaluate_backbone
+
+    plan = SimulationPlan()
+    result = evaluate_backbone("retune-minilm-phantom", tmp_path, hospitals=plan.hospitals,
+                               images_per_hospital=plan.images_per_hospital, size=plan.image_size)
+    zero_shot, adaptors = result["zero_shot"]["macro_auroc"], result["adaptors"]["macro_auroc"]
+    assert zero_shot >= 0.65 and adaptors >= zero_shot + 0.10, (zero_shot, adaptors)
+    recorded = json.loads((SHIPPED_DIR / "build.json").read_text())["evaluation"]
+    assert abs(zero_shot - recorded["zero_shot"]["macro_auroc"]) < 0.01  # the model card's figures hold here
+    assert abs(adaptors - recorded["adaptors"]["macro_auroc"]) < 0.02
 
 
 # --- reports ----------------------------------------------------------------------------------------------------
@@ -158,9 +173,9 @@ def test_reports_describe_findings_without_the_retune_prompts():
     bank = PromptBank(CHEXPERT5)
     prompts = {p.lower() for p in bank.texts()}
     rng = np.random.default_rng(0)
-    mentioned = flips = 0
+    mentioned = flips = effusions = sided = named = 0
     for i in range(400):
-        case = sample_case(i, 1000 + i % 20, 1000)
+        case = sample_case(i, 1000 + i % 20, 1000, "archive")
         report = write_report(case, rng)
         for text in (report.text, report.hard_negative):
             assert not leaks_prompt(text) and not any(p in text.lower() for p in prompts)
@@ -170,9 +185,14 @@ def test_reports_describe_findings_without_the_retune_prompts():
             flips += 1
         mentioned += len(report.mentioned)
         if case.observed[4] > 0.5 and 4 in report.mentioned and case.findings.effusions:
-            assert "effusion" in report.text.lower() and any(w in report.text.lower() for w in
-                                                              ("left", "right", "bilateral", "both"))
+            text = report.text.lower()
+            assert any(w in text for w in ("effusion", "fluid", "costophrenic"))
+            effusions += 1
+            named += "effusion" in text
+            sided += any(w in text for w in ("left", "right", "bilateral", "both"))
     assert flips > 350 and 2.5 < mentioned / 400 < 4.5  # some findings go unmentioned, as in real reports
+    assert effusions > 40 and sided / effusions > 0.6  # most mentions carry the side from the rendered finding
+    assert 0.3 < named / effusions < 0.8  # about half name the finding, the rest describe it ("blunting of ...")
 
 
 # --- rebuild ----------------------------------------------------------------------------------------------------
@@ -204,7 +224,8 @@ def test_build_command_is_deterministic(tmp_path):
 
 def test_small_build_reproduces_a_useful_model(tmp_path):
     """A reduced budget of the shipped recipe (about a minute) already gives a clearly-above-chance zero-shot."""
-    from shared.pretrain.build import BuildConfig, build, with_overrides
+    from shared.pretrain.build import build
+    from shared.pretrain.config import BuildConfig, with_overrides
 
     config = with_overrides(BuildConfig(), seed=0, images=2000, epochs=8, val_images=400, report_variants=1)
     result = build(config, tmp_path / "small", evaluate=False, show_progress=False)
