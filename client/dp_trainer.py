@@ -1,53 +1,48 @@
-"""DP-SGD training of the adaptors with opacus: per-sample clipping and Gaussian noise on both adaptors.
+"""DP-SGD of the adaptors: exact per-sample clipping of both adaptors; sampling, noise and accounting by opacus.
 
-The text adaptor is trained on private labels too, so it needs per-sample gradients. Each sample therefore
-carries its own view of the prompt rows (``expand``, no copy), which lets opacus see a batch dimension in every
-layer; ghost clipping computes the per-sample norms without materialising per-sample gradients.
+The text adaptor is trained on private labels too, so its parameters need per-sample clipping, yet all samples
+share its output. Rather than giving every sample its own copy of the prompt rows (B × R rows through the text
+adaptor), :meth:`client.dp_clip.PerSampleRetune.clipped_backward` runs it once per batch and clips every sample's
+gradient over both adaptors exactly, in one backward pass (see :mod:`client.dp_clip`). It leaves in ``.grad``
+what opacus' ghost clipping leaves there, the sum of the clipped per-sample gradients, so opacus' ``make_private``
+(``grad_sample_mode="ghost"``, Poisson sampling) supplies the rest unchanged: the sampler, the DP optimizer
+(Gaussian noise of σ·C, division by the expected batch size) and its accountant. Opacus' own per-sample hooks
+(two backward passes per step) are not needed, so they are removed.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
-from torch import nn
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.privacy import HospitalPrivacy, spend
+from client.dp_clip import PerSampleRetune
+from client.privacy import DPConfig, HospitalPrivacy, spend
 from client.trainer import Prompts
 from shared.config import TrainConfig
-from shared.model import RetuneModel, masked_bce
+from shared.model import RetuneModel
 
 
-class PerSampleRetune(nn.Module):
-    """The same adaptors and score as :class:`RetuneModel`, with the prompt rows expanded per sample."""
+class Rows(TensorDataset):
+    """A :class:`TensorDataset` that a DataLoader indexes once per batch rather than once per sample; the batch
+    comes out as a list of tensors, which ``collate_fn=tuple`` passes on."""
 
-    def __init__(self, model: RetuneModel, prompts: Prompts) -> None:
-        super().__init__()
-        self.image_adaptor, self.text_adaptor = model.image_adaptor, model.text_adaptor
-        self.scale = model.config.logit_scale
-        self.register_buffer("rows", prompts.embeddings.float())
-        self.register_buffer("averaging", prompts.averaging.float())
-
-    def forward(self, image_emb: torch.Tensor) -> torch.Tensor:
-        batch = image_emb.shape[0]
-        image = F.normalize(self.image_adaptor(image_emb), dim=-1)
-        text = self.text_adaptor(self.rows.unsqueeze(0).expand(batch, -1, -1))
-        diseases = F.normalize(torch.einsum("kt,btd->bkd", self.averaging, text), dim=-1)
-        diseases = diseases.view(batch, -1, 2, diseases.shape[-1])
-        return self.scale * torch.einsum("bd,bcpd->bcp", image, diseases) @ torch.tensor([1.0, -1.0])
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return [t[indices] for t in self.tensors]
 
 
-class MaskedBCE(nn.Module):
-    """Masked BCE whose ``reduction`` opacus may switch to ``"none"`` (one loss per sample)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reduction = "mean"
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return masked_bce(logits, labels, self.reduction)
+def make_private(module: PerSampleRetune, optimizer: torch.optim.Optimizer, loader: DataLoader, noise: float,
+                 config: DPConfig) -> tuple[DPOptimizerFastGradientClipping, DataLoader]:
+    """Opacus' DP optimizer and Poisson-sampling loader for ``module`` (ghost clipping's: it expects the summed
+    clipped gradients in ``.grad``, which :meth:`PerSampleRetune.clipped_backward` computes)."""
+    engine = PrivacyEngine(accountant=config.accountant)
+    hooks, optimizer, _, loader = engine.make_private(
+        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
+        max_grad_norm=config.max_grad_norm, grad_sample_mode="ghost", poisson_sampling=True, wrap_model=False)
+    hooks.cleanup()  # per-sample norms and clipping are clipped_backward's
+    return optimizer, loader
 
 
 def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
@@ -70,27 +65,20 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
     torch.manual_seed(config.seed)
     module = PerSampleRetune(model, prompts).train()
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loader = DataLoader(TensorDataset(x, y), batch_size=config.batch_size,
+    loader = DataLoader(Rows(x, y), batch_size=config.batch_size, collate_fn=tuple,
                         generator=torch.Generator().manual_seed(config.seed))
-    engine = PrivacyEngine(accountant=privacy.config.accountant)
-    private, optimizer, criterion, loader = engine.make_private(
-        module=module, optimizer=optimizer, data_loader=loader, criterion=MaskedBCE(), noise_multiplier=noise,
-        max_grad_norm=privacy.config.max_grad_norm, grad_sample_mode="ghost", poisson_sampling=True)
+    optimizer, loader = make_private(module, optimizer, loader, noise, privacy.config)
     history = []
-    try:
-        for _ in range(config.epochs):
-            total, seen = 0.0, 0
-            for xb, yb in loader:
-                if len(xb) == 0:
-                    continue
-                loss = criterion(private(xb), yb)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += float(loss.detach()) * len(xb)
-                seen += len(xb)
-            history.append(total / max(seen, 1))
-    finally:
-        private._close()  # remove opacus hooks from the shared adaptor modules
+    for _ in range(config.epochs):
+        total, seen = 0.0, 0
+        for xb, yb in loader:
+            if len(xb) == 0:
+                continue
+            losses, _ = module.clipped_backward(xb, yb, optimizer.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += float(losses.sum())
+            seen += len(xb)
+        history.append(total / max(seen, 1))
     model.eval()
     return history, privacy.commit(entry)

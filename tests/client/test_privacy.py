@@ -3,7 +3,8 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp_trainer import PerSampleRetune, train_adaptors_dp
+from client.dp_clip import PerSampleRetune
+from client.dp_trainer import train_adaptors_dp
 from client.privacy import BudgetExhausted, DPConfig, HospitalPrivacy, spend
 from client.trainer import Prompts
 from shared.config import TrainConfig

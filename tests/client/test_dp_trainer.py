@@ -1,0 +1,89 @@
+"""DP-SGD's clipped gradient equals brute-force per-sample clipping of both adaptors, one sample at a time."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from client.dp_clip import PerSampleRetune
+from client.dp_trainer import Rows, make_private
+from client.privacy import DPConfig
+from client.trainer import Prompts
+from shared.config import AdaptorConfig
+from shared.model import RetuneModel, masked_bce
+from shared.prompts import PromptBank
+
+DIM, BATCH = 12, 10
+
+
+def setup(kind: str) -> tuple[RetuneModel, Prompts, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    bank = PromptBank(("A", "B", "C"))
+    prompts = Prompts(torch.nn.functional.normalize(torch.randn(len(bank.texts()), DIM), dim=-1),
+                      bank.averaging_matrix())
+    model = RetuneModel(DIM, AdaptorConfig(kind=kind))
+    x = torch.randn(BATCH, DIM)
+    y = (torch.rand(BATCH, 3) < 0.4).float()
+    y[torch.rand(BATCH, 3) < 0.3] = float("nan")
+    y[:, 0] = torch.nan_to_num(y[:, 0], nan=1.0)  # every sample labelled at least once
+    return model, prompts, x, y
+
+
+def per_sample_grads(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[B, all parameters]: plain autograd on the model, one sample at a time."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        masked_bce(model(x[i:i + 1], prompts.embeddings, prompts.averaging), y[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+def dp_gradient(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.Tensor, bound: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_i clip(g_i) as the DP optimizer has it before the update with noise 0, the per-sample norms)."""
+    module = PerSampleRetune(model, prompts).train()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
+    loader = DataLoader(Rows(x, y), batch_size=len(x), collate_fn=tuple)
+    optimizer, _ = make_private(module, optimizer, loader, 0.0, DPConfig(max_epsilon=1.0, max_grad_norm=bound))
+    _, norms = module.clipped_backward(x, y, optimizer.max_grad_norm)
+    optimizer.pre_step()  # adds the noise (σ = 0) and divides by the expected batch size
+    return torch.cat([p.grad.flatten() for p in model.parameters()]) * optimizer.expected_batch_size, norms
+
+
+def clipped_sum(grads: torch.Tensor, norms: torch.Tensor, bound: float) -> torch.Tensor:
+    return ((bound / (norms + 1e-6)).clamp(max=1.0)[:, None] * grads).sum(0)  # opacus' clip factor
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear", "residual"])
+def test_dp_gradient_is_exact_per_sample_clipping_of_both_adaptors(kind):
+    model, prompts, x, y = setup(kind)
+    grads = per_sample_grads(model, prompts, x, y)
+    norms = grads.norm(dim=1)
+    bound = float(norms.median())  # about half of the samples clipped
+    expected = clipped_sum(grads, norms, bound)
+    actual, dp_norms = dp_gradient(model, prompts, x, y, bound)
+    torch.testing.assert_close(dp_norms, norms, rtol=1e-5, atol=0)
+    text = torch.zeros(grads.shape[1], dtype=torch.bool)
+    text[-sum(p.numel() for p in model.text_adaptor.parameters()):] = True
+    for part in (slice(None), text, ~text):  # all parameters, the text adaptor's, the image adaptor's
+        assert (actual[part] - expected[part]).norm() <= 1e-5 * expected[part].norm()
+    # The text adaptor matters: leaving it out of the per-sample norms, or unclipped, gives another gradient.
+    image_only = clipped_sum(grads, grads[:, ~text].norm(dim=1), bound)
+    text_unclipped = torch.where(text, grads.sum(0), expected)
+    for wrong in (image_only, text_unclipped):
+        assert (actual - wrong).norm() > 1e-2 * expected.norm()
+
+
+def test_opacus_adds_gaussian_noise_of_sigma_times_the_bound():
+    """The clipped sum goes through opacus' DP optimizer: noise N(0, (σ·C)²) per coordinate, then / batch."""
+    model, prompts, x, y = setup("mlp")
+    clean, _ = dp_gradient(model, prompts, x, y, bound=0.5)
+    module = PerSampleRetune(model, prompts).train()
+    loader = DataLoader(Rows(x, y), batch_size=len(x), collate_fn=tuple)
+    optimizer, _ = make_private(module, torch.optim.SGD(module.parameters(), lr=0.0), loader, 2.0,
+                                DPConfig(max_epsilon=1.0, max_grad_norm=0.5))
+    module.clipped_backward(x, y, optimizer.max_grad_norm)
+    optimizer.pre_step()
+    noisy = torch.cat([p.grad.flatten() for p in model.parameters()]) * optimizer.expected_batch_size
+    noise = noisy - clean
+    assert len(noise) > 1000 and abs(float(noise.std()) - 2.0 * 0.5) < 0.1 and abs(float(noise.mean())) < 0.05
