@@ -6,7 +6,7 @@
    check, ledger) is timed separately and left out of the epoch.
 2. Final federated macro-AUROC of ``retune simulate`` defaults at ε ∈ {1, 4, 8, ∞}.
 
-Usage: .venv/bin/python bench/dp_cost.py [--skip-simulate] [--dims 128 256] [--threads 1]
+Usage: .venv/bin/python bench/dp_cost.py [--skip-simulate | --skip-epochs] [--dims 128 256] [--threads 1]
        [--out bench/results/dp_cost.json]
 """
 
@@ -83,20 +83,25 @@ def utility(epsilons: list[float | None], cache: Path) -> dict:
             "final_macro_auroc": report["final"]["macro_auroc"], "privacy": report.get("privacy", {}),
             "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
             "centralized": report["baselines"]["centralized"]["macro_auroc"], "wall_s": time.perf_counter() - start}
+    if "inf" in results:
+        for row in results.values():
+            row["loss_vs_no_dp"] = results["inf"]["final_macro_auroc"] - row["final_macro_auroc"]
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench/results/dp_cost.json"))
-    parser.add_argument("--skip-simulate", action="store_true")
+    parser.add_argument("--skip-simulate", action="store_true", help="epoch timings only")
+    parser.add_argument("--skip-epochs", action="store_true", help="utility at each ε only")
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 256], help="embedding sizes to time")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads of the epoch timings (1: steadiest on a shared machine)")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # for the epoch timings only
-    result = {"torch_threads": args.threads, "epoch_time": [epoch_times(dim) for dim in args.dims]}
+    result = {"torch_threads": args.threads,
+              "epoch_time": [] if args.skip_epochs else [epoch_times(dim) for dim in args.dims]}
     torch.set_num_threads(threads)
     print(json.dumps(result, indent=2))
     if not args.skip_simulate:

@@ -82,7 +82,8 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         stage, round_ = int(settings["stage"]), int(settings["round"])
         task = site.tasks[stage]
         labels = supervise(site.train.labels[task.train_rows], site.diseases, task.supervised)
-        train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                                   lr=cfg.lr if site.settings.dp is None else cfg.dp_lr,
                                    seed=local_seed(cfg, site, stage, round_))
         embeddings = site.train.embeddings[task.train_rows]
         privacy: dict[str, float] = {}

@@ -239,6 +239,7 @@ def simulate(
     image_size: Annotated[int, typer.Option(help="Phantom image size in pixels.")] = SimulationPlan.image_size,
     dp_epsilon: Annotated[Optional[float], typer.Option(help="DP-SGD at every hospital with this ε budget.")] = None,
     dp_delta: float = SimulationPlan.dp_delta,
+    dp_lr: Annotated[float, typer.Option(help="Local learning rate of hospitals under DP-SGD.")] = _F.dp_lr,
     secure_aggregation: Annotated[bool, typer.Option(help="Masked aggregation: the server sees only the sum.")] = False,
 ) -> None:
     """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
@@ -248,7 +249,7 @@ def simulate(
         raise RetuneError("a federation needs at least 2 hospitals (--hospitals)")
     config = simulation_config(out, hospitals, stages=stages, rounds_per_stage=rounds_per_stage,
                                local_epochs=local_epochs, scenario=scenario, strategy=strategy, backbone=backbone,
-                               seed=seed, secure_aggregation=secure_aggregation)
+                               seed=seed, dp_lr=dp_lr, secure_aggregation=secure_aggregation)
     report = run_simulation(config, SimulationPlan(hospitals, images_per_hospital, image_size, dp_epsilon, dp_delta), console)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     console.print(f"final macro AUROC [bold]{fmt(report['final']['macro_auroc'])}[/] · zero-shot "

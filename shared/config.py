@@ -9,6 +9,7 @@ from typing import Literal
 
 from shared.errors import RetuneError
 
+AdaptorInit = Literal["random", "identity"]
 AdaptorKind = Literal["mlp", "linear", "residual"]
 Scenario = Literal["joint", "class", "label", "data"]
 UncertainPolicy = Literal["ignore", "ones", "zeros"]
@@ -32,12 +33,17 @@ class AdaptorConfig:
         Mix of the residual adaptor (default 0.5).
     logit_scale : float
         Fixed scale on cos(img, pos) − cos(img, neg) before the sigmoid (default 10.0; RE-tune used 1.0).
+    init : {"identity", "random"}
+        ``identity`` (default): both adaptors start as the identity map (the ReLU MLP as relu(x) − relu(−x), which
+        needs ``hidden_mult >= 2``), so training starts from the frozen backbone's zero-shot scores and DP noise
+        perturbs a good model rather than a random one; ``random``: PyTorch's default initialisation, seeded.
     """
 
     kind: AdaptorKind = "mlp"
     hidden_mult: int = 2
     residual_alpha: float = 0.5
     logit_scale: float = 10.0
+    init: AdaptorInit = "identity"
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,9 @@ class FederationConfig:
         Adaptor kind (default "mlp").
     lr, batch_size : float, int
         Local Adam learning rate and batch size (defaults as :class:`TrainConfig`).
+    dp_lr : float
+        Local learning rate of hospitals that train with DP-SGD (default 0.02): Adam's step on noisy gradients
+        moves signal coordinates by about lr × signal/noise, so fewer, noisier steps need a larger rate.
     seed : int
         Seed of adaptor initialisation, stage splits and local shuffling (default 0).
     run_dir : str
@@ -188,6 +197,7 @@ class FederationConfig:
     adaptor: AdaptorKind = "mlp"
     lr: float = TrainConfig.lr
     batch_size: int = TrainConfig.batch_size
+    dp_lr: float = 0.02
     seed: int = 0
     run_dir: str = "runs/federation"
     sim_dir: str = ""

@@ -27,6 +27,26 @@ class Adaptor(nn.Module):
             self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         else:
             raise ValueError(f"unknown adaptor kind {config.kind!r}")
+        if config.init == "identity":
+            if config.kind != "linear" and config.hidden_mult < 2:
+                raise ValueError("identity init of an MLP adaptor needs hidden_mult >= 2 (relu(x) - relu(-x))")
+            self._identity()
+
+    @torch.no_grad()
+    def _identity(self) -> None:
+        """Start as the identity map, i.e. from the frozen backbone's zero-shot scores (ReLU MLP: relu(x) − relu(−x))."""
+        layers = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
+        for layer in layers:
+            layer.bias.zero_()
+        if len(layers) == 1:
+            layers[0].weight.copy_(torch.eye(layers[0].in_features))
+            return
+        first, last = layers
+        eye = torch.eye(first.in_features)
+        first.weight.zero_()
+        last.weight.zero_()
+        first.weight[: 2 * len(eye)] = torch.cat([eye, -eye])
+        last.weight[:, : 2 * len(eye)] = torch.cat([eye, -eye], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)

@@ -73,8 +73,8 @@ class BuildConfig:
     warmup: float = 0.05
     sentence_weight: float = 1.0
     sentence_balance: float = 1.0
-    described_mentions: float = 0.6
-    generic_mentions: float = 0.0
+    described_mentions: float = ReportConfig.described
+    generic_mentions: float = ReportConfig.generic
     hard_negatives: bool = True
     report_variants: int = 3
     tower: str = "resnet"

@@ -295,7 +295,7 @@ class ReportConfig:
         Chance of each of up to two sentences about things outside the five findings (default 0.25).
     described : float
         Chance that a finding is described by its appearance without its label's name ("Blunting of the left
-        costophrenic angle.", "Lungs are well expanded.") (default 0.5).
+        costophrenic angle.", "Lungs are well expanded.") (default 0.6).
     generic : float
         Chance that a present finding stated by name is stated plainly, without severity or side ("Consolidation
         is present.") (default 0.0).
@@ -305,7 +305,7 @@ class ReportConfig:
     omit_present: float = 0.04
     merge_negatives: float = 0.3
     filler: float = 0.25
-    described: float = 0.5
+    described: float = 0.6
     generic: float = 0.0
 
 

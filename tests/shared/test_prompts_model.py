@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from shared.config import AdaptorConfig
@@ -45,6 +46,19 @@ def test_logit_is_scaled_cosine_difference():
     expected = 3.0 * (cos(image, pos) - cos(image, neg))
     assert torch.allclose(model(image, torch.cat([pos, neg]), averaging)[0], expected, atol=1e-5)
     assert torch.allclose(zero_shot_logits(image, torch.cat([pos, neg]), averaging)[0], expected / 3, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear", "residual"])
+def test_identity_init_starts_from_the_zero_shot_scores(kind):
+    bank = PromptBank(("Edema", "Atelectasis"))
+    prompts, images = torch.randn(len(bank.texts()), 16), torch.randn(6, 16)
+    model = RetuneModel(16, AdaptorConfig(kind=kind))  # identity is the default
+    expected = model.config.logit_scale * zero_shot_logits(images, prompts, bank.averaging_matrix())
+    assert torch.allclose(model(images, prompts, bank.averaging_matrix()), expected, atol=1e-5)
+    random = RetuneModel(16, AdaptorConfig(kind=kind, init="random"))
+    assert not torch.allclose(random(images, prompts, bank.averaging_matrix()), expected, atol=1e-2)
+    params = dict(model.named_parameters())
+    assert all(p.requires_grad for p in params.values()) and len(params) == len(dict(random.named_parameters()))
 
 
 def test_residual_adaptor_mixes_identity():
