@@ -139,7 +139,8 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
 
         fed_start = time.perf_counter()
         flower_simulation(
-            server_app=make_server_app(config, on_round, out / KEYS_DIR / PRIVATE_KEY), client_app=make_client_app(config, client_mods),
+            server_app=make_server_app(config, on_round, out / KEYS_DIR / PRIVATE_KEY),
+            client_app=make_client_app(config, client_mods),
             num_supernodes=plan.hospitals,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})

@@ -34,7 +34,10 @@ class Adaptor(nn.Module):
 
     @torch.no_grad()
     def _identity(self) -> None:
-        """Start as the identity map, i.e. from the frozen backbone's zero-shot scores (ReLU MLP: relu(x) − relu(−x))."""
+        """Start as the identity map, i.e. from the frozen backbone's zero-shot scores.
+
+        A ReLU MLP with hidden width >= 2d is the identity as relu(x) − relu(−x); a residual mix of it stays one.
+        """
         layers = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
         for layer in layers:
             layer.bias.zero_()

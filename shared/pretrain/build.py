@@ -11,9 +11,9 @@ The recipe (every step deterministic in ``BuildConfig.seed``):
    by its appearance rather than name it, so the RE-tune prompts, which name it, meet a language gap), plus a bank of
    single-finding sentences, and embed every distinct text once with the frozen MiniLM (mean pooling): the text
    transformer is locked, so its pooled output is a constant of the text.
-3. Train the image tower (open_clip's ModifiedResNet by default), the text projection and the logit scale with a CLIP loss (image to
-   report, with each image's hard-negative report as an extra candidate; report to image) plus a finding-sentence
-   loss: per disease, the image is scored as cos(img, mean positive sentences) − cos(img, mean negative sentences)
+3. Train the image tower (open_clip's ModifiedResNet by default), the text projection and the logit scale with a
+   CLIP loss (image to report, with each image's hard-negative report as an extra candidate; report to image) plus
+   a finding-sentence loss: per disease, the image is scored as cos(img, mean positive sentences) − cos(img, mean negative sentences)
    over sentences sampled from the training bank and trained with BCE on the report labels. Neither loss sees a
    RE-tune prompt sentence.
 4. Write the artifact (:mod:`shared.pretrain.artifact`): config, trained weights without MiniLM, build record,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Callable
@@ -54,17 +55,10 @@ def render_phantoms(indices: list[int], hospitals: list[int], seed: int, family:
               for i in range(0, len(indices), 128)]
     images = np.empty((len(indices), size, size), dtype=np.uint8)
     labels = np.empty((len(indices), len(CHEXPERT5)), dtype=np.float32)
-    k = 0
-    if workers > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-            results = pool.map(_render_chunk, chunks)
-            for imgs, labs in results:
-                images[k:k + len(imgs)], labels[k:k + len(imgs)] = imgs, labs
-                k += len(imgs)
-                advance(len(imgs))
-    else:
-        for chunk in chunks:
-            imgs, labs = _render_chunk(chunk)
+    parallel = workers > 1 and len(chunks) > 1
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) if parallel else nullcontext() as pool:
+        k = 0
+        for imgs, labs in (pool.map if pool else map)(_render_chunk, chunks):
             images[k:k + len(imgs)], labels[k:k + len(imgs)] = imgs, labs
             k += len(imgs)
             advance(len(imgs))

@@ -24,7 +24,7 @@ import numpy as np
 
 from shared.labels import CHEXPERT5
 from shared.phantom import PhantomCase
-from shared.phantom.findings import RIGHT, Findings
+from shared.phantom.findings import RIGHT, Findings, Patch
 
 ATELECTASIS, CARDIOMEGALY, CONSOLIDATION, EDEMA, EFFUSION = range(5)
 #: Frames of the RE-tune prompt templates, lower case, kept out of every training text.
@@ -134,18 +134,25 @@ def _effusion(f: Findings, rng: np.random.Generator) -> str:
     return str(rng.choice(options))
 
 
-def _consolidation(f: Findings, rng: np.random.Generator) -> str:
+def _consolidation_site(f: Findings, rng: np.random.Generator) -> tuple[str, str, bool, Patch | None]:
+    """(side, zone, whether both lungs are involved, the densest patch) of the case's consolidation, or a random
+    site and no patch without one."""
     if f.consolidations:
         p = max(f.consolidations, key=lambda q: q.density)
-        side, zone = _side_word(p.side), _zone(p.centre[1])
-        s, air = (p.density - 0.3) / 0.65, p.bronchograms
-        multi = len({q.side for q in f.consolidations}) > 1
-    else:
-        side, zone = str(rng.choice(("right", "left"))), str(rng.choice(("upper", "mid", "lower")))
-        s, air, multi = float(rng.uniform(0.0, 1.0)), False, False
+        return _side_word(p.side), _zone(p.centre[1]), len({q.side for q in f.consolidations}) > 1, p
+    return str(rng.choice(("right", "left"))), str(rng.choice(("upper", "mid", "lower"))), False, None
+
+
+def _lung_region(side: str, zone: str) -> str:
+    return f"{side} {'base' if zone == 'lower' else zone + ' lung'}"
+
+
+def _consolidation(f: Findings, rng: np.random.Generator) -> str:
+    side, zone, multi, p = _consolidation_site(f, rng)
+    s, air = ((p.density - 0.3) / 0.65, p.bronchograms) if p is not None else (float(rng.uniform(0.0, 1.0)), False)
     lobe = {"upper": "upper lobe", "mid": "middle lobe" if side == "right" else "lingula", "lower": "lower lobe"}[zone]
     dense = str(rng.choice(("patchy", "dense", "focal"))) if s > 0.4 else str(rng.choice(("patchy", "subtle", "focal")))
-    where = str(rng.choice((f"{side} {lobe}", f"{side} {zone} zone", f"{side} {'base' if zone == 'lower' else zone + ' lung'}")))
+    where = str(rng.choice((f"{side} {lobe}", f"{side} {zone} zone", _lung_region(side, zone))))
     bronch = str(rng.choice((" with air bronchograms", ""))) if air else ""
     if multi:
         return str(rng.choice(("Multifocal consolidation in both lungs.", "Bilateral patchy consolidation.",
@@ -192,10 +199,11 @@ def _described_atelectasis(f: Findings, rng: np.random.Generator) -> str:
     a = f.atelectasis
     side = _side_word(a.side) if a is not None else str(rng.choice(("right", "left")))
     if a is not None and a.collapse:
-        return str(rng.choice((f"Collapse of the {side} {a.collapse} lobe.", f"{_cap(side)} {a.collapse} lobe volume loss.")))
+        return str(rng.choice((f"Collapse of the {side} {a.collapse} lobe.",
+                               f"{_cap(side)} {a.collapse} lobe volume loss.")))
     return str(rng.choice((f"{_cap(side)} basilar volume loss.", f"Plate-like opacity at the {side} lung base.",
-                           f"Linear opacity at the {side} base with volume loss.", f"Volume loss in the {side} lower lobe.",
-                           f"Subsegmental collapse at the {side} base.")))
+                           f"Linear opacity at the {side} base with volume loss.",
+                           f"Volume loss in the {side} lower lobe.", f"Subsegmental collapse at the {side} base.")))
 
 
 def _described_cardiomegaly(f: Findings, rng: np.random.Generator) -> str:
@@ -204,14 +212,10 @@ def _described_cardiomegaly(f: Findings, rng: np.random.Generator) -> str:
 
 
 def _described_consolidation(f: Findings, rng: np.random.Generator) -> str:
-    if f.consolidations:
-        p = max(f.consolidations, key=lambda q: q.density)
-        side, zone = _side_word(p.side), _zone(p.centre[1])
-        if len({q.side for q in f.consolidations}) > 1:
-            return str(rng.choice(("Bilateral airspace opacities.", "Multifocal airspace disease.")))
-    else:
-        side, zone = str(rng.choice(("right", "left"))), str(rng.choice(("upper", "mid", "lower")))
-    where = f"{side} {'base' if zone == 'lower' else zone + ' lung'}"
+    side, zone, multi, _ = _consolidation_site(f, rng)
+    if multi:
+        return str(rng.choice(("Bilateral airspace opacities.", "Multifocal airspace disease.")))
+    where = _lung_region(side, zone)
     return str(rng.choice((f"Airspace opacity in the {where}.", f"Dense opacity in the {where}.",
                            f"Infiltrate in the {where}.", f"Airspace disease in the {where}.",
                            f"Focal opacification of the {where}.")))
