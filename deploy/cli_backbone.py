@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from shared.pretrain.config import BuildConfig
+from research.pretrain.config import BuildConfig
 
 _B = BuildConfig()
 
@@ -44,8 +44,8 @@ def build_backbone(
     the frozen MiniLM, build record, model card, SHA256SUMS). Deterministic in --seed."""
     import torch
 
-    from shared.pretrain.build import build
-    from shared.pretrain.config import with_overrides
+    from research.pretrain.build import build
+    from research.pretrain.config import with_overrides
 
     if threads:
         torch.set_num_threads(threads)

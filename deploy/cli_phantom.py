@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shared.errors import RetuneError
-from shared.phantom import write_phantom
+from research.phantom import write_phantom
 
 
 def phantom(

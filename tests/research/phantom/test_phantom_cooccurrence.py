@@ -7,8 +7,8 @@ import json
 import numpy as np
 
 from shared.labels import CHEXPERT5
-from shared.phantom import LABEL_NOISE, hospital_style, load_table, sample_case
-from shared.phantom.cooccurrence import TABLE_PATH
+from research.phantom import LABEL_NOISE, hospital_style, load_table, sample_case
+from research.phantom.cooccurrence import TABLE_PATH
 
 
 def test_table_is_the_real_chexpert_joint_with_provenance() -> None:

@@ -1,6 +1,6 @@
 """Measure a backbone on phantom hospitals like ``retune simulate``'s, through the real path.
 
-Phantom PNGs and manifests are written with :func:`shared.phantom.write_phantom` (hospitals 0..N-1, seed 0, 128 px
+Phantom PNGs and manifests are written with :func:`research.phantom.write_phantom` (hospitals 0..N-1, seed 0, 128 px
 by default, the 70/10/20 split of the manifest), read with the manifest reader, embedded through
 :class:`shared.cache.EmbeddingCache`, then scored zero-shot with the RE-tune prompts and with adaptors trained
 centrally (:func:`client.centralized.train_centralized`, default configuration) on the pooled training splits.
@@ -29,7 +29,7 @@ def evaluate_backbone(spec: str, work: Path, hospitals: int = 5, images_per_hosp
     from shared.cache import EmbeddingCache
     from shared.data.problems import BadFiles
     from shared.data.readers import read_labels
-    from shared.phantom import write_phantom
+    from research.phantom import write_phantom
     from shared.prompts import PromptBank
 
     work = Path(work)
@@ -62,7 +62,7 @@ def evaluate_backbone(spec: str, work: Path, hospitals: int = 5, images_per_hosp
 
 def evaluate_artifact(folder: Path, work: Path | None = None, **kwargs) -> dict:
     """:func:`evaluate_backbone` of a built artifact, staged in a scratch cache and loaded through ``local-dir:``."""
-    from shared.pretrain.artifact import stage
+    from shared.artifact import stage
 
     with tempfile.TemporaryDirectory(prefix="retune-eval-") as tmp:
         staged = stage(folder, cache_root=Path(tmp))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.phantom.texture import grid, step, texture
+from research.phantom.texture import grid, step, texture
 
 AIR_DEPTH = 0.38  # density removed by a full thickness of aerated lung
 

@@ -7,7 +7,7 @@ The recipe (every step deterministic in ``BuildConfig.seed``):
    ``archive`` style family (digitised film, higher prevalence): 200 scanner styles of a kind ``retune simulate``
    (``clinical`` hospitals 0..N-1, seed 0 by default) never generates, so a federation built on this backbone
    still has a domain gap to close. A further set of unseen pretraining-style hospitals is held out for monitoring.
-2. Write reports and their hard negatives for every image (:mod:`shared.pretrain.reports`; many describe a finding
+2. Write reports and their hard negatives for every image (:mod:`research.pretrain.reports`; many describe a finding
    by its appearance rather than name it, so the RE-tune prompts, which name it, meet a language gap), plus a bank of
    single-finding sentences, and embed every distinct text once with the frozen MiniLM (mean pooling): the text
    transformer is locked, so its pooled output is a constant of the text.
@@ -16,7 +16,7 @@ The recipe (every step deterministic in ``BuildConfig.seed``):
    a finding-sentence loss: per disease, the image is scored as cos(img, mean positive sentences) − cos(img, mean negative sentences)
    over sentences sampled from the training bank and trained with BCE on the report labels. Neither loss sees a
    RE-tune prompt sentence.
-4. Write the artifact (:mod:`shared.pretrain.artifact`): config, trained weights without MiniLM, build record,
+4. Write the artifact (:mod:`shared.artifact`): config, trained weights without MiniLM, build record,
    model card, SHA256SUMS.
 """
 
@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shared.labels import CHEXPERT5
-from shared.pretrain.artifact import (
+from shared.artifact import (
     CARD_FILE,
     CONFIG_FILE,
     MINILM_ID,
@@ -48,8 +48,8 @@ from shared.pretrain.artifact import (
     sha256_file,
     write_sums,
 )
-from shared.pretrain.config import ARTIFACT_NAME, BuildConfig, model_config, preprocess_config
-from shared.pretrain.data import PreparedData, augment, normalise, prepare, sentence_averaging
+from research.pretrain.config import ARTIFACT_NAME, BuildConfig, model_config, preprocess_config
+from research.pretrain.data import PreparedData, augment, normalise, prepare, sentence_averaging
 
 BUILD_FILE = "build.json"
 
@@ -244,7 +244,7 @@ def build(config: BuildConfig, out: Path, evaluate: bool = True, eval_images: in
     ``command_out`` is the ``--out`` written into the recorded command when the artifact is built in a scratch
     folder and moved to its final place afterwards (the folder does not change the weights).
     """
-    from shared.pretrain.card import model_card
+    from research.pretrain.card import model_card
 
     console = console or Console(stderr=True)
     out = Path(out)
@@ -272,7 +272,7 @@ def build(config: BuildConfig, out: Path, evaluate: bool = True, eval_images: in
         "history": trained["history"], "weights_sha256": sha256_file(out / WEIGHTS_FILE),
     }
     if evaluate:
-        from shared.pretrain.evaluate import evaluate_artifact
+        from research.pretrain.evaluate import evaluate_artifact
 
         start = time.perf_counter()
         with console.status("measuring on simulate-like hospitals (0..4, seed 0)"):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.phantom.anatomy import Anatomy, Frame
-from shared.phantom.texture import step, texture
+from research.phantom.anatomy import Anatomy, Frame
+from research.phantom.texture import step, texture
 
 RIGHT, LEFT = -1, 1  # the patient's side; the patient's right lung is on the image left (u < 0)
 

@@ -1,6 +1,6 @@
 """The real CheXpert-5 label co-occurrence table, hospital prevalence skew, and report-like label noise.
 
-The table (``shared/assets/chexpert5_cooccurrence.json``) holds the joint probability of the 32 combinations of
+The table (``research/assets/chexpert5_cooccurrence.json``) holds the joint probability of the 32 combinations of
 the five labels in CheXpert's frontal training images; ``bench/derive_cooccurrence.py`` documents how it was made.
 """
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from shared.pretrain.artifact import MINILM_ID
-from shared.pretrain.reports import ReportConfig
+from shared.artifact import MINILM_ID
+from research.pretrain.reports import ReportConfig
 
 ARTIFACT_NAME = "retune-minilm-phantom"
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -27,7 +27,7 @@ class BuildConfig:
     hospitals, first_hospital : int
         Pretraining hospitals ``first_hospital .. first_hospital + hospitals - 1`` (default 200 from 1000).
     style_family : str
-        Style family of the pretraining hospitals (:data:`shared.phantom.STYLE_FAMILIES`; default ``archive``:
+        Style family of the pretraining hospitals (:data:`research.phantom.STYLE_FAMILIES`; default ``archive``:
         digitised film, unlike the ``clinical`` sites ``retune simulate`` generates).
     val_images : int
         Held-out phantoms from 8 further unseen pretraining-style hospitals, scored each epoch (default 800).

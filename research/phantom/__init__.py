@@ -10,10 +10,10 @@ Typical use::
     manifest = write_phantom("data/h2", 1000, hospital=2)          # PNGs + manifest.csv + phantom.json
 """
 
-from shared.phantom.cooccurrence import LABEL_NOISE, JointTable, load_table
-from shared.phantom.generator import PhantomCase, generate, iter_batches, render_case, sample_case, split_of
-from shared.phantom.styles import STYLE_FAMILIES, HospitalStyle, StyleFamily, hospital_style
-from shared.phantom.writer import MANIFEST_COLUMNS, write_phantom
+from research.phantom.cooccurrence import LABEL_NOISE, JointTable, load_table
+from research.phantom.generator import PhantomCase, generate, iter_batches, render_case, sample_case, split_of
+from research.phantom.styles import STYLE_FAMILIES, HospitalStyle, StyleFamily, hospital_style
+from research.phantom.writer import MANIFEST_COLUMNS, write_phantom
 
 __all__ = [
     "LABEL_NOISE",

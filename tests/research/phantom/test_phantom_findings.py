@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from shared.phantom import PhantomCase, render_case, sample_case
-from shared.phantom.anatomy import lung_mask, patient_frame
-from shared.phantom.findings import LEFT, RIGHT, Atelectasis, Edema, Effusion, Findings, Patch
+from research.phantom import PhantomCase, render_case, sample_case
+from research.phantom.anatomy import lung_mask, patient_frame
+from research.phantom.findings import LEFT, RIGHT, Atelectasis, Edema, Effusion, Findings, Patch
 
 SIZE = 128
 

@@ -114,5 +114,5 @@ say nothing about real radiographs.
   Apache-2.0, (c) its authors (sentence-transformers, Nils Reimers et al.).
 - The trained weights in this folder: Apache-2.0, as retune-fl. Training data: procedurally generated phantoms
   (no patient data); label statistics from the public CheXpert label distribution (see
-  `shared/assets/chexpert5_cooccurrence.json`).
+  `research/assets/chexpert5_cooccurrence.json`).
 """

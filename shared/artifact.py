@@ -27,7 +27,7 @@ from pathlib import Path
 
 from shared.errors import RetuneError
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "backbones"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "backbones"
 #: Backbone names that ship with retune-fl, and where their artifact lives.
 SHIPPED: dict[str, Path] = {"retune-minilm-phantom": ASSETS_DIR / "retune-minilm-phantom"}
 

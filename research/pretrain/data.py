@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from shared.labels import CHEXPERT5
-from shared.pretrain.artifact import minilm_dir
-from shared.pretrain.config import MEAN, STD, BuildConfig
-from shared.pretrain.reports import (
+from shared.artifact import minilm_dir
+from research.pretrain.config import MEAN, STD, BuildConfig
+from research.pretrain.reports import (
     DESCRIBED_ABSENT,
     NEGATIVE,
     ReportConfig,
@@ -39,7 +39,7 @@ def to_model_size(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _render_chunk(args: tuple[list[int], list[int], int, str, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    from shared.phantom import render_case, sample_case
+    from research.phantom import render_case, sample_case
 
     indices, hospitals, seed, family, render_size, size = args
     cases = [sample_case(i, h, seed, family) for i, h in zip(indices, hospitals)]
@@ -68,7 +68,7 @@ def render_phantoms(indices: list[int], hospitals: list[int], seed: int, family:
 def sentence_bank(seed: int, config: ReportConfig, per_disease: int = 40) -> dict[str, list[list[str]]]:
     """Training single-finding sentences: ``{disease: [positive sentences, negative sentences]}`` (no RE-tune prompt),
     phrased with the reports' mix (``config``)."""
-    from shared.phantom.findings import Findings
+    from research.phantom.findings import Findings
 
     rng = np.random.default_rng((seed, 0x5E47))
     bank = {}
@@ -175,7 +175,7 @@ def prepare(config: BuildConfig, model: torch.nn.Module, progress: Progress, wor
     """Render the phantoms, write the reports and embed every distinct sentence with the frozen MiniLM."""
     from open_clip.tokenizer import HFTokenizer
 
-    from shared.phantom import sample_case
+    from research.phantom import sample_case
     from shared.prompts import PromptBank
 
     timings = {}

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 
-from shared.phantom import hospital_style, render_case, sample_case
+from research.phantom import hospital_style, render_case, sample_case
 
 
 def _render_at(hospital: int, n: int = 16, size: int = 96) -> np.ndarray:

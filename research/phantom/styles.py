@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from shared.errors import RetuneError
-from shared.phantom.texture import lowpass, noise
+from research.phantom.texture import lowpass, noise
 
 _STYLE_SALT = 0x57E1E  # separates the style stream from the per-image streams
 _GLYPHS = {  # 5x7 bitmaps of the side markers radiographers burn into the film

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shared.errors import RetuneError
-from shared.phantom import generate, iter_batches, render_case, sample_case, split_of
+from research.phantom import generate, iter_batches, render_case, sample_case, split_of
 
 
 def test_same_seed_gives_identical_bytes() -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from shared.errors import RetuneError
 from shared.labels import CHEXPERT5
-from shared.phantom import generate, write_phantom
+from research.phantom import generate, write_phantom
 
 
 def test_writes_images_manifest_and_params(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ from PIL import Image
 from shared import __version__
 from shared.errors import RetuneError
 from shared.labels import CHEXPERT5
-from shared.phantom.cooccurrence import LABEL_NOISE, load_table
-from shared.phantom.generator import SPLITS, render_case, sample_case, split_of
-from shared.phantom.styles import hospital_style
+from research.phantom.cooccurrence import LABEL_NOISE, load_table
+from research.phantom.generator import SPLITS, render_case, sample_case, split_of
+from research.phantom.styles import hospital_style
 
 MANIFEST_NAME = "manifest.csv"
 PARAMS_NAME = "phantom.json"
@@ -78,7 +78,7 @@ def phantom_params(n: int, hospital: int, seed: int, size: int, start: int = 0, 
     style = hospital_style(hospital, seed, family)
     table = load_table()
     return {
-        "generator": f"retune-fl {__version__} shared.phantom",
+        "generator": f"retune-fl {__version__} research.phantom",
         "n": n,
         "start": start,
         "hospital": hospital,

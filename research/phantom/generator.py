@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.errors import RetuneError
-from shared.phantom.anatomy import Anatomy, patient_frame, render_anatomy, sample_anatomy
-from shared.phantom.cooccurrence import add_label_noise, load_table, sample_labels
-from shared.phantom.findings import Findings, apply_to_anatomy, render_findings, sample_findings
-from shared.phantom.styles import apply_style, hospital_style
+from research.phantom.anatomy import Anatomy, patient_frame, render_anatomy, sample_anatomy
+from research.phantom.cooccurrence import add_label_noise, load_table, sample_labels
+from research.phantom.findings import Findings, apply_to_anatomy, render_findings, sample_findings
+from research.phantom.styles import apply_style, hospital_style
 
 _IMAGE_SALT = 0x1A6E
 #: Deterministic split shares (percent), assigned by a hash of the image's identity.
@@ -32,7 +32,7 @@ class PhantomCase:
     anatomy: Anatomy
     findings: Findings
     noise_seed: int
-    family: str = "clinical"  # the hospital's style family (see shared.phantom.styles)
+    family: str = "clinical"  # the hospital's style family (see research.phantom.styles)
 
 
 def _check(hospital: int, seed: int, size: int | None = None, n: int | None = None) -> None:

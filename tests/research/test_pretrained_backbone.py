@@ -11,9 +11,9 @@ import torch
 
 from shared.errors import RetuneError
 from shared.labels import CHEXPERT5
-from shared.pretrain import artifact
-from shared.pretrain.artifact import SHIPPED, WEIGHTS_FILE, stage, verify
-from shared.pretrain.reports import leaks_prompt, write_report
+from shared import artifact
+from shared.artifact import SHIPPED, WEIGHTS_FILE, stage, verify
+from research.pretrain.reports import leaks_prompt, write_report
 from shared.prompts import PromptBank
 
 NAME = "retune-minilm-phantom"
@@ -137,7 +137,7 @@ def test_zero_shot_on_simulate_like_phantoms_is_clearly_above_chance(phantom_bac
     from shared.data.readers import read_labels
     from shared.metrics import per_class_auroc
     from shared.model import zero_shot_logits
-    from shared.phantom import write_phantom
+    from research.phantom import write_phantom
 
     manifest = write_phantom(tmp_path / "h0", 400, hospital=0, seed=0, size=128)
     table = read_labels(manifest, format="manifest", diseases="chexpert5")
@@ -154,7 +154,7 @@ def test_adaptors_beat_zero_shot_by_a_tenth_on_the_simulate_defaults(tmp_path):
     """The issue's bar, measured through the real path on the hospitals ``retune simulate`` generates by default:
     zero-shot macro-AUROC >= 0.65 with the RE-tune prompts, centrally trained adaptors >= zero-shot + 0.10."""
     from shared.config import SimulationPlan
-    from shared.pretrain.evaluate import evaluate_backbone
+    from research.pretrain.evaluate import evaluate_backbone
 
     plan = SimulationPlan()
     result = evaluate_backbone("retune-minilm-phantom", tmp_path, hospitals=plan.hospitals,
@@ -168,7 +168,7 @@ def test_adaptors_beat_zero_shot_by_a_tenth_on_the_simulate_defaults(tmp_path):
 
 # --- reports ----------------------------------------------------------------------------------------------------
 def test_reports_describe_findings_without_the_retune_prompts():
-    from shared.phantom import sample_case
+    from research.phantom import sample_case
 
     bank = PromptBank(CHEXPERT5)
     prompts = {p.lower() for p in bank.texts()}
@@ -224,8 +224,8 @@ def test_build_command_is_deterministic(tmp_path):
 
 def test_small_build_reproduces_a_useful_model(tmp_path):
     """A reduced budget of the shipped recipe (about a minute) already gives a clearly-above-chance zero-shot."""
-    from shared.pretrain.build import build
-    from shared.pretrain.config import BuildConfig, with_overrides
+    from research.pretrain.build import build
+    from research.pretrain.config import BuildConfig, with_overrides
 
     config = with_overrides(BuildConfig(), seed=0, images=2000, epochs=8, val_images=400, report_variants=1)
     result = build(config, tmp_path / "small", evaluate=False, show_progress=False)

@@ -6,7 +6,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from shared.labels import CHEXPERT5
-from shared.phantom import generate, sample_case
+from research.phantom import generate, sample_case
 
 MAX_GLOBAL_AUROC = 0.75
 

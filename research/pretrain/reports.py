@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.labels import CHEXPERT5
-from shared.phantom import PhantomCase
-from shared.phantom.findings import RIGHT, Findings, Patch
+from research.phantom import PhantomCase
+from research.phantom.findings import RIGHT, Findings, Patch
 
 ATELECTASIS, CARDIOMEGALY, CONSOLIDATION, EDEMA, EFFUSION = range(5)
 #: Frames of the RE-tune prompt templates, lower case, kept out of every training text.
