@@ -1,7 +1,7 @@
 """The hospital's Flower ClientApp: trains and evaluates the global adaptors on local data only.
 
 A train reply holds the adaptor arrays, the example count and scalar metrics; an evaluate reply holds scalar
-metrics. Both pass the wire-format allow-list before they leave (:func:`shared.wire.check_reply`). In secure mode
+metrics; both carry the hospital's name and backbone identity (``site``). Both pass the wire-format allow-list before they leave (:func:`shared.wire.check_reply`). In secure mode
 (``secure-aggregation = true``) the train handler runs inside the secure-aggregation stages of
 :mod:`client.secagg` and only its masked update leaves; a plain train message is then refused.
 """
@@ -27,8 +27,8 @@ from shared.config import AdaptorConfig, FederationConfig, TrainConfig
 from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.scenarios import supervise
-from shared.wire import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, adaptor_spec, check_reply, load_record, secure_stage,
-                         to_record)
+from shared.wire import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adaptor_spec, check_reply, load_record,
+                         secure_stage, site_record, to_record)
 
 
 def local_seed(config: FederationConfig, site: Site, stage: int, round_: int) -> int:
@@ -47,6 +47,10 @@ def _context(msg: Message, context: Context, config: FederationConfig | None) ->
 def _global_model(msg: Message, config: FederationConfig, site: Site) -> RetuneModel:
     model = RetuneModel(site.embed_dim, AdaptorConfig(kind=config.adaptor))
     return load_record(model, msg.content[ARRAYS])
+
+
+def _site(site: Site):
+    return site_record(site.settings.name, site.backbone_identity)
 
 
 def _identity(context: Context) -> dict[str, int]:
@@ -102,7 +106,7 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         examples = int((~torch.isnan(torch.as_tensor(labels))).any(dim=1).sum())
         metrics = {NUM_EXAMPLES: examples, "train-loss": losses[-1] if losses else 0.0, **privacy,
                    **_identity(context)}
-        content = RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord(metrics)})
+        content = RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord(metrics), SITE: _site(site)})
         check_reply(content, adaptor_spec(model))
         return Message(content=content, reply_to=msg)
 
@@ -113,7 +117,7 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         cfg, site = _context(msg, context, config)
         model = _global_model(msg, cfg, site)
         metrics = {**site_metrics(model, site, int(msg.content[CONFIG]["stage"])), **_identity(context)}
-        content = RecordDict({METRICS: MetricRecord(metrics)})
+        content = RecordDict({METRICS: MetricRecord(metrics), SITE: _site(site)})
         check_reply(content, None)
         return Message(content=content, reply_to=msg)
 

@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from shared.secagg import (PROTOCOL, SESSION_BYTES, Layout, SecAggError, agree, check_threshold, commitment,
                            decrypt_shares, encode_update, encrypt_shares, mask_update, new_key_pair, split_secret)
 from shared.wire import (ARRAYS, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_SETUP,
-                         SECAGG_SHARE_KEYS, SECAGG_UNMASK, SECURE_METRICS, ArraySpec, WireError, check_reply,
+                         SECAGG_SHARE_KEYS, SECAGG_UNMASK, SECURE_METRICS, SITE, ArraySpec, WireError, check_reply,
                          secure_stage)
 
 #: Where a hospital keeps the round's secrets (``context.state``; never sent).
@@ -198,6 +198,7 @@ def masked(msg: Message, context: Context, train: TrainFn) -> Message:
     content = RecordDict({MASKED: ArrayRecord({k: Array(v) for k, v in layout.split(vector).items()})})
     plain = {k: metrics[k] for k in sorted(SECURE_METRICS[SECAGG_MASKED]) if k in metrics}
     content[METRICS] = MetricRecord(plain)
+    content[SITE] = reply.content[SITE]
     state.update({"stage": SECAGG_UNMASK, "sources": sources,
                   "seed-shares": [s for s, _ in shares], "key-shares": [k for _, k in shares]})
     _save(context, state)

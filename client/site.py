@@ -3,16 +3,19 @@
 A SuperNode's ``node_config`` says where the hospital's data are:
 
 - ``manifest``: its label file (any format ``retune data check`` reads);
-- ``cache``: its embedding cache folder (default: the run config's, else ``$RETUNE_CACHE``);
+- ``cache``: its embedding cache folder (default: ``$RETUNE_CACHE`` or ``~/.cache/retune-fl``);
+- ``backbone``: the frozen backbone it embeds with (default: the offline default shipped with retune-fl; a staged
+  BiomedCLIP folder for production);
 - ``diseases``: the diseases it labels, comma-separated (default: every disease of its label file);
-- ``name``: a display name;
+- ``name``: the name reports give it (default: the manifest's folder name);
 - ``dp-max-epsilon`` (turns DP-SGD on), ``dp-delta``, ``dp-target-epsilon``, ``dp-noise``, ``dp-max-grad-norm``,
   ``dp-accountant`` and ``privacy-ledger`` (default: ``privacy-ledger.json`` beside the manifest): the
   hospital's own privacy settings and its ε ledger (see :mod:`client.privacy`).
 
-In a simulation the run config's ``sim-dir`` holds ``hospital-K/hospital.json`` with those keys, and the
-SuperNode's ``partition-id`` K picks one. Images and embeddings never leave the site; what it reports is
-scalars (:func:`site_metrics`).
+Every path and the backbone come from the hospital's node config, never from the run config a server sends. In
+a simulation the run config's ``sim-dir`` holds ``hospital-K/hospital.json`` with those keys, and the SuperNode's
+``partition-id`` K picks one. Images and embeddings never leave the site; what it reports is scalars
+(:func:`site_metrics`) and its name and backbone identity.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from client.incremental import Split
 from client.local_data import embed_splits, prompt_embeddings
 from client.privacy import DPConfig
 from client.trainer import Prompts, predict_logits
-from shared.backbone import load_backbone
+from shared.backbone import Backbone, load_backbone
 from shared.cache import EmbeddingCache
-from shared.config import FederationConfig, default_cache_dir
+from shared.config import OFFLINE_DEFAULT, FederationConfig, default_cache_dir
 from shared.data.problems import BadFiles, print_bad_files
 from shared.data.readers import read_labels
 from shared.errors import RetuneError
@@ -39,6 +42,7 @@ from shared.metrics import per_class_auroc
 from shared.model import RetuneModel
 from shared.prompts import PromptBank
 from shared.scenarios import Task, make_tasks
+from shared.wire import SITE_NAME
 
 SIM_SITE_FILE = "hospital.json"
 
@@ -51,6 +55,7 @@ class SiteSettings:
     manifest: str
     cache: str
     labelled: tuple[str, ...] | None
+    backbone: str = OFFLINE_DEFAULT
     dp: DPConfig | None = None
     ledger: str = ""
 
@@ -66,6 +71,7 @@ class Site:
     tasks: list[Task]
     prompts: Prompts
     embed_dim: int
+    backbone_identity: str
 
 
 def node_values(config: FederationConfig, node_config: dict) -> dict:
@@ -86,11 +92,15 @@ def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
     labelled = values.get("diseases")
     if isinstance(labelled, str):
         labelled = [d.strip() for d in labelled.split(",") if d.strip()]
+    name = str(values.get("name", Path(values["manifest"]).parent.name))
+    if not SITE_NAME.fullmatch(name):
+        raise RetuneError(f"hospital name {name!r} (node config 'name'): use 1-64 letters, digits, '.', '_' or '-'")
     return SiteSettings(
-        name=str(values.get("name", Path(values["manifest"]).parent.name)),
+        name=name,
         manifest=str(values["manifest"]),
-        cache=str(values.get("cache") or config.cache or default_cache_dir()),
+        cache=str(values.get("cache") or default_cache_dir()),
         labelled=tuple(labelled) if labelled else None,
+        backbone=str(values.get("backbone") or OFFLINE_DEFAULT),
         dp=_dp_config(values),
         ledger=str(values.get("privacy-ledger") or Path(values["manifest"]).parent / "privacy-ledger.json"),
     )
@@ -118,12 +128,27 @@ def align_labels(labels: np.ndarray, have: tuple[str, ...], want: tuple[str, ...
     return out
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=2)
+def _backbone(spec: str) -> Backbone:
+    return load_backbone(spec)
+
+
 def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
-    """Read, embed (through the cache) and split a site's data; memoised for the life of the process."""
+    """Read, embed (through the cache) and split a site's data; memoised while its label file is unchanged, so a
+    long-lived hospital runtime keeps it loaded between messages and sees data that arrive later."""
+    try:
+        stat = Path(settings.manifest).stat()
+    except OSError as exc:
+        raise RetuneError(f"site {settings.name}: cannot read its label file {settings.manifest}: "
+                          f"{exc.strerror}") from None
+    return _load_site(config, settings, (stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=8)
+def _load_site(config: FederationConfig, settings: SiteSettings, _stamp: tuple[int, int]) -> Site:
     diseases = resolve_schema(config.diseases).diseases
     table = read_labels(settings.manifest)
-    backbone = load_backbone(config.backbone)
+    backbone = _backbone(settings.backbone)
     cache = EmbeddingCache(Path(settings.cache), backbone)
     bad = BadFiles("skip")
     splits = embed_splits(table, cache, bad, show_progress=False)
@@ -135,7 +160,7 @@ def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
         raise RetuneError(f"site {settings.name}: no usable train or test images in {settings.manifest}")
     tasks = make_tasks(config.scenario, train.labels, len(test.labels), diseases, config.stages, config.seed)
     return Site(settings, diseases, train, test, tasks, prompt_embeddings(cache, PromptBank(diseases)),
-                backbone.embed_dim)
+                backbone.embed_dim, backbone.identity)
 
 
 def stage_test_rows(site: Site, stage: int) -> np.ndarray:

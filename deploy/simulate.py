@@ -30,7 +30,7 @@ from server.state import RunState
 from shared.config import FederationConfig, SimulationPlan, TrainConfig
 from shared.labels import CHEXPERT5
 from shared.model import zero_shot_logits
-from shared.phantom import write_phantom
+from research.phantom import write_phantom
 from shared.scenarios import supervise
 from shared.signing import PRIVATE_KEY, PUBLIC_KEY, generate_keys
 
@@ -41,8 +41,7 @@ KEYS_DIR = "keys"
 
 def simulation_config(out: Path, hospitals: int, **settings) -> FederationConfig:
     """Federation settings of a simulation under ``out``: every hospital takes part in every round."""
-    return FederationConfig(min_hospitals=hospitals, run_dir=str(out), sim_dir=str(out / HOSPITALS_DIR),
-                            cache=str(out / "cache"), **settings)
+    return FederationConfig(min_hospitals=hospitals, run_dir=str(out), sim_dir=str(out / HOSPITALS_DIR), **settings)
 
 
 def labelled_diseases(hospital: int, diseases: tuple[str, ...] = CHEXPERT5) -> list[str]:
@@ -60,6 +59,7 @@ def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: C
         privacy = {"dp-max-epsilon": plan.dp_epsilon, "dp-delta": plan.dp_delta} if plan.dp_epsilon else {}
         (folder / SIM_SITE_FILE).write_text(json.dumps({
             "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
+            "cache": str((Path(config.run_dir) / "cache").resolve()), "backbone": config.backbone,
             "diseases": ",".join(labelled_diseases(k)), **privacy,
             "audit-log": str((folder / "audit.jsonl").resolve()),
             "consortium-key": str((Path(config.run_dir) / KEYS_DIR / PUBLIC_KEY).resolve())}, indent=2))

@@ -1,4 +1,8 @@
-"""The aggregation server's Flower ServerApp: runs the stage scheduler and writes the final checkpoint."""
+"""The aggregation server's Flower ServerApp: runs the stage scheduler and writes the final checkpoint.
+
+The server never holds the backbone: it learns the embedding size from the run config or the backbone's
+configuration (:func:`shared.backbone.config_embed_dim`) and the backbone's identity from the hospitals' replies.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +14,28 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.federation import RoundCallback, initial_model, run_federation
 from server.state import RunState
-from shared.backbone import load_backbone
+from shared.backbone import config_embed_dim
 from shared.checkpoint import save_checkpoint
 from shared.config import FederationConfig
 from shared.labels import resolve_schema
 from shared.prompts import PromptBank
-from shared.signing import load_private_key, sign_checkpoint
+from shared.signing import SIGNING_KEY_ENV, load_private_key, sign_checkpoint
 from shared.wire import load_record
 
 CHECKPOINT = "checkpoint"
 
 
-#: Server-only setting (never in the run config, which every hospital receives): the consortium's signing key.
-SIGNING_KEY_ENV = "RETUNE_CONSORTIUM_KEY"
+def backbone_record(config: FederationConfig, state: RunState, embed_dim: int) -> dict:
+    """What the checkpoint records of the backbone: the spec, and the identity every admitted hospital reported."""
+    return {"spec": config.backbone, "label": config.backbone, "embed_dim": embed_dim, "identity": state.backbone}
 
 
-def save_final(config: FederationConfig, state: RunState, backbone: dict, embed_dim: int,
-               signing_key: Path | None = None) -> Path:
+def save_final(config: FederationConfig, state: RunState, embed_dim: int, signing_key: Path | None = None) -> Path:
     """Write the global adaptors as a checkpoint that ``retune evaluate``/``predict`` read, signed if a key is
     given."""
     model = load_record(initial_model(config, embed_dim), state.arrays)
     bank = PromptBank(resolve_schema(config.diseases).diseases)
-    folder = save_checkpoint(Path(config.run_dir) / CHECKPOINT, model, bank, backbone)
+    folder = save_checkpoint(Path(config.run_dir) / CHECKPOINT, model, bank, backbone_record(config, state, embed_dim))
     if signing_key is not None:
         sign_checkpoint(folder, signing_key)
     return folder
@@ -47,10 +51,10 @@ def make_server_app(config: FederationConfig | None = None, on_round: RoundCallb
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FederationConfig.from_run_config(dict(context.run_config))
         key_path = signing_key or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
-        backbone = load_backbone(cfg.backbone, device="cpu")
+        embed_dim = cfg.embed_dim or config_embed_dim(cfg.backbone)
         key = load_private_key(key_path) if key_path else None
-        state = run_federation(grid, cfg, backbone.embed_dim, on_round, key)
-        save_final(cfg, state, backbone.describe(), backbone.embed_dim, key_path)
+        state = run_federation(grid, cfg, embed_dim, on_round, key)
+        save_final(cfg, state, embed_dim, key_path)
 
     return app
 

@@ -8,19 +8,23 @@ Class- and label-incremental schedules bring new diseases (prompt pairs) per sta
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from server.evaluation import federated_metrics, site_macro
+from server.hospitals import FederationError, Hospitals
+from server.messaging import exchange
 from server.secagg import secure_train
 from server.state import RunState
 from server.strategy import make_strategy
-from server.strategy.adaptor_strategy import reply_order
+from server.strategy.adaptor_strategy import AdaptorStrategy, reply_order
 from shared.config import AdaptorConfig, FederationConfig
 from shared.labels import resolve_schema
 from shared.model import RetuneModel
@@ -45,12 +49,6 @@ def initial_model(config: FederationConfig, embed_dim: int) -> RetuneModel:
         return RetuneModel(embed_dim, AdaptorConfig(kind=config.adaptor))
 
 
-def hospital_name(msg: Message) -> str:
-    """Simulated hospitals by partition, deployed ones by SuperNode id."""
-    pid, node = reply_order(msg)
-    return f"hospital-{pid}" if pid >= 0 else f"node-{node}"
-
-
 def round_config(stage: int, round_: int, arrays, signing_key: Ed25519PrivateKey | None) -> ConfigRecord:
     """What the server sends with the adaptors: the position, and the consortium's signature of the adaptors."""
     values: dict = {"stage": stage, "round": round_}
@@ -59,60 +57,124 @@ def round_config(stage: int, round_: int, arrays, signing_key: Ed25519PrivateKey
     return ConfigRecord(values)
 
 
+def wait_for_hospitals(grid: Grid, config: FederationConfig) -> None:
+    """Return once ``min_hospitals`` are connected, saying so while waiting; fail after ``join_timeout``."""
+    start = time.monotonic()
+    said = -math.inf
+    while (connected := len(list(grid.get_node_ids()))) < config.min_hospitals:
+        waited = time.monotonic() - start
+        if waited > config.join_timeout:
+            raise FederationError(f"only {connected} of the {config.min_hospitals} hospitals this run needs "
+                                  f"(min-hospitals) are connected after {waited:.0f} s: the run cannot go on")
+        if waited - said >= 10:
+            log.warning("waiting for hospitals: %d of the %d this run needs are connected (giving up after %.0f s)",
+                        connected, config.min_hospitals, config.join_timeout)
+            said = waited
+        time.sleep(1)
+
+
+@dataclass
+class TrainOutcome:
+    """The train part of a round: the new global adaptors (None: keep the old ones) and who took part."""
+
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    accepted: list[Message]
+    declined: list[dict[str, str]]
+    refused: list[dict[str, str]]
+    bytes_up: dict[str, int]
+    bytes_down: int
+
+
+def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy, hospitals: Hospitals,
+                server_round: int, state: RunState, signing_key: Ed25519PrivateKey | None) -> TrainOutcome:
+    """Send the global adaptors to every connected hospital and aggregate the admitted replies."""
+    train_msgs = list(strategy.configure_train(
+        server_round, state.arrays, round_config(state.stage, state.round, state.arrays, signing_key), grid))
+    if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
+        arrays, metrics, secure = secure_train(grid, strategy, server_round, train_msgs, config.round_timeout,
+                                               hospitals.admit)
+        return TrainOutcome(arrays, metrics, secure.accepted, _declined(hospitals, secure.declined),
+                            secure.refused, {hospitals.name(r): secure.bytes_up[r.metadata.src_node_id]
+                                             for r in secure.accepted}, secure.bytes_down)
+    by_node = exchange(grid, train_msgs, config.round_timeout)
+    replies = sorted((r for r in by_node.values() if not r.has_error()), key=reply_order)
+    admitted, refused = hospitals.admit(replies)
+    arrays, metrics = strategy.aggregate_train(server_round, admitted)
+    wire_refused = {node: reason for node, reason in strategy.refused}
+    strategy.refused.clear()
+    accepted = [r for r in admitted if r.metadata.src_node_id not in wire_refused]
+    refused += [{"hospital": hospitals.name(r), "reason": wire_refused[r.metadata.src_node_id]}
+                for r in admitted if r.metadata.src_node_id in wire_refused]
+    declined = [{"hospital": hospitals.name_of(node), "reason": by_node[node].error.reason if node in by_node else
+                 f"no reply within round-timeout ({config.round_timeout:g} s)"}
+                for node in sorted({m.metadata.dst_node_id for m in train_msgs}, key=hospitals.name_of)
+                if node not in by_node or by_node[node].has_error()]
+    return TrainOutcome(arrays if accepted else None, metrics, accepted, declined, refused,
+                        {hospitals.name(r): payload_bytes(r.content[ARRAYS]) for r in accepted},
+                        payload_bytes(state.arrays) * len(train_msgs))
+
+
+def _declined(hospitals: Hospitals, errors: list[Message]) -> list[dict[str, str]]:
+    """Error replies (a hospital's refusal, its failure, or a timeout) by hospital, with the reason it gave."""
+    return [{"hospital": hospitals.name(r), "reason": r.error.reason} for r in errors]
+
+
 def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
                    on_round: RoundCallback | None = None, signing_key: Ed25519PrivateKey | None = None) -> RunState:
     """Run (or resume) every remaining round; returns the final state. With ``signing_key`` every global
-    adaptor set sent out is signed, so hospitals can refuse adaptors the consortium did not produce."""
+    adaptor set sent out is signed, so hospitals can refuse adaptors the consortium did not produce.
+
+    A round counts only when at least ``min_hospitals`` hospitals' updates were aggregated; otherwise it is run
+    again, up to ``round_retries`` times, and then the run fails with :class:`FederationError`.
+    """
     diseases = resolve_schema(config.diseases).diseases
     scored = stage_diseases(config)
     model = initial_model(config, embed_dim)
     strategy = make_strategy(config, adaptor_spec(model))
     state = RunState.open(config, to_record(model))
     strategy.load_optimizer_state(state.optimizer)
+    hospitals = Hospitals(config.backbone_identity or state.backbone, state.hospitals)
     if state.server_round:
         log.info("resuming %s at stage %d, round %d", config.run_dir, state.stage + 1, state.round + 1)
     while not state.done:
         start = time.perf_counter()
         stage, round_, server_round = state.stage, state.round, state.server_round + 1
-        down = payload_bytes(state.arrays)
-        train_msgs = list(strategy.configure_train(
-            server_round, state.arrays, round_config(stage, round_, state.arrays, signing_key), grid))
-        if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
-            arrays, train_metrics, secure = secure_train(grid, strategy, server_round, train_msgs,
-                                                         config.round_timeout)
-            accepted, declined = secure.accepted, secure.declined
-            up = {hospital_name(r): secure.bytes_up[r.metadata.src_node_id] for r in accepted}
-            sent_down = secure.bytes_down
-        else:
-            replies = sorted(grid.send_and_receive(train_msgs, timeout=config.round_timeout), key=reply_order)
-            arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            accepted = [r for r in replies if not r.has_error() and r.metadata.src_node_id not in
-                        {node for node, _ in strategy.refused}]
-            declined = [r for r in replies if r.has_error()]
-            up = {hospital_name(r): payload_bytes(r.content[ARRAYS]) for r in accepted}
-            sent_down = down * len(train_msgs)
-        arrays = arrays if arrays is not None else state.arrays
+        for attempt in range(config.round_retries + 1):
+            wait_for_hospitals(grid, config)
+            train = train_round(grid, config, strategy, hospitals, server_round, state, signing_key)
+            if len(train.accepted) >= config.min_hospitals and train.arrays is not None:
+                break
+            why = "; ".join(f"{d['hospital']}: {d['reason']}" for d in train.declined + train.refused) or "no replies"
+            message = (f"stage {stage + 1} round {round_ + 1}: {len(train.accepted)} hospital update(s) aggregated, "
+                       f"fewer than min-hospitals {config.min_hospitals} ({why})")
+            if attempt == config.round_retries:
+                raise FederationError(f"{message}; the round was tried {attempt + 1} times, the run stops")
+            log.warning("%s: the round does not count; trying it again (%d of %d)", message, attempt + 2,
+                        config.round_retries + 1)
+        arrays = train.arrays
         eval_msgs = list(strategy.configure_evaluate(
             server_round, arrays, round_config(stage, round_, arrays, signing_key), grid))
-        evaluated = sorted((r for r in grid.send_and_receive(eval_msgs, timeout=config.round_timeout)
-                            if not r.has_error()), key=reply_order)
-        sites = {hospital_name(r): dict(r.content[METRICS]) for r in evaluated}
+        evaluated, eval_refused = hospitals.admit(sorted(
+            (r for r in exchange(grid, eval_msgs, config.round_timeout).values() if not r.has_error()),
+            key=reply_order))
+        sites = {hospitals.name(r): dict(r.content[METRICS]) for r in evaluated}
         record = {
-            "stage": stage, "round": round_, "server_round": server_round,
+            "stage": stage, "round": round_, "server_round": server_round, "attempts": attempt + 1,
             **federated_metrics(list(sites.values()), diseases, stage, scored),
-            "bytes_up": sum(up.values()),
-            "bytes_down": sent_down + payload_bytes(arrays) * len(eval_msgs),
-            "bytes_up_per_hospital": up,
+            "bytes_up": sum(train.bytes_up.values()),
+            "bytes_down": train.bytes_down + payload_bytes(arrays) * len(eval_msgs),
+            "bytes_up_per_hospital": train.bytes_up,
             "wall_s": time.perf_counter() - start,
-            "clients": len(accepted),
-            "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
+            "clients": len(train.accepted),
+            "train_loss": float(train.metrics["train-loss"]) if train.metrics else None,
             "hospitals": {name: site_macro(metrics, diseases) for name, metrics in sites.items()},
-            "epsilon": {hospital_name(r): float(r.content[METRICS]["epsilon"]) for r in accepted
+            "epsilon": {hospitals.name(r): float(r.content[METRICS]["epsilon"]) for r in train.accepted
                         if "epsilon" in r.content[METRICS]},
-            "declined": [{"hospital": hospital_name(r), "reason": r.error.reason} for r in declined],
+            "declined": train.declined,
+            "refused": train.refused + eval_refused,
         }
-        strategy.refused.clear()
-        state.commit(arrays, strategy.optimizer_state(), record)
+        state.commit(arrays, strategy.optimizer_state(), record, hospitals.identity, hospitals.names)
         log.info("stage %d round %d: macro AUROC %s from %d hospitals", stage + 1, round_ + 1,
                  record["macro_auroc"], record["clients"])
         if on_round is not None:

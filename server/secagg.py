@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from server.messaging import exchange
 from server.strategy.adaptor_strategy import AdaptorStrategy, reply_order
 from shared.secagg import (CLIPPED, PROTOCOL, SESSION_BYTES, Layout, SecAggError, combine_secret, commitment,
                            decode_sum, public_key, remove_masks, threshold_for)
@@ -35,6 +37,8 @@ from shared.wire import (ARRAYS, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_M
                          SECAGG_SHARE_KEYS, SECAGG_UNMASK, ArraySpec, WireError, check_secure_reply, payload_bytes)
 
 log = logging.getLogger(__name__)
+#: Splits masked-vector replies into admitted ones and refusals ``{hospital, reason}`` (e.g. another backbone).
+Admit = Callable[[list[Message]], tuple[list[Message], list[dict[str, str]]]]
 
 
 @dataclass
@@ -59,6 +63,7 @@ class SecureRound:
     bytes_up: dict[int, int] = field(default_factory=dict)
     masked_bytes: dict[int, int] = field(default_factory=dict)
     bytes_down: int = 0
+    refused: list[dict[str, str]] = field(default_factory=list)
     failure: str | None = None
 
 
@@ -74,8 +79,10 @@ def content_bytes(content: RecordDict) -> int:
 
 
 class _Round:
-    def __init__(self, grid: Grid, train_content: RecordDict, server_round: int, timeout: float | None) -> None:
+    def __init__(self, grid: Grid, train_content: RecordDict, server_round: int, timeout: float | None,
+                 admit: Admit | None) -> None:
         self.grid, self.train_content, self.server_round, self.timeout = grid, train_content, server_round, timeout
+        self.admit = admit
         arrays = train_content[ARRAYS]
         self.spec = {name: ArraySpec(tuple(a.shape), a.dtype) for name, a in arrays.items()}
         self.layout = Layout.of({name: s.shape for name, s in self.spec.items()})
@@ -90,12 +97,9 @@ class _Round:
         self.sent = sent
         self.out.bytes_down += sum(content_bytes(c) for c in contents.values())
         got: dict[int, Message] = {}
-        for reply in self.grid.send_and_receive(list(sent.values()), timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            if node not in sent or node in got:
-                continue
+        for node, reply in exchange(self.grid, list(sent.values()), self.timeout).items():
             if reply.has_error():
-                self.out.declined.append(reply)
+                self.decline(node, reply.error.code, reply.error.reason)
                 got[node] = reply
                 continue
             self.out.bytes_up[node] = self.out.bytes_up.get(node, 0) + content_bytes(reply.content)
@@ -167,6 +171,9 @@ class _Round:
                                             "ciphertexts": [ciphertexts[(n, node)] for n in sources]})
             contents[node] = content
         replies = self.send(SECAGG_MASKED, contents)
+        if self.admit is not None:  # a refused hospital's vector stays out of the sum: it counts as dropped
+            admitted, self.out.refused = self.admit([replies[n] for n in sorted(replies)])
+            replies = {r.metadata.src_node_id: r for r in admitted}
         survivors = sorted(replies)
         self.out.dropped = [n for n in shared if n not in replies]
         if len(survivors) < threshold:
@@ -228,27 +235,29 @@ class _Round:
 
 
 def secure_round(grid: Grid, node_ids: Iterable[int], train_content: RecordDict, server_round: int,
-                 timeout: float | None) -> SecureRound:
+                 timeout: float | None, admit: Admit | None = None) -> SecureRound:
     """Run one secure-aggregation round with ``node_ids``.
 
     ``train_content``: what a plain train message would carry (``arrays`` = global adaptors, ``config``); it goes
     to every hospital at the masked-vector stage. Each of the four stages waits at most ``timeout`` seconds.
+    ``admit`` decides which masked-vector replies enter the sum (by their ``site`` record).
     """
-    return _Round(grid, train_content, server_round, timeout).run(node_ids)
+    return _Round(grid, train_content, server_round, timeout, admit).run(node_ids)
 
 
 def secure_train(grid: Grid, strategy: AdaptorStrategy, server_round: int, train_msgs: list[Message],
-                 timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None, SecureRound]:
+                 timeout: float | None, admit: Admit | None = None
+                 ) -> tuple[ArrayRecord | None, MetricRecord | None, SecureRound]:
     """The train part of a round in secure mode: ``train_msgs`` from ``strategy.configure_train`` name the hospitals
-    and what they train on; the secure average enters ``strategy.aggregate_train`` as one reply weighted by the total
+    and what they train on; the secure average enters ``strategy.aggregate_checked`` as one reply weighted by the total
     number of examples (FedAvg/FedProx keep it, FedAdam takes its server step from it)."""
     if not train_msgs:
         return None, None, SecureRound(failure="no hospitals sampled")
     outcome = secure_round(grid, [m.metadata.dst_node_id for m in train_msgs], train_msgs[0].content,
-                           server_round, timeout)
+                           server_round, timeout, admit)
     if outcome.arrays is None:
         return None, None, outcome
     total = RecordDict({ARRAYS: outcome.arrays, METRICS: MetricRecord(
         {NUM_EXAMPLES: outcome.num_examples, "train-loss": float(outcome.metrics["train-loss"])})})
-    arrays, metrics = strategy.aggregate_train(server_round, [Message(total, reply_to=train_msgs[0])])
+    arrays, metrics = strategy.aggregate_checked(server_round, [Message(total, reply_to=train_msgs[0])])
     return arrays, metrics, outcome

@@ -20,7 +20,7 @@ from shared.errors import RetuneError
 
 STATE = "state.json"
 #: Settings that may differ between a run and its resumption (where things are, not what is computed).
-_LOCATION_KEYS = {"run-dir", "sim-dir", "cache", "round-timeout"}
+_LOCATION_KEYS = {"run-dir", "sim-dir", "round-timeout", "join-timeout", "round-retries"}
 
 
 def _comparable(config: dict) -> dict:
@@ -39,6 +39,8 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     arrays: ArrayRecord | None = None
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
+    backbone: str | None = None
+    hospitals: dict[int, str] = field(default_factory=dict)
 
     @classmethod
     def open(cls, config: FederationConfig, initial: ArrayRecord) -> RunState:
@@ -55,15 +57,20 @@ class RunState:
         arrays = ArrayRecord({k: Array(v) for k, v in load_file(run_dir / saved["arrays"]).items()})
         optimizer = load_file(run_dir / saved["optimizer"]) if saved.get("optimizer") else {}
         return cls(run_dir, saved["config"], saved["stage"], saved["round"], saved["server_round"],
-                   saved["history"], arrays, optimizer)
+                   saved["history"], arrays, optimizer, saved.get("backbone"),
+                   {int(node): name for node, name in saved.get("hospitals", {}).items()})
 
     @property
     def done(self) -> bool:
         return self.stage >= int(self.config["stages"])
 
-    def commit(self, arrays: ArrayRecord, optimizer: dict[str, np.ndarray], record: dict) -> None:
-        """Record a completed round and advance the position; persisted before returning."""
+    def commit(self, arrays: ArrayRecord, optimizer: dict[str, np.ndarray], record: dict,
+               backbone: str | None = None, hospitals: dict[int, str] | None = None) -> None:
+        """Record a completed round (and the run's backbone identity and hospital names so far) and advance the
+        position; persisted before returning."""
         self.arrays, self.optimizer = arrays, optimizer
+        self.backbone = backbone or self.backbone
+        self.hospitals.update(hospitals or {})
         self.history.append(record)
         self.server_round += 1
         self.round += 1
@@ -77,7 +84,9 @@ class RunState:
             save_file({k: np.ascontiguousarray(v) for k, v in optimizer.items()}, self.run_dir / opt_name)
         atomic_write_text(self.run_dir / STATE, json.dumps({
             "config": self.config, "stage": self.stage, "round": self.round, "server_round": self.server_round,
-            "arrays": name, "optimizer": opt_name, "history": self.history}, indent=1))
+            "arrays": name, "optimizer": opt_name, "backbone": self.backbone,
+            "hospitals": {str(node): name for node, name in sorted(self.hospitals.items())},
+            "history": self.history}, indent=1))
         for old in self.run_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].safetensors"):
             if old.name not in (name, opt_name):
                 old.unlink()

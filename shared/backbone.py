@@ -10,7 +10,7 @@ A spec is one of:
   randomly initialised (seeded, so the result is reproducible) and every output says so;
 - a backbone shipped with retune-fl (``retune-minilm-phantom``) or a folder written by ``retune build-backbone``:
   verified against its ``SHA256SUMS``, assembled once into a complete open_clip directory under the cache
-  (:mod:`shared.pretrain.artifact`) and loaded through ``local-dir:`` like any staged directory.
+  (:mod:`shared.artifact`) and loaded through ``local-dir:`` like any staged directory.
 
 A staged directory whose HF text tower names its model by a relative ``hf_model_name`` (``org/name``) that exists
 as a folder inside the directory (holding that model's ``config.json``) uses that folder, so the text tower's
@@ -37,6 +37,8 @@ from shared.errors import RetuneError
 
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 ALIASES: dict[str, str] = {"biomedclip": BIOMEDCLIP}
+#: Embedding sizes of hub models whose configuration cannot be read offline.
+KNOWN_EMBED_DIMS: dict[str, int] = {BIOMEDCLIP: 512}
 _CONFIG_DIR = Path(__file__).parent / "assets" / "model_configs"
 _RANDOM_INIT_SEED = 0
 
@@ -83,7 +85,7 @@ def resolve_spec(spec: str) -> tuple[str, str]:
 
     A shipped or built backbone artifact is verified and staged here (once), and maps to its staged directory.
     """
-    from shared.pretrain.artifact import resolve_artifact, stage
+    from shared.artifact import resolve_artifact, stage
 
     spec = ALIASES.get(spec.lower(), spec)
     artifact = resolve_artifact(spec)
@@ -99,6 +101,29 @@ def resolve_spec(spec: str) -> tuple[str, str]:
             f"unknown backbone {spec!r}: give 'biomedclip', an 'hf-hub:org/repo' id, a directory holding "
             f"open_clip_config.json and weights, or an open_clip model name such as {OFFLINE_DEFAULT!r}")
     return name, tag
+
+
+def config_embed_dim(spec: str) -> int:
+    """The embedding size a spec's configuration declares, without loading (or staging) any weights: what the
+    aggregation server needs, which never holds the backbone."""
+    from shared.artifact import CONFIG_FILE, read_config, resolve_artifact
+
+    spec = ALIASES.get(spec.lower(), spec)
+    if spec in KNOWN_EMBED_DIMS:
+        return KNOWN_EMBED_DIMS[spec]
+    artifact = resolve_artifact(spec)
+    folder = artifact or (Path(spec[len("local-dir:"):]) if spec.startswith("local-dir:") else Path(spec).expanduser())
+    try:
+        if folder.is_dir():
+            return int(read_config(folder)["model_cfg"]["embed_dim"])
+        config = open_clip.get_model_config(spec.partition(":")[0])
+        if config is not None:
+            return int(config["embed_dim"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RetuneError(f"cannot read the embedding size of backbone {spec!r} from {folder / CONFIG_FILE}: "
+                          f"{exc}; set run config embed-dim") from None
+    raise RetuneError(f"the embedding size of backbone {spec!r} is not known without its weights: set run config "
+                      "embed-dim (e.g. 512 for BiomedCLIP)")
 
 
 def _state_hash(model: torch.nn.Module) -> str:
@@ -135,7 +160,7 @@ def _staged_text_tower(name: str) -> dict[str, Any]:
 def _identity_name(name: str) -> str:
     """The model name in the identity: a staged retune artifact by its digest, wherever the cache lives."""
     if name.startswith("local-dir:"):
-        from shared.pretrain.artifact import staged_digest
+        from shared.artifact import staged_digest
 
         digest = staged_digest(Path(name[len("local-dir:"):]))
         if digest is not None:

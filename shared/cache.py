@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -184,7 +185,7 @@ class EmbeddingCache:
         columns = (TextColumn("embedding images"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn())
         start = time.perf_counter()
-        with Progress(*columns, disable=not show_progress, transient=False) as progress, \
+        with Progress(*columns, disable=not show_progress, transient=False, console=Console(stderr=True)) as progress, \
                 ThreadPoolExecutor(self.config.loader_threads) as pool:
             task = progress.add_task("embed", total=len(items), rate="-")
             try:

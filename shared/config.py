@@ -156,11 +156,20 @@ class FederationConfig:
     server_lr : float
         FedAdam server learning rate ``eta`` (default 0.01).
     min_hospitals : int
-        Hospitals a round needs (default 2).
+        Hospitals whose train replies a round needs to count (default 2).
     round_timeout : float
         Seconds the server waits for replies in a round (default 600).
+    join_timeout : float
+        Seconds a round waits for ``min_hospitals`` to be connected before the run fails (default 600).
+    round_retries : int
+        Times a round that fewer than ``min_hospitals`` completed is run again before the run fails (default 2).
     backbone : str
-        Backbone spec every hospital embeds with (default: the offline default).
+        The backbone the hospitals embed with, as the server records it in the checkpoint (default: the offline
+        default). Each hospital's own node config decides what it loads; the server compares their identities.
+    embed_dim : int
+        The backbone's embedding size (default 0: read from the backbone's configuration, without its weights).
+    backbone_identity : str
+        Identity (64 hex) every hospital's backbone must have (default "": the one most hospitals report first).
     diseases : str
         Label schema or comma-separated diseases (default "chexpert5").
     adaptor : {"mlp", "linear", "residual"}
@@ -176,9 +185,6 @@ class FederationConfig:
         Server folder for the persisted round state and checkpoints (default "runs/federation").
     sim_dir : str
         Simulation only: folder with ``hospital-K/`` sites, chosen by a SuperNode's ``partition-id``.
-    cache : str
-        Hospital embedding cache (default: ``$RETUNE_CACHE`` or ``~/.cache/retune-fl``); a SuperNode's
-        ``cache`` node config overrides it.
     secure_aggregation : bool
         Masked aggregation: the server learns only the sum of the hospitals' updates (default False).
     """
@@ -192,7 +198,11 @@ class FederationConfig:
     server_lr: float = 0.01
     min_hospitals: int = 2
     round_timeout: float = 600.0
+    join_timeout: float = 600.0
+    round_retries: int = 2
     backbone: str = OFFLINE_DEFAULT
+    embed_dim: int = 0
+    backbone_identity: str = ""
     diseases: str = "chexpert5"
     adaptor: AdaptorKind = "mlp"
     lr: float = TrainConfig.lr
@@ -201,7 +211,6 @@ class FederationConfig:
     seed: int = 0
     run_dir: str = "runs/federation"
     sim_dir: str = ""
-    cache: str = ""
     secure_aggregation: bool = False
 
     @classmethod

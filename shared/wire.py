@@ -3,10 +3,14 @@
 Server → hospital (train):    ``arrays`` (global adaptors, ArrayRecord) + ``config`` (ConfigRecord)
 Server → hospital (evaluate): ``arrays`` + ``config``
 Hospital → server (train):    ``arrays`` (its adaptors: exactly the expected names, shapes, dtypes) + ``metrics``
-Hospital → server (evaluate): ``metrics`` only
+                              + ``site``
+Hospital → server (evaluate): ``metrics`` + ``site``
 
-Replies carry adaptor arrays and scalar metrics, nothing else: no images, embeddings, labels or strings.
-:func:`check_reply` enforces that allow-list on both sides of the boundary.
+``site`` (ConfigRecord) holds exactly two strings of fixed form: ``name``, the hospital's name from its node config
+(letters, digits, ``.``, ``_``, ``-``; at most 64), by which reports name it, and ``backbone``, the 64-hex identity
+of its frozen backbone (weights hash + preprocessing), so the server never averages adaptors trained on different
+backbones. Replies carry adaptor arrays, scalar metrics and that record, nothing else: no images, embeddings,
+labels or free text. :func:`check_reply` enforces that allow-list on both sides of the boundary.
 
 Secure aggregation (run config ``secure-aggregation = true``, protocol in :mod:`shared.secagg`) replaces the train
 exchange by four train actions per round; their replies never carry the plain ``arrays`` or ``num-examples``:
@@ -23,12 +27,14 @@ Server → hospital ``train.secagg_unmask``:      ``secagg`` (survivors, dropped
 Hospital → server:                              ``secagg`` (``seed-shares`` of survivors, ``key-shares`` of dropped)
 
 Secure replies carry ``metrics`` (always with the masked vector, else optional) with :data:`SECURE_METRICS` only
-(simulated identity; DP ε and δ with the masked vector); key material has fixed sizes. :func:`check_secure_reply`
+(simulated identity; DP ε and δ with the masked vector) and ``site`` (required with the masked vector, else
+optional); key material has fixed sizes. :func:`check_secure_reply`
 is that allow-list; a reply with both ``masked`` and ``arrays`` is refused.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +49,10 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
+#: The replying hospital's name and backbone identity (ConfigRecord of two fixed-form strings).
+SITE = "site"
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+BACKBONE_IDENTITY = re.compile(r"[0-9a-f]{64}")
 #: Secure aggregation: key material (ConfigRecord, both directions) and the masked update (ArrayRecord of uint64).
 SECAGG = "secagg"
 MASKED = "masked"
@@ -115,11 +125,41 @@ def check_metrics(record: MetricRecord) -> None:
             raise WireError(f"metric {key!r} is not a finite scalar: {type(value).__name__}")
 
 
+def site_record(name: str, backbone: str) -> ConfigRecord:
+    """The ``site`` record of a reply (checked as :func:`check_site` does)."""
+    record = ConfigRecord({"name": name, "backbone": backbone})
+    check_site(record)
+    return record
+
+
+def check_site(record: object) -> None:
+    """``site`` holds exactly ``name`` (a hospital name) and ``backbone`` (a 64-hex identity)."""
+    if not isinstance(record, ConfigRecord) or set(record.keys()) != {"name", "backbone"}:
+        raise WireError(f"{SITE!r} must be a ConfigRecord of exactly 'name' and 'backbone'")
+    name, backbone = record["name"], record["backbone"]
+    if not isinstance(name, str) or not SITE_NAME.fullmatch(name):
+        raise WireError("site 'name' must be 1-64 letters, digits, '.', '_' or '-'")
+    if not isinstance(backbone, str) or not BACKBONE_IDENTITY.fullmatch(backbone):
+        raise WireError("site 'backbone' must be a 64-digit lowercase hex identity")
+
+
+def site_of(content: RecordDict) -> tuple[str, str] | None:
+    """(name, backbone identity) of a reply that carries a valid ``site`` record, else None."""
+    record = content.get(SITE)
+    try:
+        check_site(record)
+    except WireError:
+        return None
+    return str(record["name"]), str(record["backbone"])  # type: ignore[index]
+
+
 def check_reply(content: RecordDict, spec: dict[str, ArraySpec] | None) -> None:
-    """Allow-list of a hospital's reply: ``metrics`` always, ``arrays`` exactly when ``spec`` is given."""
-    allowed = {METRICS} | ({ARRAYS} if spec is not None else set())
+    """Allow-list of a hospital's reply: ``metrics`` and ``site`` always, ``arrays`` exactly when ``spec`` is
+    given."""
+    allowed = {METRICS, SITE} | ({ARRAYS} if spec is not None else set())
     if set(content.keys()) != allowed:
         raise WireError(f"reply records {sorted(content.keys())} are not the allowed {sorted(allowed)}")
+    check_site(content[SITE])
     if not isinstance(content[METRICS], MetricRecord):
         raise WireError("'metrics' must be a MetricRecord")
     check_metrics(content[METRICS])
@@ -164,10 +204,12 @@ def check_secure_reply(content: RecordDict, stage: str, spec: dict[str, ArraySpe
     :data:`SECURE_METRICS` only; no plain ``arrays``, no plain ``num-examples``, nothing else."""
     if stage not in SECURE_STAGES:
         raise WireError(f"{stage!r} is not a secure-aggregation stage")
-    required = {MASKED, METRICS} if stage == SECAGG_MASKED else {SECAGG}
+    required = {MASKED, METRICS, SITE} if stage == SECAGG_MASKED else {SECAGG}
     keys = set(content.keys())
-    if not required <= keys or keys - required - {METRICS}:
-        raise WireError(f"secure reply records {sorted(keys)} are not {sorted(required)} (+ {METRICS!r})")
+    if not required <= keys or keys - required - {METRICS, SITE}:
+        raise WireError(f"secure reply records {sorted(keys)} are not {sorted(required)} (+ {METRICS!r}, {SITE!r})")
+    if SITE in keys:
+        check_site(content[SITE])
     if METRICS in keys:
         metrics = content[METRICS]
         if not isinstance(metrics, MetricRecord):

@@ -8,15 +8,17 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from shared.wire import METRICS, ArraySpec, WireError, check_reply
+from shared.wire import METRICS, ArraySpec, WireError, check_reply, site_of
 
 log = logging.getLogger(__name__)
 
 
-def reply_order(msg: Message) -> tuple[int, int]:
-    """Sort key of a reply: simulated partition id when present, else the node id."""
-    metrics = msg.content[METRICS] if not msg.has_error() and METRICS in msg.content else {}
-    return int(metrics.get("partition-id", -1)), int(msg.metadata.src_node_id)
+def reply_order(msg: Message) -> tuple[int, str, int]:
+    """Sort key of a reply: simulated partition id when present, then the hospital's name, then the node id."""
+    content = msg.content if not msg.has_error() else None
+    metrics = content[METRICS] if content is not None and METRICS in content else {}
+    site = site_of(content) if content is not None else None
+    return int(metrics.get("partition-id", -1)), site[0] if site else "", int(msg.metadata.src_node_id)
 
 
 class AdaptorStrategy:
@@ -46,7 +48,13 @@ class AdaptorStrategy:
                     self.refused.append((msg.metadata.src_node_id, str(exc)))
                     continue
             accepted.append(msg)
-        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        return self.aggregate_checked(server_round, accepted)
+
+    def aggregate_checked(self, server_round: int, replies: Iterable[Message]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The parent strategy's aggregation of replies already checked (e.g. the server's own unmasked secure
+        sum, which is no hospital's reply)."""
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Server-side optimiser state to persist with the global adaptors (none for plain averaging)."""

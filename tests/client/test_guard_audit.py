@@ -19,9 +19,10 @@ from client.guard import boundary_guard, hospital_mods, signature_mod
 from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.signing import ARRAYS_SIGNATURE, generate_keys, sign_arrays
-from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, to_record
+from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, site_record, to_record
 
 GLOBAL = to_record(RetuneModel(8))
+SITE_RECORD = site_record("hospital-0", "0f" * 32)
 
 
 def _message(kind: str = "train", arrays: ArrayRecord | None = GLOBAL, signature: bytes | None = None) -> Message:
@@ -51,7 +52,8 @@ def _app(mods, reply_fn, marker=None) -> ClientApp:
 
 
 def _train_reply(msg: Message) -> RecordDict:
-    return RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({NUM_EXAMPLES: 12, "train-loss": 0.5})})
+    return RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({NUM_EXAMPLES: 12, "train-loss": 0.5}),
+                       SITE: SITE_RECORD})
 
 
 def _entries(path):
@@ -127,14 +129,14 @@ def test_conforming_train_and_evaluate_replies_leave_and_are_audited(tmp_path):
     reply = app(_message("train"), _context())
     assert reply.has_content() and list(reply.content[ARRAYS].keys()) == list(GLOBAL.keys())
     evaluate = _app([boundary_guard(audit_path=audit)], lambda m: RecordDict({METRICS: MetricRecord(
-        {NUM_EXAMPLES: 3, "auroc/Edema": 0.7})}))
+        {NUM_EXAMPLES: 3, "auroc/Edema": 0.7}), SITE: SITE_RECORD}))
     assert evaluate(_message("evaluate"), _context()).has_content()
 
     train_entry, eval_entry = _entries(audit)
     assert train_entry["event"] == SENT and train_entry["message_type"] == "train"
     assert (train_entry["run_id"], train_entry["server_round"], train_entry["stage"], train_entry["round"]) == \
         (7, 5, 1, 2)
-    assert train_entry["records"] == [ARRAYS, METRICS]
+    assert train_entry["records"] == [ARRAYS, METRICS, SITE]
     assert train_entry["arrays"] == {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in GLOBAL.items()}
     assert train_entry["metric_keys"] == [NUM_EXAMPLES, "train-loss"]
     assert train_entry["sha256"] == content_sha256(reply.content)
@@ -230,12 +232,9 @@ def test_signature_mod_refuses_unsigned_or_altered_adaptors_before_the_app(tmp_p
 
 
 def test_hospital_mods_from_node_config(tmp_path, consortium):
-    from client.approval import add_approval
-
     private, public = consortium
-    audit, approved = tmp_path / "audit.jsonl", tmp_path / "approved.json"
-    add_approval(approved, running_code(), "it-admin")
-    context = _context(**{"audit-log": str(audit), "approved-apps": str(approved), "consortium-key": str(public)})
+    audit = tmp_path / "audit.jsonl"
+    context = _context(**{"audit-log": str(audit), "consortium-key": str(public)})
     app = _app(hospital_mods(), _train_reply)
     assert app(_message("train", GLOBAL, sign_arrays(GLOBAL, private)), context).has_content()
     assert app(_message("train"), context).has_error()  # unsigned: refused by the signature mod ...

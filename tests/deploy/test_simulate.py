@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from safetensors.numpy import load_file
 
 from deploy.simulate import run_simulation, simulation_config
@@ -44,6 +45,8 @@ def _recording_mod(log_path: str):
                     k: [list(a.shape), a.dtype] for k, a in record.items()}}
             elif isinstance(record, MetricRecord):
                 entry["records"][name] = {"kind": "metrics", "types": sorted({type(v).__name__ for v in record.values()})}
+            elif isinstance(record, ConfigRecord):
+                entry["records"][name] = {"kind": "config", "values": dict(record)}
             else:
                 entry["records"][name] = {"kind": type(record).__name__}
         with open(log_path, "a") as f:
@@ -96,16 +99,20 @@ def test_bytes_up_per_hospital_is_the_adaptor_payload(finished):
 def test_hospitals_send_only_adaptor_arrays_and_scalars(finished):
     out, report, replies = finished
     model = initial_model(_config(out), _embed_dim(report))
+    sidecar = json.loads((Path(report["checkpoint"]) / "adaptors.json").read_text())
     spec = {k: [list(t.shape), "float32"] for k, t in model.state_dict().items()}
     assert len(replies) == 2 * STAGES * ROUNDS * HOSPITALS
     for entry in replies:
         records = entry["records"]
         if entry["type"] == "train":
-            assert set(records) == {"arrays", "metrics"}
+            assert set(records) == {"arrays", "metrics", "site"}
             assert records["arrays"]["arrays"] == spec
         else:
-            assert set(records) == {"metrics"}
+            assert set(records) == {"metrics", "site"}
         assert records["metrics"]["kind"] == "metrics" and set(records["metrics"]["types"]) <= {"int", "float"}
+        site = records["site"]["values"]
+        assert set(site) == {"name", "backbone"} and re.fullmatch(r"hospital-\d", site["name"])
+        assert site["backbone"] == sidecar["backbone"]["identity"]
 
 
 def test_checkpoint_is_usable_by_evaluate_and_predict(finished, tmp_path):

@@ -29,10 +29,11 @@ from server.strategy import make_strategy
 from shared.config import FederationConfig
 from shared.model import RetuneModel
 from shared.secagg import EXTRAS, QUANTISATION_ERROR, SecAggError, Layout, encode_update
-from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_UNMASK,
-                         adaptor_spec, to_record)
+from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_UNMASK, SITE,
+                         adaptor_spec, site_record, to_record)
 
 GLOBAL = to_record(RetuneModel(16))
+BACKBONE = "ef" * 32
 SPEC = adaptor_spec(RetuneModel(16))
 
 
@@ -57,7 +58,8 @@ def synthetic_train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"hospital-{partition} went down mid-round")
     arrays, n, loss = update_of(partition, msg.content[ARRAYS])
     content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          METRICS: MetricRecord({NUM_EXAMPLES: n, "train-loss": loss, "partition-id": partition})})
+                          METRICS: MetricRecord({NUM_EXAMPLES: n, "train-loss": loss, "partition-id": partition}),
+                          SITE: site_record(f"hospital-{partition}", BACKBONE)})
     return Message(content, reply_to=msg)
 
 
@@ -120,7 +122,7 @@ def looks_uniform(y: np.ndarray) -> bool:
 def assert_looks_nothing_like_its_update(reply: Message, partition: int) -> None:
     """The masked vector is uniform on Z/2^64 and uncorrelated with the hospital's update (whose own encoding is
     anything but uniform)."""
-    assert set(reply.content.keys()) == {MASKED, METRICS} and ARRAYS not in reply.content
+    assert set(reply.content.keys()) == {MASKED, METRICS, SITE} and ARRAYS not in reply.content
     assert set(reply.content[METRICS].keys()) <= {"partition-id", "epsilon", "delta"}
     y, x = masked_vector(reply), plain_vector(partition)
     assert looks_uniform(y) and not looks_uniform(x)
@@ -162,6 +164,18 @@ class LocalGrid:
                         message_type=msg.metadata.message_type)
         return Message(metadata=meta, content=_wire(msg.content))
 
+    def push_messages(self, messages):
+        """Deliver each message now; its id is its reply's ``reply_to`` (a silent node's gets one never answered)."""
+        ids, self.outbox = [], {}
+        for msg in messages:
+            replies = list(self.send_and_receive([msg]))
+            ids.append(replies[0].metadata.reply_to_message_id if replies else uuid.uuid4().hex)
+            self.outbox.update({r.metadata.reply_to_message_id: r for r in replies})
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.outbox.pop(mid) for mid in list(message_ids) if mid in self.outbox]
+
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for msg in messages:
@@ -194,7 +208,7 @@ def server_identity():
 
 
 def _run(grid: LocalGrid, round_: int = 1) -> SecureRound:
-    return secure_round(grid, grid.get_node_ids(), train_content(round_), round_, timeout=10)
+    return secure_round(grid, grid.get_node_ids(), train_content(round_), round_, timeout=1)  # replies are instant
 
 
 # --- through Flower's simulation engine -------------------------------------------------------------------------
@@ -446,7 +460,7 @@ def test_the_hospital_boundary_passes_and_audits_the_secure_stages(tmp_path):
     for entry in entries:
         assert "arrays" not in entry["records"]
         if entry["message_type"].endswith(SECAGG_MASKED):
-            assert entry["records"] == [MASKED, METRICS] and entry["metric_keys"] == ["partition-id"]
+            assert entry["records"] == [MASKED, METRICS, SITE] and entry["metric_keys"] == ["partition-id"]
             assert {spec["dtype"] for spec in entry["arrays"].values()} == {"uint64"}
     unsigned = secure_round(grid, grid.get_node_ids(), train_content(2), 2, timeout=10)
     assert unsigned.arrays is None and all("not signed" in m.error.reason for m in unsigned.declined)

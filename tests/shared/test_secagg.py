@@ -16,8 +16,8 @@ from shared.secagg import (CIPHERTEXT_BYTES, CLIP, EXTRAS, MAX_TOTAL_EXAMPLES, Q
                            decode_sum, decrypt_shares, encode_update, encrypt_shares, mask_update, new_key_pair,
                            prg, public_key, quantise, remove_masks, split_secret, threshold_for)
 from shared.wire import (ARRAYS, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_SETUP,
-                         SECAGG_SHARE_KEYS, SECAGG_UNMASK, WireError, adaptor_spec, check_secure_reply,
-                         masked_spec, secure_stage, to_record)
+                         SECAGG_SHARE_KEYS, SECAGG_UNMASK, SITE, WireError, adaptor_spec, check_secure_reply,
+                         masked_spec, secure_stage, site_record, to_record)
 
 SESSION = bytes(range(16))
 SHAPES = {"a": (3, 4), "b": (5,), "c": (2, 2, 2)}
@@ -220,7 +220,7 @@ def _masked_reply(**metrics):
     layout = Layout.of({k: s.shape for k, s in SPEC.items()})
     parts = layout.split(prg(b"m" * 32, layout.size, b"test"))
     return RecordDict({MASKED: ArrayRecord({k: Array(v) for k, v in parts.items()}),
-                       METRICS: MetricRecord(metrics)})
+                       METRICS: MetricRecord(metrics), SITE: site_record("hospital-1", "cd" * 32)})
 
 
 def test_secure_stages_are_train_actions():

@@ -3,12 +3,15 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.model import RetuneModel
-from shared.wire import (ARRAYS, METRICS, NUM_EXAMPLES, WireError, adaptor_spec, check_reply, load_record,
-                         payload_bytes, to_record)
+from shared.wire import (ARRAYS, METRICS, NUM_EXAMPLES, SITE, WireError, adaptor_spec, check_reply, load_record,
+                         payload_bytes, site_of, site_record, to_record)
+
+IDENTITY = "ab" * 32
 
 
 def _reply(model, **metrics):
-    return RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord({NUM_EXAMPLES: 10, **metrics})})
+    return RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord({NUM_EXAMPLES: 10, **metrics}),
+                       SITE: site_record("hospital-3", IDENTITY)})
 
 
 def test_round_trip_and_payload_size():
@@ -25,10 +28,13 @@ def test_round_trip_and_payload_size():
 def test_allow_list_accepts_adaptors_and_scalars():
     model = RetuneModel(8)
     check_reply(_reply(model, **{"train-loss": 0.3}), adaptor_spec(model))
-    check_reply(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 3, "auroc/all/Edema": 0.7})}), None)
+    check_reply(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 3, "auroc/all/Edema": 0.7}),
+                            SITE: site_record("St_Mary.2", IDENTITY)}), None)
+    assert site_of(_reply(model)) == ("hospital-3", IDENTITY)
 
 
-@pytest.mark.parametrize("tamper", ["extra_array", "shape", "dtype", "extra_record", "no_count", "embeddings"])
+@pytest.mark.parametrize("tamper", ["extra_array", "shape", "dtype", "extra_record", "no_count", "embeddings",
+                                    "no_site", "site_free_text", "site_long_name", "site_not_hex", "site_extra"])
 def test_allow_list_refuses_anything_else(tamper):
     model = RetuneModel(8)
     spec = adaptor_spec(model)
@@ -47,5 +53,15 @@ def test_allow_list_refuses_anything_else(tamper):
         reply[METRICS] = MetricRecord({"train-loss": 1.0})
     elif tamper == "embeddings":
         reply[METRICS] = MetricRecord({NUM_EXAMPLES: 1, "leak": [0.1, 0.2]})
+    elif tamper == "no_site":
+        del reply[SITE]
+    elif tamper == "site_free_text":  # a name field used to carry a patient's details out
+        reply[SITE] = ConfigRecord({"name": "Jane Doe, 1961-04-02, effusion", "backbone": IDENTITY})
+    elif tamper == "site_long_name":
+        reply[SITE] = ConfigRecord({"name": "h" * 65, "backbone": IDENTITY})
+    elif tamper == "site_not_hex":
+        reply[SITE] = ConfigRecord({"name": "hospital-3", "backbone": "patient:" + "0" * 56})
+    elif tamper == "site_extra":
+        reply[SITE] = ConfigRecord({"name": "hospital-3", "backbone": IDENTITY, "note": "x"})
     with pytest.raises(WireError):
         check_reply(reply, spec)

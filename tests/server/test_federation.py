@@ -1,0 +1,170 @@
+"""The round loop against hospitals that go missing, refuse, or run another backbone: a round counts only with
+``min-hospitals`` updates, a run that cannot go on fails loudly, and hospitals are named by their node config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+
+from server.federation import run_federation, wait_for_hospitals
+from server.hospitals import FederationError, Hospitals
+from server.state import STATE, RunState
+from shared.config import FederationConfig
+from shared.wire import ARRAYS, METRICS, NUM_EXAMPLES, SITE, site_record
+
+DIM = 8
+BACKBONE, OTHER = "aa" * 32, "bb" * 32
+#: A hospital: (incoming message, round number so far) -> its reply, or None to stay silent.
+Behaviour = Callable[[Message, int], Message | None]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """What a ServerApp process has: Flower stamps every new Message with the task's run id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for field, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, field, value)
+
+
+def honest(name: str, backbone: str = BACKBONE, scale: float = 1.0) -> Behaviour:
+    def reply(msg: Message, _round: int) -> Message:
+        metrics = {NUM_EXAMPLES: 10, "train-loss": 0.5}
+        content = RecordDict({METRICS: MetricRecord(metrics), SITE: site_record(name, backbone)})
+        if msg.metadata.message_type == "train":
+            content[ARRAYS] = ArrayRecord({k: Array((a.numpy() * scale).astype(np.float32))
+                                           for k, a in msg.content[ARRAYS].items()})
+        else:
+            content[METRICS] = MetricRecord({NUM_EXAMPLES: 10, "auroc/all/Edema": 0.7, "pos/all/Edema": 3,
+                                             "neg/all/Edema": 7, "auroc/s0/Edema": 0.7, "pos/s0/Edema": 3,
+                                             "neg/s0/Edema": 7})
+        return Message(content, reply_to=msg)
+    return reply
+
+
+def refusing(msg: Message, _round: int) -> Message:
+    return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, "this hospital has not approved the run's app package"),
+                   reply_to=msg)
+
+
+def silent(msg: Message, _round: int) -> None:
+    return None
+
+
+class Grid:
+    """Delivers each message to its hospital's behaviour at once; ``connected`` can be changed by a test."""
+
+    def __init__(self, hospitals: dict[int, Behaviour]) -> None:
+        self.hospitals, self.connected = hospitals, set(hospitals)
+        self.outbox: dict[str, Message] = {}
+        self.trains = 0
+
+    def get_node_ids(self):
+        return sorted(self.connected)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.trains += msg.metadata.message_type == "train"
+            meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=node,
+                            reply_to_message_id="", group_id=msg.metadata.group_id, created_at=time.time(),
+                            ttl=600.0, message_type=msg.metadata.message_type)
+            incoming = Message(metadata=meta, content=msg.content)
+            reply = self.hospitals[node](incoming, self.trains)
+            if reply is not None:
+                self.outbox[meta.message_id] = reply
+            ids.append(meta.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.outbox.pop(i) for i in list(ids) if i in self.outbox]
+
+
+def _config(tmp_path, **kwargs) -> FederationConfig:
+    settings = dict(stages=1, rounds_per_stage=2, min_hospitals=2, round_timeout=0.5, join_timeout=2.0,
+                    round_retries=1, diseases="Edema", run_dir=str(tmp_path / "run"))
+    return FederationConfig(**{**settings, **kwargs})
+
+
+def test_rounds_name_hospitals_and_record_the_backbone(tmp_path):
+    grid = Grid({11: honest("st-mary"), 22: honest("royal-free"), 33: silent})
+    state = run_federation(grid, _config(tmp_path), DIM)
+    first = state.history[0]
+    assert first["clients"] == 2 and set(first["bytes_up_per_hospital"]) == {"st-mary", "royal-free"}
+    assert set(first["hospitals"]) == {"st-mary", "royal-free"}
+    assert first["declined"] == [{"hospital": "node-33", "reason": "no reply within round-timeout (0.5 s)"}]
+    saved = json.loads((tmp_path / "run" / STATE).read_text())
+    assert saved["backbone"] == BACKBONE and saved["hospitals"] == {"11": "st-mary", "22": "royal-free"}
+
+
+def test_a_hospital_on_another_backbone_is_refused_by_name(tmp_path):
+    grid = Grid({1: honest("h-a"), 2: honest("h-b"), 3: honest("h-c", OTHER, scale=100.0)})
+    state = run_federation(grid, _config(tmp_path), DIM)
+    record = state.history[0]
+    assert record["clients"] == 2 and "h-c" not in record["bytes_up_per_hospital"]
+    assert [r["hospital"] for r in record["refused"]] == ["h-c", "h-c"]  # its train and its evaluate replies
+    assert "backbone" in record["refused"][0]["reason"]
+    for name, array in state.arrays.items():  # the ×100 update of the other backbone is not in the average
+        assert np.abs(array.numpy()).max() < 10
+
+
+def test_a_pinned_identity_wins_and_a_tie_stops_the_run(tmp_path):
+    grid = Grid({1: honest("h-a"), 2: honest("h-b", OTHER), 3: honest("h-c", OTHER)})
+    state = run_federation(grid, _config(tmp_path / "pinned", backbone_identity=BACKBONE, min_hospitals=1), DIM)
+    assert state.history[0]["clients"] == 1 and state.backbone == BACKBONE
+    tie = Grid({1: honest("h-a"), 2: honest("h-b", OTHER)})
+    with pytest.raises(FederationError, match="disagree on the backbone.*h-a.*h-b"):
+        run_federation(tie, _config(tmp_path / "tie"), DIM)
+
+
+def test_a_round_with_too_few_updates_is_retried_then_the_run_fails_without_counting_it(tmp_path, caplog):
+    grid = Grid({1: honest("h-a"), 2: refusing, 3: silent})
+    with caplog.at_level(logging.WARNING), pytest.raises(FederationError, match="fewer than min-hospitals 2.*2 times"):
+        run_federation(grid, _config(tmp_path), DIM)
+    assert "the round does not count; trying it again" in caplog.text
+    assert "not approved" in caplog.text and "no reply within round-timeout" in caplog.text
+    assert grid.trains == 2 * 3  # the first round, twice, to three hospitals
+    assert not (tmp_path / "run" / STATE).exists()  # nothing was committed
+
+
+def test_a_round_that_recovers_on_retry_counts_once(tmp_path):
+    flaky = honest("h-b")
+    grid = Grid({1: honest("h-a"), 2: lambda msg, n: flaky(msg, n) if n > 2 else None})
+    state = run_federation(grid, _config(tmp_path, round_retries=2), DIM)
+    assert [r["attempts"] for r in state.history] == [2, 1]
+    assert [r["clients"] for r in state.history] == [2, 2] and state.server_round == 2
+
+
+def test_too_few_connected_hospitals_wait_and_then_fail_loudly(tmp_path, caplog):
+    grid = Grid({1: honest("h-a"), 2: honest("h-b")})
+    grid.connected = {1}
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(FederationError, match="only 1 of the 2 hospitals"):
+        wait_for_hospitals(grid, _config(tmp_path, join_timeout=1.5))
+    assert time.monotonic() - start >= 1.5
+    assert "waiting for hospitals: 1 of the 2" in caplog.text
+
+
+def test_names_learnt_earlier_name_later_errors_and_duplicates_are_told_apart():
+    hospitals = Hospitals(BACKBONE, {5: "h-a", 6: "h-a"})
+    assert hospitals.name_of(5) == "h-a (node 5)" and hospitals.name_of(7) == "node-7"
+
+
+def test_resume_keeps_names_and_identity(tmp_path):
+    config = _config(tmp_path, rounds_per_stage=3)
+    state = RunState.open(config, ArrayRecord())
+    state.commit(ArrayRecord(), {}, {"macro_auroc": 0.5}, BACKBONE, {4: "h-a"})
+    resumed = RunState.open(config, ArrayRecord())
+    assert resumed.backbone == BACKBONE and resumed.hospitals == {4: "h-a"}
