@@ -5,7 +5,9 @@
   holds no detail (the detail goes to the hospital's audit log and logger). If the audit entry cannot be
   written, nothing leaves either: an error reply goes instead.
 - :func:`signature_mod` refuses global adaptors that do not carry the consortium's signature.
-- :func:`hospital_mods` stacks them with :func:`client.approval.approval_mod`, configured from the node config.
+- :func:`hospital_mods` stacks them, configured from the node config.
+
+Which app package a hospital serves at all is decided before any of this, by its runtime (:mod:`client.runtime`).
 
 **Expected spec.** A train reply must hold exactly the arrays the server sent in the train message (same names,
 shapes, dtypes: :func:`incoming_spec`), so the guard needs no model or backbone and a reply is never larger than
@@ -22,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
-from client.approval import approval_mod, running_code
+from client.approval import running_code
 from client.audit import ERROR, REFUSED, SENT, AuditLog, message_entry
 from shared.errors import RetuneError
 from shared.signing import ARRAYS_SIGNATURE, load_public_key, verify_arrays
@@ -154,10 +156,8 @@ def signature_mod(public_key: Path | str | None = None) -> Mod:
     return mod
 
 
-def hospital_mods(audit_path: Path | str | None = None, approved_path: Path | str | None = None,
-                  public_key: Path | str | None = None) -> list[Mod]:
-    """The hospital's mod stack, outermost first: boundary guard (audits every reply, including the refusals
-    below), code approval (before any data is touched), consortium signature of the incoming adaptors. Each
-    argument left None comes from the node config (``audit-log``, ``approved-apps``, ``consortium-key``) at
-    every message; a key absent there switches that check off."""
-    return [boundary_guard(audit_path=audit_path), approval_mod(approved_path), signature_mod(public_key)]
+def hospital_mods(audit_path: Path | str | None = None, public_key: Path | str | None = None) -> list[Mod]:
+    """The hospital's mod stack, outermost first: boundary guard (audits every reply, including the refusal
+    below), consortium signature of the incoming adaptors. Each argument left None comes from the node config
+    (``audit-log``, ``consortium-key``) at every message; a key absent there switches that check off."""
+    return [boundary_guard(audit_path=audit_path), signature_mod(public_key)]

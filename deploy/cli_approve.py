@@ -1,4 +1,4 @@
-"""``retune approve``: hospital IT reviews the code that would run at the hospital and approves its hash."""
+"""``retune approve``: hospital IT reviews a run's app package (FAB) and approves it by hash."""
 
 from __future__ import annotations
 
@@ -10,53 +10,92 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared.errors import RetuneError
+
 
 def approve(
     list_path: Annotated[Path, typer.Option("--list", help="The hospital's approved-apps JSON (node config "
                                                            "`approved-apps`); created on first approval.")],
-    note: Annotated[str, typer.Option(help="Why this version is approved (ticket, review).")] = "",
-    show: Annotated[bool, typer.Option("--show", help="Only show the hash and files; approve nothing.")] = False,
+    fab: Annotated[Optional[Path], typer.Option(help="The app package to review: a .fab from the operator "
+                                                     "(`flwr build`), or one the runtime refused and kept in "
+                                                     "pending/ beside the list.")] = None,
+    pending: Annotated[bool, typer.Option("--pending", help="List the refused packages kept for review.")] = False,
+    installed: Annotated[bool, typer.Option("--installed", help="Show the installed hospital runtime (what runs "
+                                                                "here) and its code hash.")] = False,
+    note: Annotated[str, typer.Option(help="Why this package is approved (ticket, review).")] = "",
+    show: Annotated[bool, typer.Option("--show", help="Only show the package; approve nothing.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Approve without asking (non-interactive).")] = False,
     by: Annotated[Optional[str], typer.Option(help="Who approves (default: the login name).")] = None,
-    source: Annotated[Optional[Path], typer.Option(help="Folder holding the client/ and shared/ to approve, e.g. "
-                                                        "an unpacked FAB (default: the installed packages).")] = None,
 ) -> None:
-    """Show the code hash and every hashed file, what changed since the last approval, then approve it."""
-    from client.approval import add_approval, code_manifest, diff_manifest, read_approved
+    """Show an app package's hash, files and what changed since the last approval, then approve it."""
+    from client.approval import (PENDING_DIR, AppPackage, add_approval, code_manifest, diff_files, find_approval,
+                                 hospital_code_diff, read_approved)
 
     out = Console(highlight=False, soft_wrap=True)
-    manifest = code_manifest(source)
+    if installed:
+        manifest = code_manifest()
+        _files_table(out, f"installed hospital runtime: what runs here ({len(manifest.files)} files)", manifest)
+        out.print(f"runtime code hash: {manifest.code_hash}")
+        return
     approved = read_approved(list_path)
-    table = Table(title=f"code that runs at the hospital ({len(manifest.files)} files)")
+    if pending:
+        folder = list_path.parent / PENDING_DIR
+        waiting = sorted(folder.glob("*.fab")) if folder.is_dir() else []
+        fresh = [p for p in waiting if not any(e["fab_hash"] == p.stem for e in approved)]
+        out.print("\n".join(str(p) for p in fresh) if fresh else f"no refused app packages waiting in {folder}")
+        return
+    if fab is None:
+        raise RetuneError("name the app package to review: --fab FILE (or --pending to list refused ones)")
+    package = AppPackage.from_file(fab)
+    _files_table(out, f"app package {package.app} ({len(package.manifest.files)} files)", package.manifest)
+    out.print(f"package hash: {package.fab_hash}")
+    if package.run_config:
+        out.print("default run config: " + " ".join(f"{k}={v!r}" for k, v in package.run_config.items()))
+    differs = hospital_code_diff(package)
+    if differs.empty:
+        out.print("its client/ and shared/ equal the installed hospital runtime")
+    else:
+        out.print(f"[bold yellow]its client/ and shared/ differ from the installed hospital runtime[/] "
+                  f"({len(differs.changed)} changed, {len(differs.added)} added, {len(differs.removed)} removed): "
+                  "those files never run here; this hospital runs its installed retune-fl")
+        _print_diff(out, differs)
+    existing = find_approval(list_path, package.fab_hash)
+    if existing is not None:
+        out.print(f"already approved by {existing.get('approved_by')} at {existing.get('approved_at')}"
+                  + (f" ({existing['note']})" if existing.get("note") else ""))
+        return
+    previous = approved[-1] if approved else None
+    if previous is None:
+        out.print("not approved yet; no earlier approval to compare with")
+    else:
+        diff = diff_files(previous.get("files", {}), package.manifest.as_dict())
+        out.print(f"not approved yet; since {previous['fab_hash'][:16]} ({previous.get('app')}, approved "
+                  f"{previous.get('approved_at')}): {len(diff.changed)} changed, {len(diff.added)} added, "
+                  f"{len(diff.removed)} removed")
+        _print_diff(out, diff)
+    if show:
+        return
+    if not yes and not typer.confirm(f"approve app package {package.fab_hash[:16]} in {list_path}?", default=False):
+        out.print("not approved")
+        raise typer.Exit(1)
+    entry = add_approval(list_path, package, by or _login(), note)
+    out.print(f"approved {entry['fab_hash']} by {entry['approved_by']} at {entry['approved_at']} in {list_path}")
+
+
+def _files_table(out: Console, title: str, manifest) -> None:
+    table = Table(title=title)
     table.add_column("file", overflow="fold")
     table.add_column("bytes", justify="right")
     table.add_column("sha256", overflow="fold", min_width=16)
     for f in manifest.files:
         table.add_row(f.path, str(f.size), f.sha256)
     out.print(table)
-    out.print(f"code hash: {manifest.code_hash}")
-    existing = next((e for e in approved if e["code_hash"] == manifest.code_hash), None)
-    if existing is not None:
-        out.print(f"already approved by {existing.get('approved_by')} at {existing.get('approved_at')}"
-                  + (f" ({existing['note']})" if existing.get("note") else ""))
-        return
-    previous = next((e for e in reversed(approved) if isinstance(e.get("files"), dict)), None)
-    if previous is None:
-        out.print("not approved yet" + (" (no earlier approval with a file list to compare)" if approved else ""))
-    else:
-        diff = diff_manifest(previous["files"], manifest)
-        out.print(f"not approved yet; since {previous['code_hash'][:16]} (approved {previous.get('approved_at')}): "
-                  f"{len(diff.changed)} changed, {len(diff.added)} added, {len(diff.removed)} removed")
-        for sign, paths in (("~", diff.changed), ("+", diff.added), ("-", diff.removed)):
-            for path in paths:
-                out.print(f"  {sign} {path}")
-    if show:
-        return
-    if not yes and not typer.confirm(f"approve code {manifest.code_hash[:16]} in {list_path}?", default=False):
-        out.print("not approved")
-        raise typer.Exit(1)
-    entry = add_approval(list_path, manifest, by or _login(), note)
-    out.print(f"approved {entry['code_hash']} by {entry['approved_by']} at {entry['approved_at']} in {list_path}")
+
+
+def _print_diff(out: Console, diff) -> None:
+    for sign, paths in (("~", diff.changed), ("+", diff.added), ("-", diff.removed)):
+        for path in paths:
+            out.print(f"  {sign} {path}")
 
 
 def _login() -> str:

@@ -31,3 +31,34 @@ def verify(
     typer.echo(f"BAD {log} line {report.bad_line}: {report.problem} "
                f"({report.entries} entries before it verify)", err=True)
     raise typer.Exit(1)
+
+
+@audit_app.command()
+def show(
+    log: Annotated[Path, typer.Argument(help="The audit log (the SuperNode's node config `audit-log`).")],
+    run: Annotated[Optional[int], typer.Option(help="Only this run's entries.")] = None,
+    last: Annotated[int, typer.Option(help="Show the last N entries (0: all).")] = 50,
+) -> None:
+    """What left the hospital (or was refused), one line per reply: time, event, run, message, stage/round, the
+    records and bytes sent, and why a reply was refused."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from client.audit import AuditLog, verify_log
+
+    report = verify_log(log)
+    entries = [e for e in AuditLog(log).entries() if run is None or e.get("run_id") == run]
+    shown = entries[-last:] if last else entries
+    table = Table(title=f"{log}: {len(shown)} of {len(entries)} entries" + (f" of run {run}" if run else ""))
+    for column in ("time (UTC)", "event", "run", "message", "stage.round", "records", "bytes"):
+        table.add_column(column, no_wrap=True, justify="right" if column == "bytes" else "left")
+    table.add_column("reason", overflow="fold")
+    for e in shown:
+        where = f"{e['stage'] + 1}.{e['round'] + 1}" if "stage" in e and "round" in e else ""
+        table.add_row(e.get("time", "")[:19].replace("T", " "), e.get("event", ""), str(e.get("run_id", "")),
+                      e.get("message_type", ""), where, "+".join(e.get("records", [])), f"{e.get('bytes', 0):,}",
+                      e.get("reason", ""))
+    Console(highlight=False, width=max(160, Console().width)).print(table)
+    if not report.ok:
+        typer.echo(f"BAD {log} line {report.bad_line}: {report.problem}", err=True)
+        raise typer.Exit(1)

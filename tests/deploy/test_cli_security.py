@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
-import shutil
 import stat
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.approval import code_manifest, read_approved
+from client.approval import AppPackage, code_manifest, read_approved, store_pending
 from client.audit import SENT, AuditLog
 from deploy.cli_approve import approve
 from deploy.cli_audit import audit_app
 from deploy.cli_keys import keys
 from shared.errors import RetuneError
 from shared.signing import PRIVATE_KEY, PUBLIC_KEY, key_id
+from tests.conftest import fab_of, make_app
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -54,41 +55,67 @@ def test_audit_verify_head_detects_a_cut_off_end(tmp_path):
     assert result.exit_code == 1 and "cut off" in result.output
 
 
-def test_approve_show_then_approve_then_already_approved(tmp_path):
+@pytest.fixture(scope="module")
+def fabs(tmp_path_factory) -> dict[str, Path]:
+    """The app package built from this checkout, and one whose client/site.py and pyproject changed."""
+    root = tmp_path_factory.mktemp("fabs")
+
+    def tamper(app: Path) -> None:
+        (app / "client" / "site.py").write_text("# rewritten\n")
+
+    paths = {}
+    for name, edit in (("v1", None), ("v2", tamper)):
+        paths[name] = root / f"{name}.fab"
+        paths[name].write_bytes(fab_of(make_app(root / name / "retune-fl", edit)))
+    return paths
+
+
+def test_approve_show_then_approve_then_already_approved(tmp_path, fabs):
     listing = tmp_path / "approved.json"
-    shown = runner.invoke(_app(), ["approve", "--list", str(listing), "--show"])
-    code_hash = code_manifest(ROOT).code_hash
+    package = AppPackage.from_file(fabs["v1"])
+    shown = runner.invoke(_app(), ["approve", "--list", str(listing), "--fab", str(fabs["v1"]), "--show"])
     assert shown.exit_code == 0, shown.output
-    assert f"code hash: {code_hash}" in shown.stdout and "client/approval.py" in shown.stdout
+    assert f"package hash: {package.fab_hash}" in shown.stdout and "client/approval.py" in shown.stdout
+    assert "equal the installed hospital runtime" in shown.stdout
     assert "not approved yet" in shown.stdout and not listing.exists()
 
-    declined = runner.invoke(_app(), ["approve", "--list", str(listing)], input="n\n")
+    declined = runner.invoke(_app(), ["approve", "--list", str(listing), "--fab", str(fabs["v1"])], input="n\n")
     assert declined.exit_code == 1 and not listing.exists()
 
-    done = runner.invoke(_app(), ["approve", "--list", str(listing), "--yes", "--by", "it-admin",
-                                  "--note", "reviewed in ticket 7"])
+    done = runner.invoke(_app(), ["approve", "--list", str(listing), "--fab", str(fabs["v1"]), "--yes",
+                                  "--by", "it-admin", "--note", "reviewed in ticket 7"])
     assert done.exit_code == 0, done.output
     (entry,) = read_approved(listing)
-    assert (entry["code_hash"], entry["approved_by"], entry["note"]) == (code_hash, "it-admin", "reviewed in ticket 7")
+    assert (entry["fab_hash"], entry["approved_by"], entry["note"]) == (package.fab_hash, "it-admin",
+                                                                        "reviewed in ticket 7")
     assert entry["files"]["client/app.py"]["size"] == (ROOT / "client" / "app.py").stat().st_size
 
-    again = runner.invoke(_app(), ["approve", "--list", str(listing), "--yes"])
+    again = runner.invoke(_app(), ["approve", "--list", str(listing), "--fab", str(fabs["v1"]), "--yes"])
     assert again.exit_code == 0 and "already approved by it-admin" in again.stdout
     assert len(read_approved(listing)) == 1
 
 
-def test_approve_shows_the_diff_against_the_last_approval(tmp_path):
+def test_approve_shows_the_diff_and_that_package_hospital_code_never_runs(tmp_path, fabs):
     listing = tmp_path / "approved.json"
-    assert runner.invoke(_app(), ["approve", "--list", str(listing), "--yes", "--by", "it"]).exit_code == 0
-    source = tmp_path / "fab"
-    for name in ("client", "shared"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (source / "client" / "site.py").write_text("# rewritten\n")
-    result = runner.invoke(_app(), ["approve", "--list", str(listing), "--source", str(source), "--yes",
+    assert runner.invoke(_app(), ["approve", "--list", str(listing), "--fab", str(fabs["v1"]), "--yes",
+                                  "--by", "it"]).exit_code == 0
+    result = runner.invoke(_app(), ["approve", "--list", str(listing), "--fab", str(fabs["v2"]), "--yes",
                                     "--by", "it", "--note", "v2"])
     assert result.exit_code == 0, result.output
     assert "1 changed, 0 added, 0 removed" in result.stdout and "~ client/site.py" in result.stdout
+    assert "differ from the installed hospital runtime" in result.stdout and "never run here" in result.stdout
     assert [e["note"] for e in json.loads(listing.read_text())["approved"]] == ["", "v2"]
+
+
+def test_approve_lists_refused_packages_and_shows_the_installed_runtime(tmp_path, fabs):
+    listing = tmp_path / "approved.json"
+    stored = store_pending(listing, fabs["v2"].read_bytes(), AppPackage.from_file(fabs["v2"]).fab_hash)
+    waiting = runner.invoke(_app(), ["approve", "--list", str(listing), "--pending"])
+    assert waiting.exit_code == 0 and str(stored) in waiting.stdout
+    installed = runner.invoke(_app(), ["approve", "--list", str(listing), "--installed"])
+    assert installed.exit_code == 0 and f"runtime code hash: {code_manifest(ROOT).code_hash}" in installed.stdout
+    nothing = runner.invoke(_app(), ["approve", "--list", str(listing)])
+    assert isinstance(nothing.exception, RetuneError)
 
 
 def test_keys_writes_a_private_key_only_the_owner_reads(tmp_path):
