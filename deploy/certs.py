@@ -1,19 +1,23 @@
-"""Certificates and keys for a TLS federation with SuperNode authentication (``retune certs``).
+"""Certificates and keys of a TLS federation with SuperNode authentication, each made where it is used.
 
-One folder holds everything an operator hands out::
+The operator (``retune certs``) makes the server side, one folder::
 
-    ca.crt, ca.key                     the federation's certificate authority (ca.key stays with the operator)
-    server.pem, server.key             the SuperLink's TLS certificate (signed by the CA) and key
-    superexec.secret                   shared by the SuperLink and its ServerApp SuperExec (process isolation)
-    hospital-K/auth.key, auth.pub      hospital K's SuperNode authentication key pair (OpenSSH encoding)
-    hospital-K/superexec.secret        shared by hospital K's SuperNode and its ClientApp SuperExec
+    ca.crt, ca.key          the federation's certificate authority (ca.key stays with the operator, offline)
+    server.pem, server.key  the SuperLink's (and gateway's) TLS certificate, signed by the CA, and its key
+    superexec.secret        shared by the SuperLink and its ServerApp SuperExec (process isolation)
 
-Formats follow what Flower 1.41 reads: PEM certificates and keys for TLS (``--ssl-*``,
-``--root-certificates``); ECDSA SECP384R1 node keys as an OpenSSH private key
-(``flower-supernode --auth-supernode-private-key``) and an OpenSSH public key
-(``flwr supernode register KEY.pub``); SuperExec secrets are raw bytes (``--superexec-auth-secret-file``, an
-HMAC key that keeps others off a Runtime API). Private files are written with mode 0600 and never overwritten
-unless asked (``force``).
+Each hospital (``retune hospital keys``) makes its own, and hands the operator only the public key::
+
+    auth.key, auth.pub      its SuperNode authentication key pair (OpenSSH encoding)
+    superexec.secret        shared by its SuperNode and its runtime (``retune hospital serve``)
+
+so no operator tool ever sees a hospital's private key, and the operator cannot act as a hospital.
+
+Formats follow what Flower 1.41 reads: PEM certificates and keys for TLS (``--ssl-*``, ``--root-certificates``);
+ECDSA SECP384R1 node keys as an OpenSSH private key (``flower-supernode --auth-supernode-private-key``) and an
+OpenSSH public key (``flwr supernode register KEY.pub``); SuperExec secrets are raw bytes
+(``--superexec-auth-secret-file``, an HMAC key that keeps others off a Runtime API). Private files are written with
+mode 0600 and never overwritten unless asked (``force``).
 """
 
 from __future__ import annotations
@@ -41,24 +45,12 @@ SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 NODE_KEY, NODE_PUB = "auth.key", "auth.pub"
 SUPEREXEC_SECRET = "superexec.secret"
 PRIVATE_MODE = 0o600
-#: flower-superlink's default port (Fleet, Control and Runtime APIs over HTTPS in Flower 1.41).
-SUPERLINK_PORT = 8000
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 @dataclass(frozen=True)
-class HospitalKeys:
-    """One hospital's SuperNode authentication key pair."""
-
-    index: int
-    private_key: Path
-    public_key: Path
-    superexec_secret: Path
-
-
-@dataclass(frozen=True)
 class CertBundle:
-    """Paths of everything :func:`make_certificates` wrote."""
+    """Paths of everything :func:`make_certificates` wrote (the server side)."""
 
     out: Path
     ca_cert: Path
@@ -66,28 +58,36 @@ class CertBundle:
     server_cert: Path
     server_key: Path
     superexec_secret: Path
-    hospitals: tuple[HospitalKeys, ...]
     sans: tuple[str, ...]
 
     def private_files(self) -> list[Path]:
-        return [self.ca_key, self.server_key, self.superexec_secret,
-                *(p for h in self.hospitals for p in (h.private_key, h.superexec_secret))]
+        return [self.ca_key, self.server_key, self.superexec_secret]
 
     def files(self) -> list[Path]:
-        return [self.ca_cert, self.server_cert, *self.private_files(), *(h.public_key for h in self.hospitals)]
+        return [self.ca_cert, self.server_cert, *self.private_files()]
 
 
-def hospital_dir(out: Path, index: int) -> Path:
-    """Folder of hospital ``index``'s key pair (``hospital-K``, K from 0 as in simulations)."""
-    return out / f"hospital-{index}"
+@dataclass(frozen=True)
+class HospitalKeys:
+    """Paths of what :func:`make_hospital_keys` wrote: a hospital's own key pair and runtime secret."""
+
+    private_key: Path
+    public_key: Path
+    superexec_secret: Path
+
+    def files(self) -> list[Path]:
+        return [self.private_key, self.public_key, self.superexec_secret]
 
 
-def bundle_paths(out: Path, hospitals: int, sans: Sequence[str] = DEFAULT_SANS) -> CertBundle:
+def bundle_paths(out: Path, sans: Sequence[str] = DEFAULT_SANS) -> CertBundle:
     """Where :func:`make_certificates` writes (nothing is read or written)."""
-    keys = tuple(HospitalKeys(k, hospital_dir(out, k) / NODE_KEY, hospital_dir(out, k) / NODE_PUB,
-                              hospital_dir(out, k) / SUPEREXEC_SECRET) for k in range(hospitals))
     return CertBundle(out, out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY, out / SUPEREXEC_SECRET,
-                      keys, tuple(sans))
+                      tuple(sans))
+
+
+def hospital_key_paths(out: Path) -> HospitalKeys:
+    """Where :func:`make_hospital_keys` writes (nothing is read or written)."""
+    return HospitalKeys(out / NODE_KEY, out / NODE_PUB, out / SUPEREXEC_SECRET)
 
 
 def parse_san(value: str) -> x509.GeneralName:
@@ -198,33 +198,29 @@ def _write(path: Path, data: bytes, private: bool) -> None:
         os.chmod(path, PRIVATE_MODE)  # whatever the umask
 
 
-def _check_args(out: Path, hospitals: int, days: int, sans: Sequence[str], force: bool) -> CertBundle:
-    if hospitals < 1:
-        raise RetuneError(f"--hospitals must be at least 1 (got {hospitals})")
-    if days < 1:
-        raise RetuneError(f"--days must be at least 1 (got {days})")
+def _refuse_overwrite(out: Path, files: list[Path], force: bool, consequence: str) -> None:
     if out.exists() and not out.is_dir():
         raise RetuneError(f"{out} exists and is not a folder: choose another --out")
-    for san in sans:
-        parse_san(san)
-    bundle = bundle_paths(out, hospitals, sans)
-    existing = [p for p in bundle.files() if p.exists()]
+    existing = [p for p in files if p.exists()]
     if existing and not force:
         shown = ", ".join(str(p) for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
-        raise RetuneError(f"{len(existing)} certificate/key files already exist ({shown}); refusing to overwrite "
-                          "them: choose another --out, or pass --force to replace them all (hospitals must then "
-                          "be registered again and every party gets the new ca.crt)")
-    return bundle
+        raise RetuneError(f"{len(existing)} key files already exist ({shown}); refusing to overwrite them: choose "
+                          f"another --out, or pass --force to replace them all ({consequence})")
 
 
-def make_certificates(out: Path | str, hospitals: int, sans: Sequence[str] = DEFAULT_SANS, days: int = 365,
+def make_certificates(out: Path | str, sans: Sequence[str] = DEFAULT_SANS, days: int = 365,
                       force: bool = False) -> CertBundle:
-    """Write a CA, the SuperLink certificate for ``sans`` and ``hospitals`` node key pairs under ``out``.
+    """Write a CA, the SuperLink certificate for ``sans`` and the server's SuperExec secret under ``out``.
 
-    Raises :class:`RetuneError` for a bad SAN or count, or when any target file exists and ``force`` is off
+    Raises :class:`RetuneError` for a bad SAN or validity, or when any target file exists and ``force`` is off
     (then nothing is written).
     """
-    bundle = _check_args(Path(out), hospitals, days, list(sans), force)
+    if days < 1:
+        raise RetuneError(f"--days must be at least 1 (got {days})")
+    for san in sans:
+        parse_san(san)
+    bundle = bundle_paths(Path(out), list(sans))
+    _refuse_overwrite(bundle.out, bundle.files(), force, "every party then needs the new ca.crt")
     ca_key, ca_cert = make_ca(days)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, list(sans), days)
     bundle.out.mkdir(parents=True, exist_ok=True)
@@ -233,44 +229,31 @@ def make_certificates(out: Path | str, hospitals: int, sans: Sequence[str] = DEF
     _write(bundle.server_key, _pem_key(server_key), private=True)
     _write(bundle.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(bundle.superexec_secret, make_superexec_secret(), private=True)
-    for hospital in bundle.hospitals:
-        private, public = make_node_keys(f"retune-hospital-{hospital.index}")
-        _write(hospital.private_key, private, private=True)
-        _write(hospital.public_key, public, private=False)
-        _write(hospital.superexec_secret, make_superexec_secret(), private=True)
     return bundle
 
 
-def summary(bundle: CertBundle, address: str | None = None) -> str:
+def make_hospital_keys(out: Path | str, name: str, force: bool = False) -> HospitalKeys:
+    """Write a hospital's SuperNode key pair (comment ``retune-<name>``) and its runtime's SuperExec secret under
+    ``out``, at the hospital. Refuses to overwrite unless ``force``."""
+    keys = hospital_key_paths(Path(out))
+    _refuse_overwrite(Path(out), keys.files(), force, "the operator must then register the new auth.pub")
+    private, public = make_node_keys(f"retune-{name}")
+    _write(keys.private_key, private, private=True)
+    _write(keys.public_key, public, private=False)
+    _write(keys.superexec_secret, make_superexec_secret(), private=True)
+    return keys
+
+
+def summary(bundle: CertBundle) -> str:
     """Which file goes where, as plain text for the operator."""
-    first = bundle.sans[0] if bundle.sans else "SUPERLINK"
-    host = address or (f"[{first}]" if ":" in first else first) + f":{SUPERLINK_PORT}"
-    secret = bundle.superexec_secret.name
-    lines = [
-        f"Wrote certificates and keys to {bundle.out} (SuperLink names: {', '.join(bundle.sans)}).",
-        "",
-        f"Operator only, kept offline: {bundle.ca_key.name} (signs certificates; never copy it to a server).",
-        "",
-        f"SuperLink (aggregation server): {bundle.ca_cert.name}, {bundle.server_cert.name}, "
-        f"{bundle.server_key.name}, {secret}",
-        f"  flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key "
-        f"--enable-supernode-auth --isolation process --superexec-auth-secret-file {secret}",
-        f"  flower-superexec --runtime-api-address {host} --root-certificates ca.crt "
-        f"--superexec-auth-secret-file {secret}",
-        "",
-    ]
-    for h in bundle.hospitals:
-        rel = h.private_key.parent.name
-        lines += [
-            f"Hospital {h.index}: {bundle.ca_cert.name}, {rel}/{h.private_key.name}, {rel}/{h.superexec_secret.name}",
-            f"  operator first registers its public key: flwr supernode register {rel}/{h.public_key.name} "
-            "<connection>",
-            f"  flower-supernode --superlink {host} --root-certificates ca.crt --auth-supernode-private-key "
-            f"{h.private_key.name} --isolation process --superexec-auth-secret-file {secret} --node-config '...'",
-            f"  flower-superexec --runtime-api-address <supernode>:9094 --insecure --superexec-auth-secret-file "
-            f"{secret}",
-        ]
-    lines += ["", "The operator's flwr CLI connection ($FLWR_HOME/config.toml) sets root-certificates to the "
-              "absolute path of ca.crt.",
-              "Private files (0600) go to their one destination only; public keys and ca.crt are not secret."]
-    return "\n".join(lines)
+    return "\n".join([
+        f"Wrote the federation's CA and the SuperLink certificate to {bundle.out} "
+        f"(names: {', '.join(bundle.sans)}).",
+        f"  {bundle.ca_key.name}: operator only, kept offline (signs certificates; never copy it to a server).",
+        f"  {bundle.ca_cert.name}: to the server and to every hospital (not secret).",
+        f"  {bundle.server_cert.name}, {bundle.server_key.name}: the SuperLink and the gateway.",
+        f"  {bundle.superexec_secret.name}: the SuperLink and its ServerApp SuperExec only.",
+        "Each hospital makes its own key pair (`retune hospital keys`) and sends you its auth.pub; register it "
+        "with `flwr supernode register auth.pub <connection>`.",
+        "Private files are mode 0600: hand each to its one destination only.",
+    ])

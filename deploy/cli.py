@@ -20,6 +20,9 @@ from deploy.cli_audit import audit_app
 from deploy.cli_backbone import build_backbone
 from deploy.cli_certs import certs
 from deploy.cli_data import data_app
+from deploy.cli_federation import federation_app
+from deploy.cli_gateway import gateway
+from deploy.cli_hospital import hospital_app
 from deploy.cli_keys import keys
 from deploy.cli_phantom import phantom
 from shared.config import (OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, FederationConfig, SimulationPlan,
@@ -30,10 +33,13 @@ app = typer.Typer(help="Federated RE-tune fine-tuning of chest X-ray vision-lang
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit")
+app.add_typer(hospital_app, name="hospital")
+app.add_typer(federation_app, name="federation")
+app.command()(gateway)
 app.command()(approve)
 app.command()(keys)
 app.command(name="build-backbone")(build_backbone)
-app.command(help="Create the federation's CA, SuperLink TLS certificate, SuperExec secrets and hospital keys.")(certs)
+app.command()(certs)
 app.command(help="Write procedurally generated phantom chest X-rays and their manifest.csv (offline demo data).")(phantom)
 console = Console(stderr=True)
 

@@ -1,4 +1,4 @@
-"""``retune certs``: the CA, SuperLink TLS certificate and hospital SuperNode keys of a federation."""
+"""``retune certs``: the federation's CA, the SuperLink's TLS certificate and the server's SuperExec secret."""
 
 from __future__ import annotations
 
@@ -10,18 +10,16 @@ from rich.console import Console
 
 from deploy.certs import DEFAULT_SANS, make_certificates, summary
 
-OutOpt = Annotated[Path, typer.Option("--out", help="Folder for ca.crt, server.pem/.key and hospital-K/ keys.")]
-HospitalsOpt = Annotated[int, typer.Option("--hospitals", help="Hospital SuperNode key pairs (hospital-0, ...).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder for ca.crt, ca.key, server.pem/.key, superexec.secret.")]
 SanOpt = Annotated[Optional[list[str]], typer.Option(
-    "--san", help="Host name or IP address the SuperLink is reached at; repeat for several "
+    "--san", help="Host name or IP address the SuperLink and gateway are reached at; repeat for several "
                   "(default: 127.0.0.1 and localhost).")]
 DaysOpt = Annotated[int, typer.Option("--days", help="Validity of the certificates in days.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing certificates and keys.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing files (every party needs the new ca.crt).")]
 
 
-def certs(out: OutOpt = Path("certs"), hospitals: HospitalsOpt = 2, san: SanOpt = None, days: DaysOpt = 365,
-          force: ForceOpt = False) -> None:
-    """Create the federation's CA, the SuperLink's TLS certificate, SuperExec secrets and one authentication key
-    pair per hospital; print which file goes where."""
-    bundle = make_certificates(out, hospitals, list(san) if san else list(DEFAULT_SANS), days, force)
+def certs(out: OutOpt = Path("certs"), san: SanOpt = None, days: DaysOpt = 365, force: ForceOpt = False) -> None:
+    """Create the federation's CA, the SuperLink's TLS certificate and the server's SuperExec secret (the
+    operator's side; each hospital makes its own key pair with `retune hospital keys`)."""
+    bundle = make_certificates(out, list(san) if san else list(DEFAULT_SANS), days, force)
     Console(soft_wrap=True).print(summary(bundle), markup=False, highlight=False)

@@ -1,5 +1,5 @@
 """``deploy.certs``: the chain verifies, SANs are present, keys parse the way Flower reads them, private keys are
-0600, and nothing is overwritten unless asked."""
+0600, nothing is overwritten unless asked, and each hospital's private key is made at the hospital only."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from typer.testing import CliRunner
 
-from deploy.certs import bundle_paths, make_certificates, parse_san, summary
+from deploy.certs import bundle_paths, hospital_key_paths, make_certificates, make_hospital_keys, parse_san
 from deploy.cli_certs import certs
+from deploy.cli_hospital import hospital_app
 from shared.errors import RetuneError
 
 SANS = ["127.0.0.1", "localhost", "::1", "superlink", "fl.hospital-net.example.org"]
@@ -27,7 +28,13 @@ SANS = ["127.0.0.1", "localhost", "::1", "superlink", "fl.hospital-net.example.o
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return make_certificates(tmp_path_factory.mktemp("certs") / "out", hospitals=2, sans=SANS, days=30)
+    return make_certificates(tmp_path_factory.mktemp("certs") / "out", sans=SANS, days=30)
+
+
+@pytest.fixture(scope="module")
+def hospitals(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hospitals")
+    return [make_hospital_keys(root / f"h{k}", f"hospital-{k}") for k in range(2)]
 
 
 def _cert(path):
@@ -61,7 +68,7 @@ def test_sans_and_extensions(bundle):
     assert 29 <= days <= 30
 
 
-def test_key_formats_are_what_flower_reads(bundle):
+def test_key_formats_are_what_flower_reads(bundle, hospitals):
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
     from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
@@ -70,30 +77,38 @@ def test_key_formats_are_what_flower_reads(bundle):
     assert server_key.public_key() == _cert(bundle.server_cert).public_key()
     ca_key = serialization.load_pem_private_key(bundle.ca_key.read_bytes(), None)
     assert ca_key.public_key() == _cert(bundle.ca_cert).public_key()
-    for hospital in bundle.hospitals:
+    for hospital in hospitals:
         args = argparse.Namespace(auth_supernode_private_key=str(hospital.private_key), auth_supernode_public_key=None)
         private, public = _try_setup_client_authentication(args)  # what flower-supernode does with the key
         assert isinstance(private.curve, ec.SECP384R1)
         assert try_load_public_key(hospital.public_key) == public_key_to_bytes(public)  # flwr supernode register
         assert hospital.public_key.read_text().startswith("ecdsa-sha2-nistp384 ")
-    keys = {h.public_key.read_bytes() for h in bundle.hospitals}
-    assert len(keys) == len(bundle.hospitals)
+    keys = {h.public_key.read_bytes() for h in hospitals}
+    assert len(keys) == len(hospitals)
 
 
-def test_superexec_secrets_are_distinct_raw_hex(bundle):
+def test_superexec_secrets_are_distinct_raw_hex(bundle, hospitals):
     from flwr.supercore.auth import load_superexec_auth_secret
 
     found = [load_superexec_auth_secret(str(p)) for p in
-             (bundle.superexec_secret, *(h.superexec_secret for h in bundle.hospitals))]
+             (bundle.superexec_secret, *(h.superexec_secret for h in hospitals))]
     assert all(len(s) == 64 and bytes.fromhex(s.decode()) for s in found)  # no trailing newline
     assert len(set(found)) == len(found)
 
 
-def test_private_keys_are_0600_and_public_files_not_writable_by_others(bundle):
-    for path in bundle.private_files():
+def test_private_keys_are_0600_and_public_files_not_writable_by_others(bundle, hospitals):
+    for path in [*bundle.private_files(), *(p for h in hospitals for p in (h.private_key, h.superexec_secret))]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    for path in set(bundle.files()) - set(bundle.private_files()):
+    for path in [*(set(bundle.files()) - set(bundle.private_files())), *(h.public_key for h in hospitals)]:
         assert not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH), path
+
+
+def test_the_operator_bundle_holds_no_hospital_key(bundle):
+    """The operator's tool makes the server side only: it never writes, so never sees, a hospital private key."""
+    written = sorted(p.relative_to(bundle.out).as_posix() for p in bundle.out.rglob("*") if p.is_file())
+    assert written == ["ca.crt", "ca.key", "server.key", "server.pem", "superexec.secret"]
+    for path in bundle.out.rglob("*"):
+        assert b"OPENSSH PRIVATE KEY" not in path.read_bytes()
 
 
 def test_private_keys_are_0600_whatever_the_umask(tmp_path):
@@ -101,40 +116,51 @@ def test_private_keys_are_0600_whatever_the_umask(tmp_path):
 
     old = os.umask(0)
     try:
-        written = make_certificates(tmp_path / "c", hospitals=1)
+        written = make_certificates(tmp_path / "c")
+        keys = make_hospital_keys(tmp_path / "h", "hospital-0")
     finally:
         os.umask(old)
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in written.private_files())
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (keys.private_key, keys.superexec_secret))
 
 
 def test_existing_files_are_never_overwritten_without_force(tmp_path):
-    first = make_certificates(tmp_path / "c", hospitals=2)
+    first = make_certificates(tmp_path / "c")
     before = {p: p.read_bytes() for p in first.files()}
     with pytest.raises(RetuneError, match="refusing to overwrite.*--force"):
-        make_certificates(tmp_path / "c", hospitals=2)
-    with pytest.raises(RetuneError, match="already exist"):
-        make_certificates(tmp_path / "c", hospitals=3)  # one more hospital: still refuses, writes nothing
-    assert not bundle_paths(tmp_path / "c", 3).hospitals[2].private_key.exists()
+        make_certificates(tmp_path / "c")
     assert {p: p.read_bytes() for p in first.files()} == before
-    again = make_certificates(tmp_path / "c", hospitals=2, force=True)
+    keys = make_hospital_keys(tmp_path / "h", "hospital-0")
+    kept = keys.private_key.read_bytes()
+    with pytest.raises(RetuneError, match="register the new auth.pub"):
+        make_hospital_keys(tmp_path / "h", "hospital-0")
+    assert keys.private_key.read_bytes() == kept
+    assert make_hospital_keys(tmp_path / "h", "hospital-0", force=True).private_key.read_bytes() != kept
+    again = make_certificates(tmp_path / "c", force=True)
     assert all(again_bytes != before[p] for p, again_bytes in ((p, p.read_bytes()) for p in again.files()))
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in again.private_files())
 
 
 def test_a_single_existing_key_blocks_everything(tmp_path):
-    key = bundle_paths(tmp_path / "c", 2).hospitals[1].private_key
+    key = bundle_paths(tmp_path / "c").server_key
     key.parent.mkdir(parents=True)
     key.write_text("precious")
     with pytest.raises(RetuneError):
-        make_certificates(tmp_path / "c", hospitals=2)
+        make_certificates(tmp_path / "c")
     assert key.read_text() == "precious" and not (tmp_path / "c" / "ca.key").exists()
+    secret = hospital_key_paths(tmp_path / "h").superexec_secret
+    secret.parent.mkdir(parents=True)
+    secret.write_text("precious")
+    with pytest.raises(RetuneError):
+        make_hospital_keys(tmp_path / "h", "hospital-0")
+    assert secret.read_text() == "precious" and not (tmp_path / "h" / "auth.key").exists()
 
 
 @pytest.mark.parametrize("san", ["", "https://superlink", "superlink:8000", "bad_name", "a..b", "-x.org",
                                  "999.1.1.1", "host/path", "x" * 64 + ".org"])
 def test_bad_sans_are_clear_errors(tmp_path, san):
     with pytest.raises(RetuneError, match="--san"):
-        make_certificates(tmp_path / "c", hospitals=1, sans=["localhost", san])
+        make_certificates(tmp_path / "c", sans=["localhost", san])
     assert not (tmp_path / "c").exists()
 
 
@@ -146,15 +172,14 @@ def test_good_sans(san, kind):
 
 def test_a_long_dns_name_is_fine(tmp_path):
     long_name = ".".join(["a" * 60] * 3) + ".org"
-    written = make_certificates(tmp_path / "c", hospitals=1, sans=[long_name])
+    written = make_certificates(tmp_path / "c", sans=[long_name])
     verifier = PolicyBuilder().store(Store([_cert(written.ca_cert)])).build_server_verifier(x509.DNSName(long_name))
     verifier.verify(_cert(written.server_cert), [])
 
 
-@pytest.mark.parametrize("kwargs", [{"hospitals": 0}, {"hospitals": 1, "days": 0}])
-def test_bad_counts(tmp_path, kwargs):
-    with pytest.raises(RetuneError):
-        make_certificates(tmp_path / "c", **kwargs)
+def test_bad_validity(tmp_path):
+    with pytest.raises(RetuneError, match="--days"):
+        make_certificates(tmp_path / "c", days=0)
 
 
 def test_a_real_tls_handshake_with_python_ssl(bundle):
@@ -189,18 +214,23 @@ def test_command_writes_and_explains_where_files_go(tmp_path):
     app.command()(certs)
     runner = CliRunner()
     out = tmp_path / "certs"
-    result = runner.invoke(app, ["--out", str(out), "--hospitals", "2", "--san", "10.0.0.5", "--san", "superlink"])
+    result = runner.invoke(app, ["--out", str(out), "--san", "10.0.0.5", "--san", "superlink"])
     assert result.exit_code == 0, result.output
-    for text in ("ca.crt, server.pem, server.key", "hospital-1/auth.key", "hospital-1/superexec.secret",
-                 "flwr supernode register hospital-0/auth.pub", "--root-certificates ca.crt", "10.0.0.5:8000",
-                 "ca.key"):
+    for text in ("ca.key: operator only", "server.pem, server.key", "10.0.0.5, superlink", "retune hospital keys",
+                 "flwr supernode register auth.pub"):
         assert text in result.output
-    assert (out / "hospital-1" / "auth.pub").exists()
     again = runner.invoke(app, ["--out", str(out)])
     assert isinstance(again.exception, RetuneError)
     bad = runner.invoke(app, ["--out", str(tmp_path / "other"), "--san", "https://x"])
     assert isinstance(bad.exception, RetuneError)
 
 
-def test_summary_brackets_ipv6(tmp_path):
-    assert "[::1]:8000" in summary(make_certificates(tmp_path / "c", hospitals=1, sans=["::1"]))
+def test_hospital_keys_command_makes_the_pair_at_the_hospital(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(hospital_app, ["keys", "--out", str(tmp_path / "keys"), "--name", "st-mary"])
+    assert result.exit_code == 0, result.output
+    keys = hospital_key_paths(tmp_path / "keys")
+    assert keys.public_key.read_text().rstrip().endswith("retune-st-mary")
+    assert "send" in result.output and "auth.pub" in result.output
+    again = runner.invoke(hospital_app, ["keys", "--out", str(tmp_path / "keys")])
+    assert isinstance(again.exception, RetuneError)

@@ -1,6 +1,7 @@
-"""``docker-compose.yml`` and the Dockerfiles, checked by parsers (no Docker here): the compose file is valid against
-the Compose Specification schema, every command parses with the installed Flower's own argument parsers, every
-path a command names is mounted, TLS and node authentication are on, and no hospital sees another's data or keys.
+"""``docker-compose.yml`` and the Dockerfiles, checked by parsers (no Docker here): the compose file is what the
+launcher's topology renders, valid against the Compose Specification schema; every command parses with its
+program's own argument parser; every path it names is mounted; every hospital protection is on; the Control API
+and the signing key stay on the server; no hospital sees another's data or keys.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from deploy.certs import make_certificates
+from deploy.compose import FILES_DIR, HOSPITAL, SERVER, render
+from deploy.federation import Layout
+from deploy.topology import SIGNING_KEY_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKER = REPO / "deploy" / "docker"
 HOSPITALS = (0, 1)
-SERVER_SERVICES = {"superlink", "serverapp"}
+SERVER_SERVICES = {"superlink", "gateway", "serverapp"}
 HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
 
 
@@ -52,9 +55,6 @@ def _services(compose: dict) -> dict[str, dict]:
 def _mounts(service: dict) -> list[Mount]:
     mounts = []
     for volume in service.get("volumes", []):
-        if isinstance(volume, dict):
-            mounts.append(Mount(volume["source"], volume["target"], bool(volume.get("read_only"))))
-            continue
         parts = volume.split(":")
         mounts.append(Mount(parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")))
     return mounts
@@ -64,9 +64,15 @@ def _site(name: str) -> str:
     """Which site a service belongs to: ``server`` or ``hospital-K``."""
     if name in SERVER_SERVICES:
         return "server"
-    match = re.fullmatch(r"(?:hospital|clientapp|phantom)-(\d+)", name)
+    match = re.fullmatch(r"(?:hospital|runtime|phantom)-(\d+)", name)
     assert match, f"unexpected service {name}"
     return f"hospital-{match.group(1)}"
+
+
+def test_compose_is_rendered_from_the_launchers_topology():
+    """`retune federation up` and compose run the same programs with the same flags (deploy/topology.py)."""
+    assert COMPOSE.read_text() == render(len(HOSPITALS)), \
+        "docker-compose.yml is stale: run `retune federation compose --hospitals 2 > docker-compose.yml`"
 
 
 # ---- Dockerfiles -----------------------------------------------------------------------------------------------
@@ -106,16 +112,16 @@ def _pin(name: str) -> str:
     raise AssertionError(f"{name} is not pinned in pyproject.toml")
 
 
-@pytest.mark.parametrize("dockerfile,official,app_stage,binary", [
-    ("Dockerfile.superlink", "superlink", "serverapp", "flower-superlink"),
-    ("Dockerfile.supernode", "supernode", "clientapp", "flower-supernode"),
+@pytest.mark.parametrize("dockerfile,official,app_stage,binary,app_entrypoint", [
+    ("Dockerfile.superlink", "superlink", "serverapp", "flower-superlink", ["flower-superexec"]),
+    ("Dockerfile.supernode", "supernode", "clientapp", "flower-supernode", ["retune"]),
 ])
-def test_dockerfiles(dockerfile, official, app_stage, binary):
+def test_dockerfiles(dockerfile, official, app_stage, binary, app_entrypoint):
     stages = _stages(DOCKER / dockerfile)
     assert _parser(DOCKER / dockerfile).parent_images == [f"flwr/{official}:{_pin('flwr')}", "python:3.11-slim"]
     assert json.loads(_last(stages[official], "ENTRYPOINT")) == [binary]
     app = stages[app_stage]
-    assert json.loads(_last(app, "ENTRYPOINT")) == ["flower-superexec"]
+    assert json.loads(_last(app, "ENTRYPOINT")) == app_entrypoint
     assert _last(stages[official], "USER") in (None, "49999") and _last(app, "USER") == "49999"  # never root
     for stage in (stages[official], app):
         assert "FLWR_TELEMETRY_ENABLED=0" in " ".join(i["value"] for i in stage if i["instruction"] == "ENV")
@@ -139,7 +145,7 @@ def test_build_context_is_an_allow_list_without_secrets(dockerfile):
              if line.strip() and not line.startswith("#")]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert not any(a.startswith(("certs", "runs", ".venv")) for a in allowed)
+    assert not any(a.startswith(("certs", "runs", ".venv", FILES_DIR)) for a in allowed)
     for stage in _stages(DOCKER / dockerfile).values():
         for copy in (i["value"].split() for i in stage if i["instruction"] == "COPY"):
             assert all(source.split("/")[0] in allowed for source in copy[:-1]), copy
@@ -167,7 +173,7 @@ def test_compose_is_valid_against_the_compose_spec(compose):
 
 def test_services_and_sites(compose):
     services = _services(compose)
-    expected = SERVER_SERVICES | {f"{kind}-{k}" for k in HOSPITALS for kind in ("hospital", "clientapp", "phantom")}
+    expected = SERVER_SERVICES | {f"{kind}-{k}" for k in HOSPITALS for kind in ("hospital", "runtime", "phantom")}
     assert set(services) == expected
     assert all(services[f"phantom-{k}"].get("profiles") == ["phantom"] for k in HOSPITALS)  # demo data only
     for name, service in services.items():
@@ -187,22 +193,34 @@ def _entrypoint(service: dict) -> list[str]:
 
 
 def _parse(service: dict):
-    """The service's command parsed by the installed program's own argument parser."""
+    """The service's command parsed by its program's own argument parser: (program, parsed arguments)."""
     from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
+    program = _entrypoint(service)[0]
+    if program == "retune":
+        import typer
+
+        from deploy.cli import app
+
+        words = [*_entrypoint(service)[1:], *service["command"]]
+        context = typer.main.get_command(app).make_context("retune", list(words))
+        sub = context.command.get_command(context, words[0])
+        rest = words[1:]
+        if isinstance(sub, typer.core.TyperGroup):  # e.g. `retune hospital serve`
+            sub, rest = sub.get_command(context, rest[0]), rest[1:]
+        return f"retune {sub.name}", sub.make_context(sub.name, rest).params
     parsers = {"flower-superlink": _parse_args_run_superlink, "flower-supernode": _parse_args_run_supernode,
                "flower-superexec": superexec_parser}
-    program = _entrypoint(service)[0]
     try:
-        return program, parsers[program]().parse_args(service["command"])
+        return program, vars(parsers[program]().parse_args(service["command"]))
     except SystemExit:
         pytest.fail(f"{program} rejects the command {service['command']}")
 
 
-def _path_values(namespace) -> list[str]:
-    return [v for v in vars(namespace).values() if isinstance(v, str) and v.startswith("/")]
+def _path_values(args: dict) -> list[str]:
+    return [str(v) for v in args.values() if isinstance(v, (str, Path)) and str(v).startswith("/")]
 
 
 def _covered(path: str, mounts: list[Mount]) -> Mount | None:
@@ -213,33 +231,67 @@ def _covered(path: str, mounts: list[Mount]) -> Mount | None:
     return None
 
 
-def test_superlink_has_tls_node_auth_and_process_isolation(compose):
-    program, args = _parse(_services(compose)["superlink"])
+def test_superlink_has_tls_node_auth_process_isolation_and_stays_with_the_operator(compose):
+    services = _services(compose)
+    program, args = _parse(services["superlink"])
     assert program == "flower-superlink"
-    assert not args.insecure and args.ssl_ca_certfile and args.ssl_certfile and args.ssl_keyfile
-    assert args.enable_supernode_auth and args.isolation == "process" and args.superexec_auth_secret_file
-    assert args.host == "0.0.0.0" and args.database.startswith("/app/state/")
-    assert _services(compose)["superlink"]["ports"] == [f"{args.port}:{args.port}"]
+    assert not args["insecure"] and args["ssl_ca_certfile"] and args["ssl_certfile"] and args["ssl_keyfile"]
+    assert args["enable_supernode_auth"] and args["isolation"] == "process" and args["superexec_auth_secret_file"]
+    assert args["database"].startswith("/app/state/") and args["runtime_dependency_install"] is False
+    # Its Control API has no authentication: published on the operator host's loopback only, never to hospitals.
+    assert services["superlink"]["ports"] == [f"127.0.0.1:{args['port']}:{args['port']}"]
+    assert services["superlink"]["networks"] == ["server-internal"]
+    assert compose["networks"]["server-internal"]["internal"] is True
 
 
-def test_every_flower_command_parses_and_uses_tls(compose):
+def test_hospitals_reach_the_fleet_gateway_only(compose):
     services = _services(compose)
     _, link = _parse(services["superlink"])
-    _, server = _parse(services["serverapp"])
-    assert server.runtime_api_address == f"superlink:{link.port}" and not server.insecure
-    assert server.root_certificates and server.superexec_auth_secret_file
+    program, gateway = _parse(services["gateway"])
+    assert program == "retune gateway" and gateway["superlink"] == f"superlink:{link['port']}"
+    port = gateway["listen"].rsplit(":", 1)[1]
+    assert services["gateway"]["ports"] == [f"{port}:{port}"]
+    published = [name for name, s in services.items() if any(not p.startswith("127.0.0.1:") for p in s.get("ports", []))]
+    assert published == ["gateway"]
     for k in HOSPITALS:
         program, node = _parse(services[f"hospital-{k}"])
-        assert program == "flower-supernode"
-        assert node.superlink == f"superlink:{link.port}" and not node.insecure and node.root_certificates
-        assert node.auth_supernode_private_key and node.isolation == "process" and node.superexec_auth_secret_file
-        program, client = _parse(services[f"clientapp-{k}"])
-        assert program == "flower-superexec" and client.superexec_auth_secret_file
-        assert client.runtime_api_address == f"hospital-{k}:{node.port}"  # its own hospital's SuperNode only
-        assert "ports" not in services[f"hospital-{k}"] and "ports" not in services[f"clientapp-{k}"]
+        assert program == "flower-supernode" and node["superlink"] == f"gateway:{port}"
+        assert not node["insecure"] and node["root_certificates"] and node["auth_supernode_private_key"]
+        assert node["isolation"] == "process" and node["superexec_auth_secret_file"]
 
 
-def test_every_path_a_command_names_is_mounted(compose):
+def test_each_hospital_runs_its_own_runtime_with_every_protection_on(compose):
+    from flwr.common.config import parse_config_args
+
+    services = _services(compose)
+    for k in HOSPITALS:
+        _, node = _parse(services[f"hospital-{k}"])
+        program, runtime = _parse(services[f"runtime-{k}"])
+        assert program == "retune serve" and runtime["runtime_api"] == f"hospital-{k}:{node['port']}"
+        assert services[f"runtime-{k}"]["networks"] == [f"hospital-{k}-internal"]
+        config = parse_config_args([node["node_config"]])
+        assert config["name"] == f"hospital-{k}"
+        for key in ("audit-log", "approved-apps", "consortium-key", "privacy-ledger", "manifest", "cache"):
+            path = config[key]
+            mount = _covered(path, _mounts(services[f"runtime-{k}"]))
+            assert mount is not None, f"runtime-{k}: {key} {path} is not mounted"
+        mounts = {m.target: m for m in _mounts(services[f"runtime-{k}"])}
+        assert mounts["/data"].read_only and mounts["/data"].source == f"hospital-{k}-data"
+        assert not mounts["/cache"].read_only and mounts[str(PurePosixPath(HOSPITAL.audit_log).parent)].source == \
+            f"hospital-{k}-state"
+        assert mounts[HOSPITAL.consortium_key].read_only
+        assert not any(m.source.endswith(("-data", "-cache", "-state")) for m in _mounts(services[f"hospital-{k}"]))
+
+
+def test_the_signing_key_is_mounted_into_the_serverapp_only(compose):
+    services = _services(compose)
+    holders = [n for n, s in services.items() if any(m.target == SERVER.signing_key for m in _mounts(s))]
+    assert holders == ["serverapp"]
+    assert services["serverapp"]["environment"][SIGNING_KEY_ENV] == SERVER.signing_key
+    assert all(SIGNING_KEY_ENV not in s.get("environment", {}) for n, s in services.items() if n != "serverapp")
+
+
+def test_every_path_a_command_names_is_mounted_read_only_when_a_key(compose):
     for name, service in _services(compose).items():
         if name.startswith("phantom"):
             continue
@@ -248,34 +300,16 @@ def test_every_path_a_command_names_is_mounted(compose):
         for path in _path_values(args):
             mount = _covered(path, mounts)
             assert mount is not None, f"{name}: {path} is not mounted"
-            if mount.source.startswith("./certs/"):
+            if mount.is_bind:
                 assert mount.target == path and mount.read_only, f"{name}: {path} must be a read-only file mount"
 
 
-def test_node_config_paths_are_mounted_where_the_clientapp_runs(compose):
-    from flwr.common.config import parse_config_args
-
-    from client.site import site_settings
-    from shared.config import FederationConfig
-
-    services = _services(compose)
-    for k in HOSPITALS:
-        _, node = _parse(services[f"hospital-{k}"])
-        settings = site_settings(FederationConfig(), parse_config_args([node.node_config]))
-        assert settings.name == f"hospital-{k}"
-        client_mounts = _mounts(services[f"clientapp-{k}"])
-        data, cache = _covered(settings.manifest, client_mounts), _covered(settings.cache, client_mounts)
-        assert data and data.source == f"hospital-{k}-data" and data.read_only
-        assert cache and cache.source == f"hospital-{k}-cache" and not cache.read_only
-        assert not any(m.source.endswith(("-data", "-cache")) for m in _mounts(services[f"hospital-{k}"]))
-
-
-def test_phantom_commands_parse_and_write_to_their_own_hospital():
+def test_phantom_commands_parse_and_write_to_their_own_hospital(compose):
     import typer
 
     from deploy.cli_phantom import phantom
 
-    services = _services(yaml.safe_load(COMPOSE.read_text()))
+    services = _services(compose)
     app = typer.Typer()
     app.command()(phantom)
     for k in HOSPITALS:
@@ -292,32 +326,42 @@ def test_no_volume_network_or_key_is_shared_between_sites(compose):
     for name, service in services.items():
         for mount in _mounts(service):
             source = mount.source
-            if source.startswith("./certs/") and source != "./certs/ca.crt":
-                owner = source.split("/")[2] if source.count("/") == 3 else "server"
-                assert owner == _site(name), f"{name} mounts {source}"
+            if source.startswith(f"./{FILES_DIR}/"):
+                owner = source.split("/")[2]
+                shared = source.endswith(("/ca.crt", "/consortium.pub"))  # public: handed to every party
+                assert shared or owner == _site(name), f"{name} mounts {source}"
             if not mount.is_bind:
                 users.setdefault(source, set()).add(_site(name))
     assert all(len(sites) == 1 for sites in users.values()), users
     assert set(users) == set(compose["volumes"])
-    assert all(f"hospital-{k}-{kind}" in users for k in HOSPITALS for kind in ("data", "cache"))
-    assert not any(m.source == "./certs/ca.key" for s in services.values() for m in _mounts(s))  # stays offline
-    server_key = [s for s, v in services.items() if any(m.source == "./certs/server.key" for m in _mounts(v))]
-    assert server_key == ["superlink"]
+    assert all(f"hospital-{k}-{kind}" in users for k in HOSPITALS for kind in ("data", "cache", "state"))
+    sources = {m.source for s in services.values() for m in _mounts(s)}
+    assert not any(s.endswith("/ca.key") for s in sources)  # stays offline with the operator
     for k in HOSPITALS:
         internal = f"hospital-{k}-internal"
         assert compose["networks"][internal]["internal"] is True
-        assert services[f"clientapp-{k}"]["networks"] == [internal]  # reaches its SuperNode and nothing else
         assert [s for s, v in services.items() if internal in v.get("networks", [])] == [f"hospital-{k}",
-                                                                                       f"clientapp-{k}"]
+                                                                                       f"runtime-{k}"]
 
 
-def test_certificate_mounts_match_what_retune_certs_writes(compose, tmp_path):
-    bundle = make_certificates(tmp_path / "certs", hospitals=len(HOSPITALS), sans=["superlink", "localhost"])
-    sources = {m.source for s in _services(compose).values() for m in _mounts(s) if m.source.startswith("./certs/")}
-    for source in sources:
-        assert (bundle.out / source.removeprefix("./certs/")).is_file(), source
-    readme = (DOCKER / "README.md").read_text()
-    assert re.search(r"retune certs --out certs --hospitals 2( --san \S+)*? --san superlink", readme)
+def test_mounts_are_what_the_parties_own_commands_write(compose, tmp_path):
+    """Every bind source is a file that `retune certs`, `retune keys` or `retune hospital keys` writes into the
+    layout `retune federation up` uses (or the public files the operator hands each hospital)."""
+    from deploy.certs import make_certificates, make_hospital_keys
+    from shared.signing import generate_keys
+
+    layout = Layout(tmp_path / FILES_DIR)
+    files = layout.server_files()
+    make_certificates(Path(files.ca_cert).parent, sans=["superlink", "gateway", "localhost"])
+    generate_keys(Path(files.signing_key).parent)
+    for k in HOSPITALS:
+        hospital = layout.hospital_files(k)
+        make_hospital_keys(Path(hospital.auth_key).parent, f"hospital-{k}")
+        shutil.copy(files.ca_cert, hospital.ca_cert)
+        shutil.copy(Path(files.signing_key).with_suffix(".pub"), hospital.consortium_key)
+    binds = {m.source for s in _services(compose).values() for m in _mounts(s) if m.is_bind}
+    for source in binds:
+        assert (tmp_path / source).is_file(), source
 
 
 def test_telemetry_off_everywhere(compose):
