@@ -4,7 +4,8 @@ Protocol and design choice: :mod:`shared.secagg`; messages: :mod:`shared.wire`. 
 adds the handlers to a ClientApp, inside the hospital's mods, so the boundary guard checks and audits every secure
 reply like any other. The masked-vector handler runs the ordinary train handler and masks its reply: the plain
 adaptors and example count never leave, only ``masked`` (uniform on Z/2^64 to anyone without the hospital's
-self-mask seed) and, optionally, the simulated identity and DP ε/δ.
+self-mask seed), the hospital's name and backbone identity (``site``) and, optionally, the simulated
+identity and DP ε/δ.
 
 What a hospital checks before it reveals anything: the stages arrive in order within one session (a fresh setup
 starts over); its own keys come back unchanged and no two hospitals share a key; the threshold is a strict majority

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -94,7 +94,8 @@ def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy,
     if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
         arrays, metrics, secure = secure_train(grid, strategy, server_round, train_msgs, config.round_timeout,
                                                hospitals.admit)
-        return TrainOutcome(arrays, metrics, secure.accepted, _declined(hospitals, secure.declined),
+        errors = {m.metadata.src_node_id: m for m in secure.declined}
+        return TrainOutcome(arrays, metrics, secure.accepted, _declined(hospitals, errors, errors, config),
                             secure.refused, {hospitals.name(r): secure.bytes_up[r.metadata.src_node_id]
                                              for r in secure.accepted}, secure.bytes_down)
     by_node = exchange(grid, train_msgs, config.round_timeout)
@@ -106,18 +107,18 @@ def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy,
     accepted = [r for r in admitted if r.metadata.src_node_id not in wire_refused]
     refused += [{"hospital": hospitals.name(r), "reason": wire_refused[r.metadata.src_node_id]}
                 for r in admitted if r.metadata.src_node_id in wire_refused]
-    declined = [{"hospital": hospitals.name_of(node), "reason": by_node[node].error.reason if node in by_node else
-                 f"no reply within round-timeout ({config.round_timeout:g} s)"}
-                for node in sorted({m.metadata.dst_node_id for m in train_msgs}, key=hospitals.name_of)
-                if node not in by_node or by_node[node].has_error()]
+    declined = _declined(hospitals, [m.metadata.dst_node_id for m in train_msgs], by_node, config)
     return TrainOutcome(arrays if accepted else None, metrics, accepted, declined, refused,
                         {hospitals.name(r): payload_bytes(r.content[ARRAYS]) for r in accepted},
                         payload_bytes(state.arrays) * len(train_msgs))
 
 
-def _declined(hospitals: Hospitals, errors: list[Message]) -> list[dict[str, str]]:
-    """Error replies (a hospital's refusal, its failure, or a timeout) by hospital, with the reason it gave."""
-    return [{"hospital": hospitals.name(r), "reason": r.error.reason} for r in errors]
+def _declined(hospitals: Hospitals, nodes: Iterable[int], replies: dict[int, Message], config: FederationConfig
+              ) -> list[dict[str, str]]:
+    """Hospitals among ``nodes`` that answered with an error (a refusal, a failure: its reason) or not at all."""
+    silent = f"no reply within round-timeout ({config.round_timeout:g} s)"
+    return [{"hospital": hospitals.name_of(node), "reason": replies[node].error.reason if node in replies else silent}
+            for node in sorted(set(nodes), key=hospitals.name_of) if node not in replies or replies[node].has_error()]
 
 
 def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
