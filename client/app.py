@@ -17,22 +17,25 @@ from flwr.common.constant import ErrorCode
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.dp_trainer import train_adaptors_dp
-from client.guard import hospital_mods
-from client.privacy import BudgetExhausted, HospitalPrivacy
+from client.audit import AuditLog
+from client.dp_trainer import release_dp_round
+from client.guard import AUDIT_LOG_KEY, DECLINED_BUDGET, hospital_mods
+from client.privacy import BudgetExhausted, HospitalPrivacy, released_key
 from client.secagg import register_secure_handlers
 from client.site import Site, load_site, node_values, site_metrics, site_settings
 from client.trainer import train_adaptors
-from shared.config import AdaptorConfig, FederationConfig, TrainConfig
+from shared.config import AdaptorConfig, FederationConfig, TrainConfig, run_identity
 from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.scenarios import supervise
+from shared.signing import arrays_digest
 from shared.wire import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adaptor_spec, check_reply, load_record,
                          secure_stage, site_record, to_record)
 
 
 def local_seed(config: FederationConfig, site: Site, stage: int, round_: int) -> int:
-    """A seed that differs per site, stage and round, and is the same when a run is resumed."""
+    """A seed of non-DP training that differs per site, stage and round, and is the same when a run is resumed (DP
+    training draws from the hospital's CSPRNG instead, which no seed determines)."""
     key = f"{config.seed}/{site.settings.name}/{stage}/{round_}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
 
@@ -90,22 +93,25 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
                                    lr=cfg.lr if site.settings.dp is None else cfg.dp_lr,
                                    seed=local_seed(cfg, site, stage, round_))
         embeddings = site.train.embeddings[task.train_rows]
-        privacy: dict[str, float] = {}
-        if site.settings.dp is not None:
-            ledger = HospitalPrivacy(Path(site.settings.ledger), site.settings.dp)
+        examples = int((~torch.isnan(torch.as_tensor(labels))).any(dim=1).sum())
+        if site.settings.dp is not None:  # nothing un-noised leaves: no train loss, ε and δ only
+            audit = context.node_config.get(AUDIT_LOG_KEY)
+            ledger = HospitalPrivacy(Path(site.settings.ledger), site.settings.dp, AuditLog(audit) if audit else None)
             rounds_left = cfg.stages * cfg.rounds_per_stage - (stage * cfg.rounds_per_stage + round_)
+            run = run_identity(cfg.to_run_config())
+            key = released_key(run, stage, round_, arrays_digest(msg.content[ARRAYS]).hex())
             try:
-                losses, epsilon = train_adaptors_dp(model, embeddings, labels, site.prompts, train_config, ledger,
-                                                    rounds_left, (str(msg.metadata.run_id), stage, round_))
-            except BudgetExhausted as exc:  # a deliberate decline: the reason is for the server to report
-                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
-            privacy = {"epsilon": epsilon, "delta": site.settings.dp.delta}
+                epsilon, _ = release_dp_round(model, embeddings, labels, site.prompts, train_config, ledger,
+                                              rounds_left, (run, stage, round_), key)
+            except BudgetExhausted as exc:  # a deliberate decline: the server learns that, the detail stays here
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{DECLINED_BUDGET}: {exc}"),
+                               reply_to=msg)
+            metrics = {NUM_EXAMPLES: examples, "epsilon": epsilon, "delta": site.settings.dp.delta}
         else:
             losses = train_adaptors(model, embeddings, labels, site.prompts, train_config,
                                     proximal_mu=float(settings.get("proximal-mu", 0.0)))
-        examples = int((~torch.isnan(torch.as_tensor(labels))).any(dim=1).sum())
-        metrics = {NUM_EXAMPLES: examples, "train-loss": losses[-1] if losses else 0.0, **privacy,
-                   **_identity(context)}
+            metrics = {NUM_EXAMPLES: examples, "train-loss": losses[-1] if losses else 0.0}
+        metrics.update(_identity(context))
         content = RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord(metrics), SITE: _site(site)})
         check_reply(content, adaptor_spec(model))
         return Message(content=content, reply_to=msg)

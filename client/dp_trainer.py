@@ -1,56 +1,49 @@
-"""DP-SGD of the adaptors: exact per-sample clipping of both adaptors; sampling, noise and accounting by opacus.
+"""DP-SGD of the adaptors: exact per-sample clipping of both adaptors; noise and sampling the server cannot derive.
 
 The text adaptor is trained on private labels too, so its parameters need per-sample clipping, yet all samples
 share its output. Rather than giving every sample its own copy of the prompt rows (B × R rows through the text
 adaptor), :meth:`client.dp_clip.PerSampleRetune.clipped_backward` runs it once per batch and clips every sample's
 gradient over both adaptors exactly, in one backward pass (see :mod:`client.dp_clip`). It leaves in ``.grad``
-what opacus' ghost clipping leaves there, the sum of the clipped per-sample gradients, so opacus' ``make_private``
-(``grad_sample_mode="ghost"``, Poisson sampling) supplies the rest unchanged: the sampler, the DP optimizer
-(Gaussian noise of σ·C, division by the expected batch size) and its accountant. Opacus' own per-sample hooks
-(two backward passes per step) are not needed, so they are removed.
+what opacus' ghost clipping leaves there, the sum of the clipped per-sample gradients, and opacus' DP optimizer
+for that case adds Gaussian noise of σ·C and divides by the expected batch size; opacus' accountant (through
+:class:`client.privacy.HospitalPrivacy`) gives ε. The noise and the Poisson sampling come from the hospital's
+CSPRNG (:mod:`client.dp_random`), never from a seed: a server that knows the run config cannot regenerate them.
+An empty Poisson batch still takes a noise-only step, as the accounting assumes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizerFastGradientClipping
-from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_clip import PerSampleRetune
+from client.dp_random import SecureNoiseOptimizer, SecureRandom, poisson_batches
 from client.privacy import DPConfig, HospitalPrivacy, spend
 from client.trainer import Prompts
 from shared.config import TrainConfig
 from shared.model import RetuneModel
 
 
-class Rows(TensorDataset):
-    """A :class:`TensorDataset` that a DataLoader indexes once per batch rather than once per sample; the batch
-    comes out as a list of tensors, which ``collate_fn=tuple`` passes on."""
-
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        return [t[indices] for t in self.tensors]
+def steps_per_epoch(sample_rate: float) -> int:
+    """Poisson batches per epoch: one pass over the data in expectation (as opacus' sampler)."""
+    return max(1, round(1 / sample_rate))
 
 
-def make_private(module: PerSampleRetune, optimizer: torch.optim.Optimizer, loader: DataLoader, noise: float,
-                 config: DPConfig) -> tuple[DPOptimizerFastGradientClipping, DataLoader]:
-    """Opacus' DP optimizer and Poisson-sampling loader for ``module`` (ghost clipping's: it expects the summed
-    clipped gradients in ``.grad``, which :meth:`PerSampleRetune.clipped_backward` computes)."""
-    engine = PrivacyEngine(accountant=config.accountant)
-    hooks, optimizer, _, loader = engine.make_private(
-        module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
-        max_grad_norm=config.max_grad_norm, grad_sample_mode="ghost", poisson_sampling=True, wrap_model=False)
-    hooks.cleanup()  # per-sample norms and clipping are clipped_backward's
-    return optimizer, loader
+def dp_optimizer(module: PerSampleRetune, optimizer: torch.optim.Optimizer, noise: float, config: DPConfig,
+                 expected_batch_size: int, rng: SecureRandom) -> SecureNoiseOptimizer:
+    """Opacus' DP optimizer for ``module``'s pre-clipped gradients, its noise from ``rng``."""
+    return SecureNoiseOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=config.max_grad_norm,
+                                expected_batch_size=expected_batch_size, rng=rng)
 
 
 def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
-                      config: TrainConfig, privacy: HospitalPrivacy, rounds_left: int, where: tuple[str, int, int]
-                      ) -> tuple[list[float], float]:
+                      config: TrainConfig, privacy: HospitalPrivacy, rounds_left: int, where: tuple[str, int, int],
+                      key: str = "") -> tuple[list[float], float]:
     """Train ``model`` in place with DP-SGD; returns (mean loss per epoch, ε spent so far after this round).
 
-    Raises :class:`client.privacy.BudgetExhausted` before training when the round would exceed the budget.
+    The ledger is held exclusively from the budget check to the commit (see :meth:`HospitalPrivacy.round`), so
+    concurrent runs at one hospital add up exactly. Raises :class:`client.privacy.BudgetExhausted` before training
+    when the round would exceed the budget. ``config.seed`` is not used: DP randomness is never seeded.
     """
     keep = ~np.isnan(labels).all(axis=1)
     x = torch.as_tensor(embeddings[keep], dtype=torch.float32)
@@ -58,27 +51,46 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
     if len(x) == 0:
         return [], privacy.epsilon()
     sample_rate = min(1.0, config.batch_size / len(x))
-    steps = config.epochs * max(1, round(1 / sample_rate))
-    noise = privacy.noise_for(sample_rate, steps, rounds_left)
-    entry = spend(noise, sample_rate, steps, *where)
-    privacy.check(entry)
-    torch.manual_seed(config.seed)
-    module = PerSampleRetune(model, prompts).train()
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loader = DataLoader(Rows(x, y), batch_size=config.batch_size, collate_fn=tuple,
-                        generator=torch.Generator().manual_seed(config.seed))
-    optimizer, loader = make_private(module, optimizer, loader, noise, privacy.config)
-    history = []
-    for _ in range(config.epochs):
-        total, seen = 0.0, 0
-        for xb, yb in loader:
-            if len(xb) == 0:
-                continue
-            losses, _ = module.clipped_backward(xb, yb, optimizer.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += float(losses.sum())
-            seen += len(xb)
-        history.append(total / max(seen, 1))
-    model.eval()
-    return history, privacy.commit(entry)
+    per_epoch = steps_per_epoch(sample_rate)
+    steps = config.epochs * per_epoch
+    with privacy.round() as ledger:
+        noise = ledger.noise_for(sample_rate, steps, rounds_left)
+        entry = spend(noise, sample_rate, steps, *where, key=key)
+        ledger.check(entry)
+        rng = SecureRandom()
+        module = PerSampleRetune(model, prompts).train()
+        optimizer = dp_optimizer(module, torch.optim.Adam(module.parameters(), lr=config.lr,
+                                                          weight_decay=config.weight_decay),
+                                 noise, privacy.config, max(1, round(sample_rate * len(x))), rng)
+        history = []
+        for _ in range(config.epochs):
+            total, seen = 0.0, 0
+            for rows in poisson_batches(len(x), sample_rate, per_epoch, rng):
+                if len(rows):
+                    losses, _ = module.clipped_backward(x[rows], y[rows], optimizer.max_grad_norm)
+                    total, seen = total + float(losses.sum()), seen + len(rows)
+                else:  # an empty batch: the step still adds noise
+                    for p in module.parameters():
+                        p.grad = torch.zeros_like(p)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            history.append(total / max(seen, 1))
+        model.eval()
+        return history, ledger.commit(entry)
+
+
+def release_dp_round(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
+                     config: TrainConfig, privacy: HospitalPrivacy, rounds_left: int, where: tuple[str, int, int],
+                     key: str) -> tuple[float, bool]:
+    """Set ``model`` to this round's noisy adaptors; returns (ε so far, whether they were sent before).
+
+    A round is trained and charged once: asked again for the same round with the same global adaptors (``key``,
+    see :func:`client.privacy.released_key`), the hospital loads the update it already sent, at no new ε.
+    """
+    kept = privacy.released(key)
+    if kept is not None:
+        model.load_state_dict({name: torch.from_numpy(array) for name, array in kept.items()})
+        return privacy.epsilon(), True
+    _, epsilon = train_adaptors_dp(model, embeddings, labels, prompts, config, privacy, rounds_left, where, key)
+    privacy.keep_released(key, {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()})
+    return epsilon, False

@@ -1,9 +1,10 @@
 """The hospital boundary: Flower client mods that decide what may leave a hospital, and write it down.
 
 - :func:`boundary_guard` checks every reply against the wire-format allow-list (:func:`shared.wire.check_reply`)
-  and audits it; a non-conforming reply, or an exception in the app, is replaced by an error reply whose reason
-  holds no detail (the detail goes to the hospital's audit log and logger). If the audit entry cannot be
-  written, nothing leaves either: an error reply goes instead.
+  and audits it; a non-conforming reply, or an exception in the app, is replaced by an error reply. An error reply
+  leaves with its code and one of the fixed :data:`PUBLIC_REASONS` only (no path, no number, no message text); the
+  detail goes to the hospital's audit log and logger. If the audit entry cannot be written, nothing leaves either:
+  an error reply goes instead.
 - :func:`signature_mod` refuses global adaptors that do not carry the consortium's signature.
 - :func:`hospital_mods` stacks them, configured from the node config.
 
@@ -27,6 +28,7 @@ from flwr.common.constant import ErrorCode
 from client.approval import running_code
 from client.audit import ERROR, REFUSED, SENT, AuditLog, message_entry
 from shared.errors import RetuneError
+from shared.secagg import SecAggError
 from shared.signing import ARRAYS_SIGNATURE, load_public_key, verify_arrays
 from shared.wire import (ARRAYS, CONFIG, SECAGG_MASKED, ArraySpec, WireError, check_reply, check_secure_reply,
                          secure_stage)
@@ -35,7 +37,21 @@ log = logging.getLogger(__name__)
 #: Node-config keys (``flower-supernode --node-config 'audit-log="..." consortium-key="..."'``).
 AUDIT_LOG_KEY = "audit-log"
 CONSORTIUM_KEY = "consortium-key"
-MAX_REASON = 200
+#: The only reasons an error reply may carry out of the hospital. The app may give one followed by ": detail";
+#: the detail stays in the audit log.
+DECLINED_BUDGET = "declined: this round would exceed the hospital's privacy budget"
+REFUSED_REPLY = "reply refused at the hospital boundary (not the wire format)"
+UNSIGNED = "global adaptors refused: not signed by the consortium key this hospital trusts"
+SECAGG_ABORTED = "secure aggregation aborted at this hospital: the round broke the protocol"
+APP_FAILED = "the hospital's app failed on this message; the details stay at the hospital"
+AUDIT_UNAVAILABLE = "the hospital's audit log is unavailable"
+PUBLIC_REASONS = (DECLINED_BUDGET, REFUSED_REPLY, UNSIGNED, SECAGG_ABORTED, APP_FAILED, AUDIT_UNAVAILABLE)
+
+
+def public_reason(reason: str) -> str:
+    """The fixed reason an error reply may leave with: ``reason`` itself or the public part before its ": detail"
+    when it is one of :data:`PUBLIC_REASONS`, else :data:`APP_FAILED`."""
+    return next((r for r in PUBLIC_REASONS if reason == r or reason.startswith(f"{r}: ")), APP_FAILED)
 
 SpecFn = Callable[[Message], dict[str, ArraySpec] | None]
 
@@ -100,13 +116,12 @@ def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None 
                 audit.append(message_entry(event, msg, content, code_hash=running_code().code_hash, **extra))
             except (RetuneError, OSError) as exc:  # fail closed: nothing leaves unaudited
                 log.error("audit log %s: %s; refusing the reply", audit.path, exc)
-                return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, "the hospital's audit log is unavailable")
+                return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, AUDIT_UNAVAILABLE)
             return reply
 
         def refuse(detail: str, content_of: Message | None = None) -> Message:
             log.warning("refused a %s reply: %s", msg.metadata.message_type, detail)
-            reason = "reply refused at the hospital boundary (not the wire format; see the hospital's audit log)"
-            return record(REFUSED, _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, reason), content_of,
+            return record(REFUSED, _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, REFUSED_REPLY), content_of,
                           reason=detail)
 
         try:
@@ -115,14 +130,15 @@ def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None 
             return refuse(str(exc))
         try:
             reply = call_next(msg, context)
-        except Exception as exc:  # noqa: BLE001  the server learns the type only, never the message
+        except Exception as exc:  # noqa: BLE001  the server learns a fixed reason, never the message
             log.exception("the ClientApp failed on a %s message", msg.metadata.message_type)
-            reason = f"the hospital's app raised {type(exc).__name__}; details stay in the hospital's log"
-            return record(ERROR, _error(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason),
+            public = SECAGG_ABORTED if isinstance(exc, SecAggError) else APP_FAILED
+            return record(ERROR, _error(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, public),
                           error_code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
         if reply.has_error():
-            reason = (reply.error.reason or "")[:MAX_REASON]
-            return record(ERROR, _error(msg, reply.error.code, reason), error_code=reply.error.code, reason=reason)
+            detail = reply.error.reason or ""
+            return record(ERROR, _error(msg, reply.error.code, public_reason(detail)), error_code=reply.error.code,
+                          reason=detail)
         problem = _check(msg, reply, spec)
         if problem is not None:
             return refuse(problem, reply)
@@ -149,8 +165,7 @@ def signature_mod(public_key: Path | str | None = None) -> Mod:
             verify_arrays(arrays, signature if isinstance(signature, bytes) else None, load_public_key(str(path)))
         except RetuneError as exc:
             log.warning("refused a %s message: %s", msg.metadata.message_type, exc)
-            return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION,
-                          "global adaptors refused: not signed by the consortium key this hospital trusts")
+            return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, f"{UNSIGNED}: {exc}")
         return call_next(msg, context)
 
     return mod

@@ -1,27 +1,58 @@
 """Differential privacy at the hospital: one object owns the accountant, the ε ledger and the budget.
 
-The trainer asks :class:`HospitalPrivacy` for the noise of a round, trains with opacus, and commits what it
-spent. The ledger lives on the hospital's own disk and persists across rounds, stages and runs; ε is always
-computed by an opacus accountant (RDP or PRV) over the whole ledger. A round that would take ε past the
-hospital's budget is declined before any data is touched.
+The trainer asks :class:`HospitalPrivacy` for the noise of a round, trains, and commits what it spent. The ledger
+lives on the hospital's own disk and persists across rounds, stages and runs; ε is always computed by an opacus
+accountant (RDP or PRV) over the whole ledger. A round that would take ε past the hospital's budget is declined
+before any data is touched.
+
+**It cannot undercount.** A round holds the ledger exclusively (``fcntl`` lock on ``<ledger>.lock``) from re-reading
+it, through the budget check and training, to the commit, which checks that the file did not change underneath and
+replaces it atomically: two runs spending from one ledger at once add up exactly. **It is tamper-evident.** Every
+entry carries ``prev`` and ``hash`` (sha256 of its canonical JSON), chained from :data:`GENESIS`; with an audit log
+(node config ``audit-log``) every charge is also written there (event ``dp-charge`` with the entry's hash), and
+on load the ledger must end at the last charge the audit log recorded. A changed, removed or reordered entry, or
+entries cut off the end, stop the hospital's DP training with an error instead of a smaller ε.
+
+**A resumed round is not charged twice.** A charge is keyed by the run's identity (its run config, not Flower's run
+id), stage, round and the global adaptors received; the noisy update it paid for is kept beside the ledger
+(``released/``). Asked for the same round with the same adaptors again (a server that restarted, a retried round),
+the hospital sends that same update again: no new noise, no new ε, the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from opacus.accountants import create_accountant
+from safetensors.numpy import load_file, save_file
 
+from client.audit import AuditLog, canonical_json
 from shared.cache import atomic_write_text
 from shared.errors import RetuneError
+
+LEDGER_FORMAT = "retune-ledger/2"
+GENESIS = "0" * 64
+DP_CHARGE = "dp-charge"
+RELEASED_DIR = "released"
 
 
 class BudgetExhausted(RetuneError):
     """The next round would exceed this hospital's privacy budget; the hospital declines it."""
+
+
+class LedgerTampered(RetuneError):
+    """The ε ledger does not verify: an entry was changed, removed or reordered, or it disagrees with the audit
+    log. The hospital stops DP training until its IT has looked."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +93,8 @@ class DPConfig:
 
 @dataclass(frozen=True)
 class Spend:
-    """One round of DP-SGD: what the accountant needs, and where it happened."""
+    """One round of DP-SGD: what the accountant needs, and where it happened (``run``: the run's identity, see
+    :func:`shared.config.run_identity`; ``key``: what the round was asked, see :func:`released_key`)."""
 
     noise_multiplier: float
     sample_rate: float
@@ -71,21 +103,83 @@ class Spend:
     stage: int
     round: int
     time: float
+    key: str = ""
+
+
+def entry_hash(entry: dict) -> str:
+    """sha256 of a ledger entry's canonical JSON without its ``hash``."""
+    return hashlib.sha256(canonical_json({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+def released_key(run: str, stage: int, round_: int, incoming: str) -> str:
+    """What identifies a DP round's release: the run's identity, stage, round, digest of the adaptors received."""
+    return hashlib.sha256(json.dumps([run, stage, round_, incoming]).encode()).hexdigest()
 
 
 class HospitalPrivacy:
-    """The privacy object of one hospital (cf. opacus ``PrivacyEngine``): budget, accountant and ledger."""
+    """The privacy object of one hospital (cf. opacus ``PrivacyEngine``): budget, accountant and ledger.
 
-    def __init__(self, ledger: Path, config: DPConfig) -> None:
+    ``audit``: the hospital's audit log, where every charge is written too and which the ledger is checked
+    against (recommended; without it only the ledger's own hash chain is checked).
+    """
+
+    def __init__(self, ledger: Path, config: DPConfig, audit: AuditLog | None = None) -> None:
         self.path = Path(ledger)
         self.config = config
+        self.audit = audit
         self.spent: list[Spend] = []
-        if self.path.exists():
-            saved = json.loads(self.path.read_text())
-            if saved["delta"] != config.delta or saved["accountant"] != config.accountant:
+        self._chain: list[dict] = []
+        self._loaded = b""
+        self._load()
+
+    def _load(self) -> None:
+        """Read and verify the ledger (and its agreement with the audit log)."""
+        self._loaded = self.path.read_bytes() if self.path.exists() else b""
+        if not self._loaded:
+            self.spent, self._chain = [], []
+        else:
+            saved = json.loads(self._loaded)
+            if saved.get("format") != LEDGER_FORMAT:
+                raise LedgerTampered(f"privacy ledger {self.path} is not a {LEDGER_FORMAT} ledger")
+            if saved["delta"] != self.config.delta or saved["accountant"] != self.config.accountant:
                 raise RetuneError(f"privacy ledger {self.path} was kept with δ={saved['delta']} and the "
                                   f"{saved['accountant']} accountant; use the same settings")
-            self.spent = [Spend(**entry) for entry in saved["entries"]]
+            prev = GENESIS
+            for number, entry in enumerate(saved["entries"], start=1):
+                if entry.get("prev") != prev or entry.get("hash") != entry_hash(entry):
+                    raise LedgerTampered(f"privacy ledger {self.path}: entry {number} was changed, removed or "
+                                         "moved (its hash chain breaks there)")
+                prev = entry["hash"]
+            self._chain = saved["entries"]
+            self.spent = [Spend(**{k: v for k, v in e.items() if k not in ("prev", "hash")}) for e in self._chain]
+        self._check_audit()
+
+    @property
+    def _name(self) -> str:
+        """How the audit log names this ledger (its absolute path)."""
+        return str(self.path.resolve())
+
+    def _check_audit(self) -> None:
+        if self.audit is None or not self.audit.path.exists():
+            return
+        charges = [e for e in self.audit.entries() if e.get("event") == DP_CHARGE and e.get("ledger") == self._name]
+        head = self._chain[-1]["hash"] if self._chain else None
+        if charges and charges[-1]["entry"] != head:
+            raise LedgerTampered(f"privacy ledger {self.path} ends at {str(head)[:12]}…, but the audit log's last "
+                                 f"charge is entry {charges[-1]['entry'][:12]}…: entries were removed")
+
+    @contextmanager
+    def round(self) -> Iterator[HospitalPrivacy]:
+        """Hold the ledger exclusively for one round: re-read and verify it, let the caller check, train and
+        :meth:`commit`, then release it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.path}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._load()
+                yield self
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def epsilon(self, extra: Spend | None = None) -> float:
         """ε spent over the whole ledger (plus ``extra``, to look ahead)."""
@@ -121,19 +215,51 @@ class HospitalPrivacy:
         return after
 
     def commit(self, spend: Spend) -> float:
-        """Record a round that was trained (its update is leaving the hospital); returns ε so far."""
+        """Record a round that was trained (its update is leaving the hospital); returns ε so far. Call it inside
+        :meth:`round`; refuses if the ledger changed on disk since it was read."""
+        now = self.path.read_bytes() if self.path.exists() else b""
+        if now != self._loaded:
+            raise LedgerTampered(f"privacy ledger {self.path} changed while this round held it; not committing")
+        entry = {**asdict(spend), "prev": self._chain[-1]["hash"] if self._chain else GENESIS}
+        entry["hash"] = entry_hash(entry)
+        text = json.dumps({"format": LEDGER_FORMAT, "delta": self.config.delta, "accountant": self.config.accountant,
+                           "entries": [*self._chain, entry]}, indent=1)
+        atomic_write_text(self.path, text)
+        self._loaded = text.encode()
+        self._chain.append(entry)
         self.spent.append(spend)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps({
-            "delta": self.config.delta, "accountant": self.config.accountant,
-            "entries": [asdict(e) for e in self.spent]}, indent=1))
-        return self.epsilon()
+        epsilon = self.epsilon()
+        if self.audit is not None:
+            self.audit.append({"event": DP_CHARGE, "ledger": self._name, "entry": entry["hash"],
+                               "run": spend.run, "stage": spend.stage, "round": spend.round,
+                               "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
+                               "steps": spend.steps, "epsilon": epsilon, "delta": self.config.delta,
+                               "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(spend.time))})
+        return epsilon
+
+    def released(self, key: str) -> dict[str, np.ndarray] | None:
+        """The noisy adaptors a committed round with this :func:`released_key` sent, if kept."""
+        if not any(e.key == key for e in self.spent):
+            return None
+        try:
+            return load_file(self.path.parent / RELEASED_DIR / f"{key}.safetensors")
+        except (OSError, ValueError):
+            return None
+
+    def keep_released(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        """Keep what a committed round sends, so that the same round asked again gets the same answer."""
+        folder = self.path.parent / RELEASED_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+        os.replace(tmp, folder / f"{key}.safetensors")
 
     def _declined(self, would_be: float) -> str:
         return (f"privacy budget: this round would bring ε to {would_be:.3g} > the hospital's maximum "
                 f"{self.config.max_epsilon:g} (δ={self.config.delta:g}, ledger {self.path}); declining")
 
 
-def spend(noise_multiplier: float, sample_rate: float, steps: int, run: str, stage: int, round_: int) -> Spend:
+def spend(noise_multiplier: float, sample_rate: float, steps: int, run: str, stage: int, round_: int,
+          key: str = "") -> Spend:
     """A ledger entry stamped with the current time."""
-    return Spend(noise_multiplier, sample_rate, steps, run, stage, round_, time.time())
+    return Spend(noise_multiplier, sample_rate, steps, run, stage, round_, time.time(), key)

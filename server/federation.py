@@ -168,7 +168,8 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
             "bytes_up_per_hospital": train.bytes_up,
             "wall_s": time.perf_counter() - start,
             "clients": len(train.accepted),
-            "train_loss": float(train.metrics["train-loss"]) if train.metrics else None,
+            "train_loss": float(train.metrics["train-loss"]) if train.metrics and "train-loss" in train.metrics
+            else None,  # DP hospitals send no un-noised loss
             "hospitals": {name: site_macro(metrics, diseases) for name, metrics in sites.items()},
             "epsilon": {hospitals.name(r): float(r.content[METRICS]["epsilon"]) for r in train.accepted
                         if "epsilon" in r.content[METRICS]},

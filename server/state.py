@@ -15,12 +15,12 @@ from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save_file
 
 from shared.cache import atomic_write_text
-from shared.config import FederationConfig
+from shared.config import OPERATIONAL_KEYS, FederationConfig
 from shared.errors import RetuneError
 
 STATE = "state.json"
 #: Settings that may differ between a run and its resumption (where things are, not what is computed).
-_LOCATION_KEYS = {"run-dir", "sim-dir", "round-timeout", "join-timeout", "round-retries"}
+_LOCATION_KEYS = {"run-dir", "sim-dir", *OPERATIONAL_KEYS}
 
 
 def _comparable(config: dict) -> dict:

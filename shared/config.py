@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -226,3 +228,17 @@ class FederationConfig:
 
     def to_run_config(self) -> dict:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+#: Run-config keys that say how the server waits, not what is computed: a run resumed with other values is the
+#: same run.
+OPERATIONAL_KEYS = ("round-timeout", "join-timeout", "round-retries")
+
+
+def run_identity(run_config: dict) -> str:
+    """What identifies a run across Flower runs (a resumption is a new Flower run): sha256 of its run config as
+    :class:`FederationConfig` reads it, without :data:`OPERATIONAL_KEYS`. The server signs it into every round;
+    hospitals key their ε charges by it."""
+    values = FederationConfig.from_run_config(run_config).to_run_config()
+    canonical = json.dumps({k: v for k, v in values.items() if k not in OPERATIONAL_KEYS}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()

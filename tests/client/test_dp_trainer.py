@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from client.dp_clip import PerSampleRetune
-from client.dp_trainer import Rows, make_private
+from client.dp_random import SecureRandom
+from client.dp_trainer import dp_optimizer
 from client.privacy import DPConfig
 from client.trainer import Prompts
 from shared.config import AdaptorConfig
@@ -42,9 +42,8 @@ def dp_gradient(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_i clip(g_i) as the DP optimizer has it before the update with noise 0, the per-sample norms)."""
     module = PerSampleRetune(model, prompts).train()
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
-    loader = DataLoader(Rows(x, y), batch_size=len(x), collate_fn=tuple)
-    optimizer, _ = make_private(module, optimizer, loader, 0.0, DPConfig(max_epsilon=1.0, max_grad_norm=bound))
+    optimizer = dp_optimizer(module, torch.optim.SGD(module.parameters(), lr=0.0), 0.0,
+                             DPConfig(max_epsilon=1.0, max_grad_norm=bound), len(x), SecureRandom())
     _, norms = module.clipped_backward(x, y, optimizer.max_grad_norm)
     optimizer.pre_step()  # adds the noise (σ = 0) and divides by the expected batch size
     return torch.cat([p.grad.flatten() for p in model.parameters()]) * optimizer.expected_batch_size, norms
@@ -79,9 +78,8 @@ def test_opacus_adds_gaussian_noise_of_sigma_times_the_bound():
     model, prompts, x, y = setup("mlp")
     clean, _ = dp_gradient(model, prompts, x, y, bound=0.5)
     module = PerSampleRetune(model, prompts).train()
-    loader = DataLoader(Rows(x, y), batch_size=len(x), collate_fn=tuple)
-    optimizer, _ = make_private(module, torch.optim.SGD(module.parameters(), lr=0.0), loader, 2.0,
-                                DPConfig(max_epsilon=1.0, max_grad_norm=0.5))
+    optimizer = dp_optimizer(module, torch.optim.SGD(module.parameters(), lr=0.0), 2.0,
+                             DPConfig(max_epsilon=1.0, max_grad_norm=0.5), len(x), SecureRandom())
     module.clipped_backward(x, y, optimizer.max_grad_norm)
     optimizer.pre_step()
     noisy = torch.cat([p.grad.flatten() for p in model.parameters()]) * optimizer.expected_batch_size

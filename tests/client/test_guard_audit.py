@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from client.approval import running_code
 from client.audit import GENESIS, REFUSED, SENT, AuditLog, content_sha256, verify_log
-from client.guard import boundary_guard, hospital_mods, signature_mod
+from client.guard import (APP_FAILED, DECLINED_BUDGET, PUBLIC_REASONS, SECAGG_ABORTED, boundary_guard, hospital_mods,
+                          signature_mod)
 from shared.errors import RetuneError
+from shared.secagg import SecAggError
 from shared.model import RetuneModel
 from shared.signing import ARRAYS_SIGNATURE, generate_keys, sign_arrays
 from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, site_record, to_record
@@ -44,11 +47,22 @@ def _app(mods, reply_fn, marker=None) -> ClientApp:
     def handler(msg: Message, context: Context) -> Message:
         if marker is not None:
             marker.write_text("the app ran")
-        return Message(reply_fn(msg), reply_to=msg)
+        try:
+            return Message(reply_fn(msg), reply_to=msg)
+        except _Reply as whole:
+            return whole.message
 
     app.train()(handler)
     app.evaluate()(handler)
     return app
+
+
+class _Reply(Exception):
+    """Lets a test's reply function answer with a whole message (an error reply, say)."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__("reply")
+        self.message = message
 
 
 def _train_reply(msg: Message) -> RecordDict:
@@ -186,17 +200,30 @@ def test_evaluate_reply_with_arrays_is_refused_and_the_audit_log_comes_from_node
     assert entry["event"] == REFUSED and entry["arrays"] and "allowed" in entry["reason"]
 
 
-def test_app_exception_leaves_only_its_type(tmp_path):
+@pytest.mark.parametrize("failure", ["exception", "secagg", "budget", "free-text error"])
+def test_error_replies_leave_with_a_fixed_reason_and_the_detail_stays_in_the_audit_log(tmp_path, failure):
+    """Whatever the app says or raises, the server gets a code and one of the fixed reasons: no path, no number
+    from the ledger, no message text."""
     audit = tmp_path / "audit.jsonl"
+    detail = ("privacy budget: this round would bring ε to 8.41 > the hospital's maximum 8 "
+              "(δ=1e-05, ledger /srv/hospital/state/privacy-ledger.json); cannot read /data/patient-123/chest.dcm")
 
-    def boom(msg):
-        raise ValueError("cannot read /data/patient-123/chest.dcm")
+    def failing(msg):
+        if failure == "exception":
+            raise ValueError(detail)
+        if failure == "secagg":
+            raise SecAggError(detail)
+        raise _Reply(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                   f"{DECLINED_BUDGET}: {detail}" if failure == "budget" else detail), reply_to=msg))
 
-    reply = _app([boundary_guard(audit_path=audit)], boom)(_message("train"), _context())
-    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-    assert "ValueError" in reply.error.reason and "patient-123" not in reply.error.reason
+    reply = _app([boundary_guard(audit_path=audit)], failing)(_message("train"), _context())
+    assert reply.has_error() and reply.error.reason in PUBLIC_REASONS
+    assert not re.search(r"\d|/", reply.error.reason)
+    expected = {"exception": APP_FAILED, "secagg": SECAGG_ABORTED, "budget": DECLINED_BUDGET,
+                "free-text error": APP_FAILED}[failure]
+    assert reply.error.reason == expected
     (entry,) = _entries(audit)
-    assert entry["event"] == "error" and "patient-123" in entry["reason"]  # the detail stays at the hospital
+    assert entry["event"] == "error" and "patient-123" in entry["reason"] and "8.41" in entry["reason"]
 
 
 def test_guard_fails_closed_when_the_audit_log_is_unwritable(tmp_path):
