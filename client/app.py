@@ -77,7 +77,10 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
     The hospital's own mods (boundary guard + audit log, code approval, consortium signature; configured by the
     node config, see :func:`client.guard.hospital_mods`) always wrap the handlers; extra ``mods`` go outside them.
     """
-    app = ClientApp(mods=[*(mods or []), _simulated_site(config), *hospital_mods()])
+    def run_of(context: Context) -> str:  # the run's identity, from the run config this hospital trains with
+        return run_identity((config or FederationConfig.from_run_config(dict(context.run_config))).to_run_config())
+
+    app = ClientApp(mods=[*(mods or []), _simulated_site(config), *hospital_mods(run_of)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -5,7 +5,8 @@
   leaves with its code and one of the fixed :data:`PUBLIC_REASONS` only (no path, no number, no message text); the
   detail goes to the hospital's audit log and logger. If the audit entry cannot be written, nothing leaves either:
   an error reply goes instead.
-- :func:`signature_mod` refuses global adaptors that do not carry the consortium's signature.
+- :func:`round_mod` refuses global adaptors the consortium did not sign for this run, stage, round and kind, and
+  rounds that replay or reorder the run's progress.
 - :func:`hospital_mods` stacks them, configured from the node config.
 
 Which app package a hospital serves at all is decided before any of this, by its runtime (:mod:`client.runtime`).
@@ -29,7 +30,7 @@ from client.approval import running_code
 from client.audit import ERROR, REFUSED, SENT, AuditLog, message_entry
 from shared.errors import RetuneError
 from shared.secagg import SecAggError
-from shared.signing import ARRAYS_SIGNATURE, load_public_key, verify_arrays
+from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, load_public_key, verify_round
 from shared.wire import (ARRAYS, CONFIG, SECAGG_MASKED, ArraySpec, WireError, check_reply, check_secure_reply,
                          secure_stage)
 
@@ -41,11 +42,13 @@ CONSORTIUM_KEY = "consortium-key"
 #: the detail stays in the audit log.
 DECLINED_BUDGET = "declined: this round would exceed the hospital's privacy budget"
 REFUSED_REPLY = "reply refused at the hospital boundary (not the wire format)"
-UNSIGNED = "global adaptors refused: not signed by the consortium key this hospital trusts"
+UNSIGNED = "global adaptors refused: not signed by the consortium key this hospital trusts for this round"
+ROUND_REFUSED = "round refused: not a later round of this run (replayed or reordered)"
 SECAGG_ABORTED = "secure aggregation aborted at this hospital: the round broke the protocol"
 APP_FAILED = "the hospital's app failed on this message; the details stay at the hospital"
 AUDIT_UNAVAILABLE = "the hospital's audit log is unavailable"
-PUBLIC_REASONS = (DECLINED_BUDGET, REFUSED_REPLY, UNSIGNED, SECAGG_ABORTED, APP_FAILED, AUDIT_UNAVAILABLE)
+PUBLIC_REASONS = (DECLINED_BUDGET, REFUSED_REPLY, UNSIGNED, ROUND_REFUSED, SECAGG_ABORTED, APP_FAILED,
+                  AUDIT_UNAVAILABLE)
 
 
 def public_reason(reason: str) -> str:
@@ -147,32 +150,69 @@ def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None 
     return mod
 
 
-def signature_mod(public_key: Path | str | None = None) -> Mod:
-    """A client mod that refuses, before the app sees them, global adaptors without a valid consortium
-    signature (``config[ARRAYS_SIGNATURE]`` over ``arrays``). ``public_key`` None: the node config's
-    ``consortium-key``; neither means signatures are not checked at this hospital."""
+RunOf = Callable[[Context], str]
+#: Where a hospital keeps, per run, the last round it served (``context.state``, kept by its SuperNode).
+PROGRESS_KEY = "retune-rounds"
+
+
+def _progress_problem(context: Context, kind: str, position: tuple[int, int], digest: str) -> str | None:
+    """Why a ``kind`` message for ``position`` (stage, round) with adaptors ``digest`` is not a later round of
+    this run (None: it is, and it is recorded). A train round may come again with the same adaptors (a retried
+    round); an earlier one, or the same one with other adaptors, is a replay or a re-targeting."""
+    record = context.state.get(PROGRESS_KEY)
+    seen = dict(record.items()) if isinstance(record, ConfigRecord) else {}
+    last = tuple(seen[kind]) if kind in seen else None
+    if last is not None:
+        if position < last:
+            return f"{kind} for stage {position[0] + 1} round {position[1] + 1} after stage {last[0] + 1} " \
+                   f"round {last[1] + 1}: a replayed or reordered round"
+        if kind == "train" and position == last and digest != seen.get("train-digest"):
+            return f"train for stage {position[0] + 1} round {position[1] + 1} again with other adaptors"
+    seen[kind] = list(position)
+    if kind == "train":
+        seen["train-digest"] = digest
+    context.state[PROGRESS_KEY] = ConfigRecord(seen)
+    return None
+
+
+def round_mod(run_of: RunOf, public_key: Path | str | None = None) -> Mod:
+    """A client mod that refuses, before the app sees them, rounds the consortium did not sign for exactly this
+    run, stage, round and kind (``config[ARRAYS_SIGNATURE]``, see :func:`shared.signing.verify_round`), and rounds
+    that are not later than the last one this hospital served in the run (replayed or reordered). ``run_of``: the
+    run's identity as this hospital computes it from the run config; ``public_key`` None: the node config's
+    ``consortium-key``; neither means signatures are not checked (the order still is)."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if secure_stage(msg.metadata.message_type) not in (None, SECAGG_MASKED):
+            return call_next(msg, context)  # secure-aggregation key exchange carries no adaptors
         path = public_key or context.node_config.get(CONSORTIUM_KEY)
-        if not path or secure_stage(msg.metadata.message_type) not in (None, SECAGG_MASKED):
-            return call_next(msg, context)  # secure-aggregation key exchange carries no adaptors to verify
+        kind = msg.metadata.message_type.split(".")[0]
         try:
-            arrays = msg.content.get(ARRAYS)
-            config = msg.content.get(CONFIG)
-            if not isinstance(arrays, ArrayRecord):
-                raise WireError("the message carries no global adaptors to verify")
-            signature = config.get(ARRAYS_SIGNATURE) if isinstance(config, ConfigRecord) else None
-            verify_arrays(arrays, signature if isinstance(signature, bytes) else None, load_public_key(str(path)))
-        except RetuneError as exc:
+            arrays, config = msg.content.get(ARRAYS), msg.content.get(CONFIG)
+            if not isinstance(arrays, ArrayRecord) or not isinstance(config, ConfigRecord):
+                raise WireError("the message carries no global adaptors and round to verify")
+            position = (int(config["stage"]), int(config["round"]))
+            if path:
+                binding = RoundBinding(msg.metadata.run_id, run_of(context), *position, kind)
+                signature = config.get(ARRAYS_SIGNATURE)
+                verify_round(arrays, binding, signature if isinstance(signature, bytes) else None,
+                             load_public_key(str(path)))
+        except (RetuneError, KeyError, TypeError, ValueError) as exc:
             log.warning("refused a %s message: %s", msg.metadata.message_type, exc)
             return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, f"{UNSIGNED}: {exc}")
+        problem = _progress_problem(context, kind, position, arrays_digest(arrays).hex())
+        if problem is not None:
+            log.warning("refused a %s message: %s", msg.metadata.message_type, problem)
+            return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, f"{ROUND_REFUSED}: {problem}")
         return call_next(msg, context)
 
     return mod
 
 
-def hospital_mods(audit_path: Path | str | None = None, public_key: Path | str | None = None) -> list[Mod]:
-    """The hospital's mod stack, outermost first: boundary guard (audits every reply, including the refusal
-    below), consortium signature of the incoming adaptors. Each argument left None comes from the node config
-    (``audit-log``, ``consortium-key``) at every message; a key absent there switches that check off."""
-    return [boundary_guard(audit_path=audit_path), signature_mod(public_key)]
+def hospital_mods(run_of: RunOf, audit_path: Path | str | None = None,
+                  public_key: Path | str | None = None) -> list[Mod]:
+    """The hospital's mod stack, outermost first: boundary guard (audits every reply, including the refusals
+    below), the consortium's signature and the order of rounds (:func:`round_mod`). Each path left None comes from
+    the node config (``audit-log``, ``consortium-key``) at every message; a key absent there switches that check
+    off."""
+    return [boundary_guard(audit_path=audit_path), round_mod(run_of, public_key)]

@@ -32,7 +32,7 @@ from shared.labels import CHEXPERT5
 from shared.model import zero_shot_logits
 from research.phantom import write_phantom
 from shared.scenarios import supervise
-from shared.signing import PRIVATE_KEY, PUBLIC_KEY, generate_keys
+from shared.signing import PRIVATE_KEY, PUBLIC_KEY, generate_keys, load_private_key
 
 HOSPITALS_DIR = "hospitals"
 #: The simulated consortium's Ed25519 key pair: the server signs adaptors, hospitals and users verify.
@@ -124,6 +124,8 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
     out.mkdir(parents=True, exist_ok=True)
     if not (out / KEYS_DIR / PRIVATE_KEY).exists():
         generate_keys(out / KEYS_DIR)
+    key = load_private_key(out / KEYS_DIR / PRIVATE_KEY)
+    RunState.open(config, None, key)  # a run folder changed since its last sealed round is refused before anything
     start = time.perf_counter()
     sites = prepare_hospitals(config, plan, console)
     prepared_s = time.perf_counter() - start
@@ -145,7 +147,7 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
         federation_s = time.perf_counter() - fed_start
-    state = RunState.open(config, initial=None)  # type: ignore[arg-type]
+    state = RunState.open(config, None, key)
     if not state.done:
         raise RuntimeError(f"the federation stopped before its last round; see the log above ({out})")
     report = build_report(config, plan, state, sites, baselines,

@@ -16,7 +16,7 @@ from server.federation import RoundCallback, initial_model, run_federation
 from server.state import RunState
 from shared.backbone import config_embed_dim
 from shared.checkpoint import save_checkpoint
-from shared.config import FederationConfig
+from shared.config import FederationConfig, run_identity
 from shared.labels import resolve_schema
 from shared.prompts import PromptBank
 from shared.signing import SIGNING_KEY_ENV, load_private_key, sign_checkpoint
@@ -30,12 +30,21 @@ def backbone_record(config: FederationConfig, state: RunState, embed_dim: int) -
     return {"spec": config.backbone, "label": config.backbone, "embed_dim": embed_dim, "identity": state.backbone}
 
 
-def save_final(config: FederationConfig, state: RunState, embed_dim: int, signing_key: Path | None = None) -> Path:
+def run_record(config: FederationConfig, state: RunState, run_id: int) -> dict:
+    """What the checkpoint records of the run it ends (inside what its signature covers): the run's identity and
+    settings, the Flower run that finished it, and the rounds."""
+    return {"identity": run_identity(config.to_run_config()), "flower_run_id": run_id, "config": state.config,
+            "stages": state.stage, "rounds": state.server_round}
+
+
+def save_final(config: FederationConfig, state: RunState, embed_dim: int, signing_key: Path | None = None,
+               run_id: int = 0) -> Path:
     """Write the global adaptors as a checkpoint that ``retune evaluate``/``predict`` read, signed if a key is
-    given."""
+    given: the signature covers the adaptors and the sidecar, with the backbone identity and :func:`run_record`."""
     model = load_record(initial_model(config, embed_dim), state.arrays)
     bank = PromptBank(resolve_schema(config.diseases).diseases)
-    folder = save_checkpoint(Path(config.run_dir) / CHECKPOINT, model, bank, backbone_record(config, state, embed_dim))
+    folder = save_checkpoint(Path(config.run_dir) / CHECKPOINT, model, bank, backbone_record(config, state, embed_dim),
+                             run=run_record(config, state, run_id))
     if signing_key is not None:
         sign_checkpoint(folder, signing_key)
     return folder
@@ -53,8 +62,8 @@ def make_server_app(config: FederationConfig | None = None, on_round: RoundCallb
         key_path = signing_key or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
         embed_dim = cfg.embed_dim or config_embed_dim(cfg.backbone)
         key = load_private_key(key_path) if key_path else None
-        state = run_federation(grid, cfg, embed_dim, on_round, key)
-        save_final(cfg, state, embed_dim, key_path)
+        state = run_federation(grid, cfg, embed_dim, on_round, key, context.run_id)
+        save_final(cfg, state, embed_dim, key_path, context.run_id)
 
     return app
 

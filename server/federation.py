@@ -25,11 +25,11 @@ from server.secagg import secure_train
 from server.state import RunState
 from server.strategy import make_strategy
 from server.strategy.adaptor_strategy import AdaptorStrategy, reply_order
-from shared.config import AdaptorConfig, FederationConfig
+from shared.config import AdaptorConfig, FederationConfig, run_identity
 from shared.labels import resolve_schema
 from shared.model import RetuneModel
 from shared.scenarios import disease_groups
-from shared.signing import ARRAYS_SIGNATURE, sign_arrays
+from shared.signing import ARRAYS_SIGNATURE, RoundBinding, sign_round
 from shared.wire import ARRAYS, METRICS, adaptor_spec, payload_bytes, to_record
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,12 @@ def initial_model(config: FederationConfig, embed_dim: int) -> RetuneModel:
         return RetuneModel(embed_dim, AdaptorConfig(kind=config.adaptor))
 
 
-def round_config(stage: int, round_: int, arrays, signing_key: Ed25519PrivateKey | None) -> ConfigRecord:
-    """What the server sends with the adaptors: the position, and the consortium's signature of the adaptors."""
-    values: dict = {"stage": stage, "round": round_}
+def round_config(binding: RoundBinding, arrays: ArrayRecord, signing_key: Ed25519PrivateKey | None) -> ConfigRecord:
+    """What the server sends with the adaptors: the position, and the consortium's signature of the adaptors for
+    exactly this run, stage, round and kind (so a signed round cannot be replayed or re-targeted)."""
+    values: dict = {"stage": binding.stage, "round": binding.round}
     if signing_key is not None:
-        values[ARRAYS_SIGNATURE] = sign_arrays(arrays, signing_key)
+        values[ARRAYS_SIGNATURE] = sign_round(arrays, binding, signing_key)
     return ConfigRecord(values)
 
 
@@ -87,10 +88,12 @@ class TrainOutcome:
 
 
 def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy, hospitals: Hospitals,
-                server_round: int, state: RunState, signing_key: Ed25519PrivateKey | None) -> TrainOutcome:
+                server_round: int, state: RunState, signing_key: Ed25519PrivateKey | None, run_id: int
+                ) -> TrainOutcome:
     """Send the global adaptors to every connected hospital and aggregate the admitted replies."""
+    binding = RoundBinding(run_id, run_identity(config.to_run_config()), state.stage, state.round, "train")
     train_msgs = list(strategy.configure_train(
-        server_round, state.arrays, round_config(state.stage, state.round, state.arrays, signing_key), grid))
+        server_round, state.arrays, round_config(binding, state.arrays, signing_key), grid))
     if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
         arrays, metrics, secure = secure_train(grid, strategy, server_round, train_msgs, config.round_timeout,
                                                hospitals.admit)
@@ -121,10 +124,12 @@ def _declined(hospitals: Hospitals, nodes: Iterable[int], replies: dict[int, Mes
             for node in sorted(set(nodes), key=hospitals.name_of) if node not in replies or replies[node].has_error()]
 
 
-def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
-                   on_round: RoundCallback | None = None, signing_key: Ed25519PrivateKey | None = None) -> RunState:
+def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_round: RoundCallback | None = None,
+                   signing_key: Ed25519PrivateKey | None = None, run_id: int = 0) -> RunState:
     """Run (or resume) every remaining round; returns the final state. With ``signing_key`` every global
-    adaptor set sent out is signed, so hospitals can refuse adaptors the consortium did not produce.
+    adaptor set sent out is signed for this Flower run (``run_id``), stage, round and kind, so hospitals refuse
+    adaptors the consortium did not produce and rounds replayed from elsewhere, and every committed round of the run
+    folder is sealed, so a resumption refuses a folder changed since.
 
     A round counts only when at least ``min_hospitals`` hospitals' updates were aggregated; otherwise it is run
     again, up to ``round_retries`` times, and then the run fails with :class:`FederationError`.
@@ -133,7 +138,7 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
     scored = stage_diseases(config)
     model = initial_model(config, embed_dim)
     strategy = make_strategy(config, adaptor_spec(model))
-    state = RunState.open(config, to_record(model))
+    state = RunState.open(config, to_record(model), signing_key)
     strategy.load_optimizer_state(state.optimizer)
     hospitals = Hospitals(config.backbone_identity or state.backbone, state.hospitals)
     if state.server_round:
@@ -143,7 +148,7 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
         stage, round_, server_round = state.stage, state.round, state.server_round + 1
         for attempt in range(config.round_retries + 1):
             wait_for_hospitals(grid, config)
-            train = train_round(grid, config, strategy, hospitals, server_round, state, signing_key)
+            train = train_round(grid, config, strategy, hospitals, server_round, state, signing_key, run_id)
             if len(train.accepted) >= config.min_hospitals and train.arrays is not None:
                 break
             why = "; ".join(f"{d['hospital']}: {d['reason']}" for d in train.declined + train.refused) or "no replies"
@@ -154,8 +159,9 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
             log.warning("%s: the round does not count; trying it again (%d of %d)", message, attempt + 2,
                         config.round_retries + 1)
         arrays = train.arrays
-        eval_msgs = list(strategy.configure_evaluate(
-            server_round, arrays, round_config(stage, round_, arrays, signing_key), grid))
+        binding = RoundBinding(run_id, run_identity(config.to_run_config()), stage, round_, "evaluate")
+        eval_msgs = list(strategy.configure_evaluate(server_round, arrays, round_config(binding, arrays, signing_key),
+                                                     grid))
         evaluated, eval_refused = hospitals.admit(sorted(
             (r for r in exchange(grid, eval_msgs, config.round_timeout).values() if not r.has_error()),
             key=reply_order))
@@ -176,7 +182,7 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int,
             "declined": train.declined,
             "refused": train.refused + eval_refused,
         }
-        state.commit(arrays, strategy.optimizer_state(), record, hospitals.identity, hospitals.names)
+        state.commit(arrays, strategy.optimizer_state(), record, hospitals.identity, hospitals.names, signing_key)
         log.info("stage %d round %d: macro AUROC %s from %d hospitals", stage + 1, round_ + 1,
                  record["macro_auroc"], record["clients"])
         if on_round is not None:

@@ -2,6 +2,11 @@
 
 ``RUN_DIR/state.json`` is the commit point: it names the adaptor (and optimiser) files of the last completed
 round, written before it. A crash leaves either the previous state or the new one, never half of one.
+
+With the consortium's signing key every committed state is **sealed** (:func:`shared.signing.seal`: the state and
+the hash of each file it names), and a resumption checks the seal before anything is used or signed: a run folder
+changed since (adaptors zeroed, a history edited) stops the resumption with a clear error, instead of being carried
+on and signed as the consortium's.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save
 
-from shared.cache import atomic_write_text
+from shared.cache import atomic_write_bytes, atomic_write_text
 from shared.config import OPERATIONAL_KEYS, FederationConfig
 from shared.errors import RetuneError
+from shared.signing import SignatureError, check_seal, seal
 
 STATE = "state.json"
 #: Settings that may differ between a run and its resumption (where things are, not what is computed).
@@ -43,19 +50,30 @@ class RunState:
     hospitals: dict[int, str] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, config: FederationConfig, initial: ArrayRecord) -> RunState:
-        """Resume the run in ``config.run_dir``, or start one from ``initial`` adaptors."""
+    def open(cls, config: FederationConfig, initial: ArrayRecord | None,
+             key: Ed25519PrivateKey | None = None) -> RunState:
+        """Resume the run in ``config.run_dir``, or start one from ``initial`` adaptors. With ``key`` the folder's
+        seal is checked first; a folder sealed by a key, opened without one, is refused too."""
         run_dir = Path(config.run_dir)
         path = run_dir / STATE
         if not path.exists():
             return cls(run_dir, config.to_run_config(), arrays=initial)
         saved = json.loads(path.read_text())
+        files = {name: (run_dir / name).read_bytes() for name in (saved["arrays"], saved.get("optimizer")) if name}
+        if key is not None or "seal" in saved:
+            try:
+                if key is None:
+                    raise SignatureError("it is sealed, and this ServerApp has no signing key to check the seal")
+                check_seal(saved, files, key.public_key())
+            except SignatureError as exc:
+                raise RetuneError(f"{run_dir} cannot be resumed: {exc}. Restore the folder from a backup or start "
+                                  "the run in a new folder") from None
         if _comparable(saved["config"]) != _comparable(config.to_run_config()):
             changed = sorted(k for k, v in _comparable(config.to_run_config()).items() if saved["config"].get(k) != v)
             raise RetuneError(f"{run_dir} holds a run with different settings ({', '.join(changed)}): "
                               "resume it with the same settings or choose another output folder")
-        arrays = ArrayRecord({k: Array(v) for k, v in load_file(run_dir / saved["arrays"]).items()})
-        optimizer = load_file(run_dir / saved["optimizer"]) if saved.get("optimizer") else {}
+        arrays = ArrayRecord({k: Array(v) for k, v in load(files[saved["arrays"]]).items()})
+        optimizer = load(files[saved["optimizer"]]) if saved.get("optimizer") else {}
         return cls(run_dir, saved["config"], saved["stage"], saved["round"], saved["server_round"],
                    saved["history"], arrays, optimizer, saved.get("backbone"),
                    {int(node): name for node, name in saved.get("hospitals", {}).items()})
@@ -65,9 +83,10 @@ class RunState:
         return self.stage >= int(self.config["stages"])
 
     def commit(self, arrays: ArrayRecord, optimizer: dict[str, np.ndarray], record: dict,
-               backbone: str | None = None, hospitals: dict[int, str] | None = None) -> None:
+               backbone: str | None = None, hospitals: dict[int, str] | None = None,
+               key: Ed25519PrivateKey | None = None) -> None:
         """Record a completed round (and the run's backbone identity and hospital names so far) and advance the
-        position; persisted before returning."""
+        position; persisted, and sealed with ``key``, before returning."""
         self.arrays, self.optimizer = arrays, optimizer
         self.backbone = backbone or self.backbone
         self.hospitals.update(hospitals or {})
@@ -78,15 +97,19 @@ class RunState:
             self.stage, self.round = self.stage + 1, 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         name = f"global-{self.server_round:05d}.safetensors"
-        save_file({k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()}, self.run_dir / name)
+        files = {name: save({k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()})}
         opt_name = f"optimizer-{self.server_round:05d}.safetensors" if optimizer else None
         if opt_name:
-            save_file({k: np.ascontiguousarray(v) for k, v in optimizer.items()}, self.run_dir / opt_name)
-        atomic_write_text(self.run_dir / STATE, json.dumps({
-            "config": self.config, "stage": self.stage, "round": self.round, "server_round": self.server_round,
-            "arrays": name, "optimizer": opt_name, "backbone": self.backbone,
-            "hospitals": {str(node): name for node, name in sorted(self.hospitals.items())},
-            "history": self.history}, indent=1))
+            files[opt_name] = save({k: np.ascontiguousarray(v) for k, v in optimizer.items()})
+        for file, data in files.items():
+            atomic_write_bytes(self.run_dir / file, data)
+        state = {"config": self.config, "stage": self.stage, "round": self.round, "server_round": self.server_round,
+                 "arrays": name, "optimizer": opt_name, "backbone": self.backbone,
+                 "hospitals": {str(node): host for node, host in sorted(self.hospitals.items())},
+                 "history": self.history}
+        if key is not None:
+            state["seal"] = seal(state, files, key)
+        atomic_write_text(self.run_dir / STATE, json.dumps(state, indent=1))
         for old in self.run_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].safetensors"):
             if old.name not in (name, opt_name):
                 old.unlink()

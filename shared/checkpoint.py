@@ -20,8 +20,10 @@ SIDECAR = "adaptors.json"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(folder: Path, model: RetuneModel, prompts: PromptBank, backbone: dict[str, Any]) -> Path:
-    """Write the adaptors and their sidecar (backbone, embedding size, diseases, prompts, versions)."""
+def save_checkpoint(folder: Path, model: RetuneModel, prompts: PromptBank, backbone: dict[str, Any],
+                    run: dict[str, Any] | None = None) -> Path:
+    """Write the adaptors and their sidecar (backbone, embedding size, diseases, prompts, versions, and for a
+    federation the run it ends)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS)
@@ -33,6 +35,7 @@ def save_checkpoint(folder: Path, model: RetuneModel, prompts: PromptBank, backb
         "diseases": list(prompts.diseases),
         "prompts": prompts.to_dict(),
         "adaptor": asdict(model.config),
+        **({"run": run} if run is not None else {}),
     }
     (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     return folder

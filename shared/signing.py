@@ -4,10 +4,16 @@ The consortium holds one key pair: the server signs with ``consortium.key`` (PEM
 hospital and every ``retune evaluate``/``predict`` user verifies with ``consortium.pub`` (PEM SubjectPublicKeyInfo).
 
 - A checkpoint's ``adaptors.sig`` (JSON) signs ``sha256(DOMAIN_CKPT + sha256(adaptors.safetensors) +
-  sha256(adaptors.json))``: tampering with either file, or swapping bytes between them, breaks it.
-- A round's global adaptors are signed over :func:`arrays_digest` (array names, dtypes, shapes and raw C-order
-  bytes, in name order: independent of how the arrays are serialised); the 64-byte signature travels to the
-  hospitals in the ``config`` record under :data:`ARRAYS_SIGNATURE`.
+  sha256(adaptors.json))``: tampering with either file, or swapping bytes between them, breaks it. The sidecar
+  records the backbone identity and, for a federation, the run (its identity, settings, Flower run id, rounds);
+  the signature file lists what it covers (``covers``).
+- A round's message is signed over :func:`round_digest`: Flower's run id, the run's identity (the hash of its run
+  config, :func:`shared.config.run_identity`), stage, round and message kind (train or evaluate), together with
+  :func:`arrays_digest` of the global adaptors (array names, dtypes, shapes and raw C-order bytes, in name order:
+  independent of how the arrays are serialised). The 64-byte signature travels to the hospitals in the ``config``
+  record under :data:`ARRAYS_SIGNATURE`; a signed round cannot be replayed into another run, stage, round or kind.
+- The server's run folder is sealed after every round (:func:`seal`): ``state.json`` with the hashes of the files
+  it names, so a resumption refuses a folder changed since.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import base64
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -39,6 +46,8 @@ ARRAYS_SIGNATURE = "arrays-signature"
 ALGORITHM = "ed25519"
 _DOMAIN_CKPT = b"retune-fl/checkpoint/v1\n"
 _DOMAIN_ARRAYS = b"retune-fl/arrays/v1\n"
+_DOMAIN_ROUND = b"retune-fl/round/v1\n"
+_DOMAIN_SEAL = b"retune-fl/run-state/v1\n"
 
 PrivateKeyLike = Union[Ed25519PrivateKey, Path, str]
 PublicKeyLike = Union[Ed25519PublicKey, Path, str]
@@ -114,6 +123,8 @@ def sign_checkpoint(folder: Path, private_key: PrivateKeyLike) -> Path:
     key = load_private_key(private_key)
     digest = checkpoint_digest(folder)
     body = {"algorithm": ALGORITHM, "key_id": key_id(key), "digest": digest.hex(),
+            "covers": [WEIGHTS, f"{SIDECAR} (backbone identity, prompts, adaptor shape and, for a federation, the "
+                                "run: its identity, settings, Flower run id and rounds)"],
             "signature": base64.b64encode(key.sign(digest)).decode()}
     path = Path(folder) / SIGNATURE
     path.write_text(json.dumps(body, indent=2) + "\n")
@@ -158,20 +169,72 @@ def arrays_digest(record: ArrayRecord) -> bytes:
     return h.digest()
 
 
-def sign_arrays(record: ArrayRecord, key: PrivateKeyLike) -> bytes:
-    """The 64-byte Ed25519 signature of :func:`arrays_digest`."""
-    return load_private_key(key).sign(arrays_digest(record))
+@dataclass(frozen=True)
+class RoundBinding:
+    """What a round's signature binds besides the arrays: Flower's run id, the run's identity, stage, round and
+    message kind (``train`` or ``evaluate``)."""
+
+    run_id: int
+    run: str
+    stage: int
+    round: int
+    kind: str
 
 
-def verify_arrays(record: ArrayRecord, signature: bytes | None, public_key: PublicKeyLike) -> None:
-    """Raise :class:`SignatureError` unless ``signature`` is the consortium's signature of these arrays."""
+def round_digest(record: ArrayRecord, binding: RoundBinding) -> bytes:
+    """What a round's signature covers: the binding and :func:`arrays_digest` under a domain tag."""
+    head = json.dumps([binding.run_id, binding.run, binding.stage, binding.round, binding.kind]).encode()
+    return hashlib.sha256(_DOMAIN_ROUND + len(head).to_bytes(8, "big") + head + arrays_digest(record)).digest()
+
+
+def sign_round(record: ArrayRecord, binding: RoundBinding, key: PrivateKeyLike) -> bytes:
+    """The 64-byte Ed25519 signature of :func:`round_digest`."""
+    return load_private_key(key).sign(round_digest(record, binding))
+
+
+def verify_round(record: ArrayRecord, binding: RoundBinding, signature: bytes | None, public_key: PublicKeyLike
+                 ) -> None:
+    """Raise :class:`SignatureError` unless ``signature`` is the consortium's signature of these arrays for exactly
+    this run, stage, round and kind."""
     if not isinstance(signature, bytes) or not signature:
         raise SignatureError("the global adaptors carry no consortium signature")
     try:
-        load_public_key(public_key).verify(signature, arrays_digest(record))
+        load_public_key(public_key).verify(signature, round_digest(record, binding))
     except InvalidSignature:
-        raise SignatureError("the global adaptors' signature does not verify with the consortium key: they "
-                             "were changed on the way or signed by another key") from None
+        raise SignatureError("the round's signature does not verify with the consortium key for this run, stage, "
+                             "round and kind: the adaptors were changed, the round replayed or re-targeted, or "
+                             "signed by another key") from None
+
+
+def seal_digest(state: dict[str, Any], files: dict[str, bytes]) -> bytes:
+    """What a run-state seal covers: the state (without its seal) and the sha256 of each file it names."""
+    body = canonical({k: v for k, v in state.items() if k != "seal"})
+    parts = b"".join(name.encode() + b"\0" + hashlib.sha256(data).digest() for name, data in sorted(files.items()))
+    return hashlib.sha256(_DOMAIN_SEAL + len(body).to_bytes(8, "big") + body + parts).digest()
+
+
+def seal(state: dict[str, Any], files: dict[str, bytes], key: PrivateKeyLike) -> dict[str, str]:
+    """The seal to store in ``state["seal"]``."""
+    private = load_private_key(key)
+    return {"algorithm": ALGORITHM, "key_id": key_id(private),
+            "signature": base64.b64encode(private.sign(seal_digest(state, files))).decode()}
+
+
+def check_seal(state: dict[str, Any], files: dict[str, bytes], key: PublicKeyLike) -> None:
+    """Raise :class:`SignatureError` unless ``state["seal"]`` is ``key``'s seal of this state and these files."""
+    body = state.get("seal")
+    if not isinstance(body, dict):
+        raise SignatureError("the run state is not sealed")
+    try:
+        load_public_key(key).verify(base64.b64decode(body["signature"], validate=True), seal_digest(state, files))
+    except (InvalidSignature, KeyError, ValueError, TypeError):
+        raise SignatureError("the run state or a file it names was changed after the ServerApp sealed it, or it "
+                             "was sealed with another key") from None
+
+
+def canonical(value: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no spaces, ASCII)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -16,24 +16,35 @@ from flwr.common.constant import ErrorCode
 
 from client.approval import running_code
 from client.audit import GENESIS, REFUSED, SENT, AuditLog, content_sha256, verify_log
-from client.guard import (APP_FAILED, DECLINED_BUDGET, PUBLIC_REASONS, SECAGG_ABORTED, boundary_guard, hospital_mods,
-                          signature_mod)
+from client.guard import (APP_FAILED, DECLINED_BUDGET, PUBLIC_REASONS, ROUND_REFUSED, SECAGG_ABORTED, UNSIGNED,
+                          boundary_guard, hospital_mods, round_mod)
 from shared.errors import RetuneError
 from shared.secagg import SecAggError
 from shared.model import RetuneModel
-from shared.signing import ARRAYS_SIGNATURE, generate_keys, sign_arrays
+from shared.signing import ARRAYS_SIGNATURE, RoundBinding, generate_keys, sign_round
 from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, site_record, to_record
 
 GLOBAL = to_record(RetuneModel(8))
 SITE_RECORD = site_record("hospital-0", "0f" * 32)
 
 
-def _message(kind: str = "train", arrays: ArrayRecord | None = GLOBAL, signature: bytes | None = None) -> Message:
-    config = ConfigRecord({"stage": 1, "round": 2, **({ARRAYS_SIGNATURE: signature} if signature else {})})
+RUN = "run-identity"
+
+
+def _message(kind: str = "train", arrays: ArrayRecord | None = GLOBAL, signature: bytes | None = None,
+             stage: int = 1, round_: int = 2, run_id: int = 7) -> Message:
+    config = ConfigRecord({"stage": stage, "round": round_, **({ARRAYS_SIGNATURE: signature} if signature else {})})
     content = RecordDict({CONFIG: config, **({ARRAYS: arrays} if arrays is not None else {})})
-    meta = Metadata(run_id=7, message_id="msg-1", src_node_id=1, dst_node_id=42, reply_to_message_id="",
+    meta = Metadata(run_id=run_id, message_id="msg-1", src_node_id=1, dst_node_id=42, reply_to_message_id="",
                     group_id="5", created_at=time.time(), ttl=600.0, message_type=kind)
     return Message(metadata=meta, content=content)
+
+
+def _signed(private, kind: str = "train", arrays: ArrayRecord = GLOBAL, stage: int = 1, round_: int = 2,
+            run: str = RUN, signed_kind: str | None = None, signed_run_id: int = 7) -> Message:
+    """A message of Flower run 7 as the server sends it: the adaptors signed for a run, stage, round and kind."""
+    binding = RoundBinding(signed_run_id, run, stage, round_, signed_kind or kind)
+    return _message(kind, arrays, sign_round(arrays, binding, private), stage, round_, run_id=7)
 
 
 def _context(**node_config: str) -> Context:
@@ -244,26 +255,53 @@ def consortium(tmp_path_factory):
     return generate_keys(tmp_path_factory.mktemp("keys"))
 
 
-def test_signature_mod_refuses_unsigned_or_altered_adaptors_before_the_app(tmp_path, consortium):
+def test_round_mod_refuses_unsigned_or_altered_adaptors_before_the_app(tmp_path, consortium):
     private, public = consortium
     marker = tmp_path / "ran"
-    app = _app([signature_mod(public)], _train_reply, marker)
+    app = _app([round_mod(lambda context: RUN, public)], _train_reply, marker)
     altered = ArrayRecord({k: Array(np.array(a.numpy()) * 2) for k, a in GLOBAL.items()})
-    for msg in (_message("train"), _message("train", altered, sign_arrays(GLOBAL, private)),
-                _message("train", GLOBAL, b"\0" * 64)):
+    forged = _signed(private)
+    forged.content[ARRAYS] = altered
+    for msg in (_message("train"), forged, _message("train", GLOBAL, b"\0" * 64)):
         reply = app(msg, _context())
         assert reply.has_error() and reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
-        assert not marker.exists()
-    assert app(_message("train", GLOBAL, sign_arrays(GLOBAL, private)), _context()).has_content()
+        assert reply.error.reason.startswith(UNSIGNED) and not marker.exists()
+    assert app(_signed(private), _context()).has_content()
     assert marker.exists()
+
+
+@pytest.mark.parametrize("replay", ["earlier round", "earlier stage", "same round other adaptors", "other run",
+                                    "other run config", "evaluate signature on train"])
+def test_a_replayed_reordered_or_retargeted_round_is_refused(tmp_path, consortium, replay):
+    """The server (or anyone holding an old signed message) cannot send a signed round again out of order, into
+    another run or run config, or as another kind of message."""
+    private, public = consortium
+    marker = tmp_path / "ran"
+    app = _app([round_mod(lambda context: RUN, public)], _train_reply, marker)
+    context = _context()
+    assert app(_signed(private, stage=1, round_=2), context).has_content()  # the run is at stage 2, round 3
+    assert app(_signed(private, stage=1, round_=2), context).has_content()  # a retry: the same round, same adaptors
+    other = ArrayRecord({k: Array(np.array(a.numpy()) + 1) for k, a in GLOBAL.items()})
+    msg = {"earlier round": lambda: _signed(private, stage=1, round_=1),
+           "earlier stage": lambda: _signed(private, stage=0, round_=5),
+           "same round other adaptors": lambda: _signed(private, arrays=other),
+           "other run": lambda: _signed(private, stage=1, round_=3, signed_run_id=8),
+           "other run config": lambda: _signed(private, stage=1, round_=3, run="another-run-config"),
+           "evaluate signature on train": lambda: _signed(private, stage=1, round_=3, signed_kind="evaluate")}[replay]()
+    marker.unlink()
+    reply = app(msg, context)
+    assert reply.has_error() and not marker.exists()
+    assert reply.error.reason.startswith(ROUND_REFUSED if "round" in replay or "stage" in replay or "adaptors"
+                                         in replay else UNSIGNED)
+    assert app(_signed(private, stage=1, round_=3), context).has_content()  # the next round goes through
 
 
 def test_hospital_mods_from_node_config(tmp_path, consortium):
     private, public = consortium
     audit = tmp_path / "audit.jsonl"
     context = _context(**{"audit-log": str(audit), "consortium-key": str(public)})
-    app = _app(hospital_mods(), _train_reply)
-    assert app(_message("train", GLOBAL, sign_arrays(GLOBAL, private)), context).has_content()
+    app = _app(hospital_mods(lambda context: RUN), _train_reply)
+    assert app(_signed(private), context).has_content()
     assert app(_message("train"), context).has_error()  # unsigned: refused by the signature mod ...
     events = [(e["event"], e.get("error_code")) for e in _entries(audit)]
     assert events == [(SENT, None), ("error", ErrorCode.MOD_FAILED_PRECONDITION)]  # ... and audited by the guard

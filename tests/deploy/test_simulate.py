@@ -191,3 +191,25 @@ def test_every_hospital_audited_what_it_sent_and_the_checkpoint_is_signed(finish
     generate_keys(other)
     with pytest.raises(RetuneError):
         verify_checkpoint(Path(report["checkpoint"]), other / "consortium.pub")
+
+
+def test_a_tampered_simulation_folder_is_refused_before_anything_runs(tmp_path):
+    """Zero the global adaptors and claim AUROC 0.999 in a finished round's run folder, then run the same
+    simulation again: it stops at once, before a single hospital is prepared or anything is signed."""
+    from deploy.simulate import KEYS_DIR
+    from server.state import RunState
+    from shared.errors import RetuneError
+    from shared.signing import generate_keys, load_private_key
+
+    out = tmp_path / "sim"
+    config = _config(out)
+    key = load_private_key(generate_keys(out / KEYS_DIR)[0])
+    model = initial_model(config, 256)
+    state = RunState.open(config, to_record(model), key)
+    state.commit(to_record(model), {}, {"macro_auroc": 0.7}, key=key)
+    saved = json.loads((out / STATE).read_text())
+    saved["history"][-1]["macro_auroc"] = 0.999
+    (out / STATE).write_text(json.dumps(saved))
+    with pytest.raises(RetuneError, match="cannot be resumed"):
+        run_simulation(config, PLAN)
+    assert not (out / "hospitals").exists() and not (out / "checkpoint").exists()

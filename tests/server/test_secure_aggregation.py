@@ -443,15 +443,17 @@ def test_the_hospital_boundary_passes_and_audits_the_secure_stages(tmp_path):
     audited (masked vector included, no plain arrays), and the masked-vector stage still needs signed adaptors."""
     from client.audit import SENT, AuditLog, verify_log
     from client.guard import hospital_mods
-    from shared.signing import ARRAYS_SIGNATURE, PRIVATE_KEY, PUBLIC_KEY, generate_keys, sign_arrays
+    from shared.signing import ARRAYS_SIGNATURE, PRIVATE_KEY, PUBLIC_KEY, RoundBinding, generate_keys, sign_round
 
     generate_keys(tmp_path / "keys")
     audit = tmp_path / "audit.jsonl"
-    app = ClientApp(mods=hospital_mods(audit_path=audit, public_key=tmp_path / "keys" / PUBLIC_KEY))
+    app = ClientApp(mods=hospital_mods(lambda context: "run-identity", audit_path=audit,
+                                       public_key=tmp_path / "keys" / PUBLIC_KEY))
     register_secure_handlers(app, synthetic_train)
     grid = LocalGrid(app, hospitals=3)
     signed = train_content(1)
-    signed[CONFIG][ARRAYS_SIGNATURE] = sign_arrays(GLOBAL, tmp_path / "keys" / PRIVATE_KEY)
+    signed[CONFIG][ARRAYS_SIGNATURE] = sign_round(GLOBAL, RoundBinding(1, "run-identity", 0, 1, "train"),
+                                                  tmp_path / "keys" / PRIVATE_KEY)
     result = secure_round(grid, grid.get_node_ids(), signed, 1, timeout=10)
     assert_is_fedavg(result, [0, 1, 2])
     assert verify_log(audit).ok

@@ -63,3 +63,37 @@ def test_federated_metrics_skip_sites_without_a_disease_and_score_stages():
     assert result["per_class_auroc"] == {"A": pytest.approx(0.65), "B": pytest.approx(0.6)}
     assert result["macro_auroc"] == pytest.approx(0.625)
     assert result["stage_auroc"] == [pytest.approx(0.9), None]
+
+
+@pytest.mark.parametrize("tamper", ["zero the adaptors", "edit the history", "drop the seal", "no key", "other key"])
+def test_a_tampered_run_folder_is_refused_on_resume(tmp_path, tamper):
+    """The attack: change the run folder between two invocations (zero the image adaptor, claim AUROC 0.999) and
+    let the server resume and sign it. The seal stops the resumption with a clear error instead."""
+    from safetensors.numpy import load_file, save_file
+
+    from shared.signing import generate_keys, load_private_key
+
+    key = load_private_key(generate_keys(tmp_path / "keys")[0])
+    config = FederationConfig(stages=2, rounds_per_stage=2, run_dir=str(tmp_path / "run"))
+    state = RunState.open(config, to_record(RetuneModel(8)), key)
+    for auroc in (0.61, 0.64):
+        state.commit(to_record(RetuneModel(8)), {}, {"macro_auroc": auroc}, key=key)
+    assert RunState.open(config, None, key).history[-1]["macro_auroc"] == 0.64  # untouched: resumes
+    path = tmp_path / "run" / STATE
+    saved = json.loads(path.read_text())
+    opening_key = key
+    if tamper == "zero the adaptors":
+        arrays = tmp_path / "run" / saved["arrays"]
+        save_file({k: np.zeros_like(v) for k, v in load_file(arrays).items()}, arrays)
+    elif tamper == "edit the history":
+        saved["history"][-1]["macro_auroc"] = 0.999
+        path.write_text(json.dumps(saved))
+    elif tamper == "drop the seal":
+        del saved["seal"]
+        path.write_text(json.dumps(saved))
+    elif tamper == "no key":
+        opening_key = None
+    else:
+        opening_key = load_private_key(generate_keys(tmp_path / "other")[0])
+    with pytest.raises(RetuneError, match="cannot be resumed"):
+        RunState.open(config, None, opening_key)

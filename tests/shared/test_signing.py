@@ -1,9 +1,10 @@
-"""Consortium signatures: key files, signed checkpoints and signed global adaptors."""
+"""Consortium signatures: key files, signed checkpoints, signed rounds and sealed run state."""
 
 from __future__ import annotations
 
 import json
 import stat
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,9 +17,9 @@ from shared.checkpoint import SIDECAR, WEIGHTS, load_checkpoint, save_checkpoint
 from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.prompts import PromptBank
-from shared.signing import (ARRAYS_SIGNATURE, PRIVATE_KEY, PUBLIC_KEY, SIGNATURE, SignatureError, arrays_digest,
-                            generate_keys, key_id, load_private_key, load_public_key, sign_arrays, sign_checkpoint,
-                            verify_arrays, verify_checkpoint)
+from shared.signing import (ARRAYS_SIGNATURE, PRIVATE_KEY, PUBLIC_KEY, SIGNATURE, RoundBinding, SignatureError,
+                            arrays_digest, check_seal, generate_keys, key_id, load_private_key, load_public_key, seal,
+                            sign_checkpoint, sign_round, verify_checkpoint, verify_round)
 from shared.wire import to_record
 
 
@@ -99,16 +100,19 @@ def test_checkpoint_signed_by_another_key_is_refused(keys, other_keys, checkpoin
         verify_checkpoint(checkpoint, keys[1])
 
 
-def test_array_record_signatures(keys, other_keys):
+BINDING = RoundBinding(run_id=7, run="run-identity", stage=1, round=2, kind="train")
+
+
+def test_round_signatures_cover_the_arrays_and_the_round(keys, other_keys):
     private, public = keys
     record = to_record(RetuneModel(8))
-    signature = sign_arrays(record, private)
+    signature = sign_round(record, BINDING, private)
     assert len(signature) == 64
-    verify_arrays(record, signature, public)
+    verify_round(record, BINDING, signature, public)
     # the digest is about the values, not the serialisation or the order of the arrays
     rebuilt = ArrayRecord({k: Array(np.array(record[k].numpy())) for k in reversed(list(record.keys()))})
     assert arrays_digest(rebuilt) == arrays_digest(record)
-    verify_arrays(rebuilt, signature, load_public_key(public))
+    verify_round(rebuilt, BINDING, signature, load_public_key(public))
 
     arrays = {k: np.array(a.numpy()) for k, a in record.items()}
     name = next(iter(arrays))
@@ -120,20 +124,36 @@ def test_array_record_signatures(keys, other_keys):
     reshaped = {**arrays, name: arrays[name].reshape(-1)}
     for tampered in (changed, renamed, recast, reshaped):
         with pytest.raises(SignatureError, match="does not verify"):
-            verify_arrays(ArrayRecord({k: Array(v) for k, v in tampered.items()}), signature, public)
+            verify_round(ArrayRecord({k: Array(v) for k, v in tampered.items()}), BINDING, signature, public)
+    for field, value in (("run_id", 8), ("run", "other"), ("stage", 0), ("round", 3), ("kind", "evaluate")):
+        with pytest.raises(SignatureError, match="replayed or re-targeted"):
+            verify_round(record, replace(BINDING, **{field: value}), signature, public)
     with pytest.raises(SignatureError, match="does not verify"):
-        verify_arrays(record, signature, other_keys[1])
+        verify_round(record, BINDING, signature, other_keys[1])
     with pytest.raises(SignatureError, match="no consortium signature"):
-        verify_arrays(record, None, public)
+        verify_round(record, BINDING, None, public)
+
+
+def test_a_run_state_seal_covers_the_state_and_its_files(keys, other_keys):
+    private, public = keys
+    state = {"stage": 1, "round": 0, "history": [{"macro_auroc": 0.71}], "arrays": "global-00003.safetensors"}
+    files = {"global-00003.safetensors": b"adaptor bytes"}
+    sealed = {**state, "seal": seal(state, files, private)}
+    check_seal(sealed, files, public)
+    edited = {**sealed, "history": [{"macro_auroc": 0.999}]}
+    for bad_state, bad_files, key in ((edited, files, public), (sealed, {"global-00003.safetensors": b"zeros"}, public),
+                                      (sealed, files, other_keys[1]), (state, files, public)):
+        with pytest.raises(SignatureError):
+            check_seal(bad_state, bad_files, key)
 
 
 def test_signature_survives_flowers_object_transport(keys):
     """Deflate the server's content into Flower's transported objects and inflate it as a SuperNode does."""
     private, public = keys
     record = to_record(RetuneModel(8))
-    content = RecordDict({"arrays": record, "config": ConfigRecord({ARRAYS_SIGNATURE: sign_arrays(record, private),
-                                                                    "stage": 0, "round": 1})})
+    content = RecordDict({"arrays": record, "config": ConfigRecord({
+        ARRAYS_SIGNATURE: sign_round(record, BINDING, private), "stage": 1, "round": 2})})
     wire = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(content).items()}
     received = inflate_object_from_contents(content.object_id, wire)
     assert received["arrays"] is not record
-    verify_arrays(received["arrays"], received["config"][ARRAYS_SIGNATURE], public)
+    verify_round(received["arrays"], BINDING, received["config"][ARRAYS_SIGNATURE], public)
