@@ -119,7 +119,7 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         check_reply(content, adaptor_spec(model))
         return Message(content=content, reply_to=msg)
 
-    register_secure_handlers(app, train)  # secure mode: train runs inside the masked-vector stage, then masked
+    register_secure_handlers(app, train, run_of)  # secure mode: train runs inside the masked-vector stage
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -25,6 +25,7 @@ from deploy.cli_gateway import gateway
 from deploy.cli_hospital import hospital_app
 from deploy.cli_keys import keys
 from deploy.cli_phantom import phantom
+from deploy.cli_roster import roster
 from shared.config import (OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, FederationConfig, SimulationPlan,
                            TrainConfig, default_cache_dir)
 from shared.errors import RetuneError
@@ -36,6 +37,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(hospital_app, name="hospital")
 app.add_typer(federation_app, name="federation")
 app.command()(gateway)
+app.command()(roster)
 app.command()(approve)
 app.command()(keys)
 app.command(name="build-backbone")(build_backbone)

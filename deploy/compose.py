@@ -30,13 +30,13 @@ HOSPITAL = HospitalFiles(ca_cert="/app/certs/ca.crt", auth_key="/app/keys/auth.k
                          superexec_secret="/app/keys/superexec.secret", manifest="/data/manifest.csv", cache="/cache",
                          audit_log="/var/lib/retune/audit.jsonl", approved_apps="/var/lib/retune/approved.json",
                          privacy_ledger="/var/lib/retune/privacy-ledger.json",
-                         consortium_key="/etc/retune/consortium.pub")
+                         consortium_key="/etc/retune/consortium.pub", roster="/etc/retune/roster.json")
 #: Which files each process reads (field names of the files classes): nothing more is mounted.
 READS = {"superlink": ("ca_cert", "server_cert", "server_key", "superexec_secret"),
          "gateway": ("ca_cert", "server_cert", "server_key"),
          "serverapp": ("ca_cert", "superexec_secret", "signing_key"),
          "hospital": ("ca_cert", "auth_key", "superexec_secret"),
-         "runtime": ("superexec_secret", "consortium_key")}
+         "runtime": ("superexec_secret", "consortium_key", "roster", "auth_key")}
 #: Image (Dockerfile, target) per service kind.
 IMAGES = {"superlink": ("Dockerfile.superlink", "superlink"), "gateway": ("Dockerfile.superlink", "serverapp"),
           "serverapp": ("Dockerfile.superlink", "serverapp"), "hospital": ("Dockerfile.supernode", "supernode"),

@@ -66,7 +66,8 @@ class Layout:
         h = self.hospital(k)
         return HospitalFiles(str(h / "ca.crt"), str(h / "keys" / "auth.key"), str(h / "keys" / "superexec.secret"),
                              str(h / "data" / "manifest.csv"), str(h / "cache"), str(h / "audit.jsonl"),
-                             str(h / "approved.json"), str(h / "privacy-ledger.json"), str(h / "consortium.pub"))
+                             str(h / "approved.json"), str(h / "privacy-ledger.json"), str(h / "consortium.pub"),
+                             str(h / "roster.json"))
 
 
 def load_record(root: Path) -> dict:
@@ -120,6 +121,7 @@ def _setup(layout: Layout, hospitals: int, images: int, image_size: int, seed: i
     """First ``up``: keys, certificates, data and ports (nothing is started yet)."""
     from deploy.certs import make_certificates, make_hospital_keys
     from research.phantom import write_phantom
+    from shared.identity import Roster
     from shared.signing import generate_keys
 
     files = layout.server_files()
@@ -127,10 +129,14 @@ def _setup(layout: Layout, hospitals: int, images: int, image_size: int, seed: i
     generate_keys(Path(files.signing_key).parent)
     names = [f"hospital-{k}" for k in range(hospitals)]
     for k, name in enumerate(names):
+        make_hospital_keys(Path(layout.hospital_files(k).auth_key).parent, name)
+    roster = Roster.write(layout.server / "roster.json", {name: Path(layout.hospital_files(k).auth_key).with_suffix(
+        ".pub") for k, name in enumerate(names)})  # the operator's roster of the hospitals' public keys
+    for k, name in enumerate(names):
         h = layout.hospital_files(k)
-        make_hospital_keys(Path(h.auth_key).parent, name)
-        shutil.copy(files.ca_cert, h.ca_cert)  # what the operator hands every hospital: public files only
-        shutil.copy(Path(files.signing_key).with_suffix(".pub"), h.consortium_key)
+        for public, there in ((files.ca_cert, h.ca_cert), (roster, h.roster),  # what the operator hands every
+                              (Path(files.signing_key).with_suffix(".pub"), h.consortium_key)):  # hospital: public
+            shutil.copy(public, there)
         write_phantom(Path(h.manifest).parent, n=images, hospital=k, seed=seed, size=image_size)
     layout.flwr_home.mkdir(parents=True, exist_ok=True)
     ports = {"superlink": free_port(), "gateway": free_port(), "runtime": [free_port() for _ in names]}

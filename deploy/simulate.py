@@ -23,18 +23,21 @@ from rich.table import Table
 from client.app import make_client_app
 from client.site import SIM_SITE_FILE, Site, load_site, site_metrics, site_settings
 from client.trainer import train_adaptors
+from deploy.certs import make_hospital_keys
+from research.phantom import write_phantom
 from server.app import CHECKPOINT, make_server_app
 from server.evaluation import federated_metrics
 from server.federation import initial_model, stage_diseases
 from server.state import RunState
 from shared.config import FederationConfig, SimulationPlan, TrainConfig
+from shared.identity import Roster
 from shared.labels import CHEXPERT5
 from shared.model import zero_shot_logits
-from research.phantom import write_phantom
 from shared.scenarios import supervise
 from shared.signing import PRIVATE_KEY, PUBLIC_KEY, generate_keys, load_private_key
 
 HOSPITALS_DIR = "hospitals"
+ROSTER_FILE = "roster.json"
 #: The simulated consortium's Ed25519 key pair: the server signs adaptors, hospitals and users verify.
 KEYS_DIR = "keys"
 
@@ -49,9 +52,23 @@ def labelled_diseases(hospital: int, diseases: tuple[str, ...] = CHEXPERT5) -> l
     return [d for c, d in enumerate(diseases) if hospital < 2 or c != hospital % len(diseases)]
 
 
+def simulated_roster(config: FederationConfig, hospitals: int) -> Path:
+    """Each simulated hospital's identity key (as a deployed one uses its SuperNode key) and the consortium's roster
+    of them, made once: what secure aggregation checks every key announcement against."""
+    roster = Path(config.sim_dir) / ROSTER_FILE
+    names = {f"hospital-{k}": Path(config.sim_dir) / f"hospital-{k}" / "identity" for k in range(hospitals)}
+    for name, folder in names.items():
+        if not (folder / "auth.pub").exists():
+            make_hospital_keys(folder, name)
+    if not roster.exists() or set(json.loads(roster.read_text())["hospitals"]) != set(names):
+        Roster.write(roster, {name: folder / "auth.pub" for name, folder in names.items()})
+    return roster
+
+
 def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: Console) -> list[Site]:
     """Generate (once) and embed (through the cache) every simulated hospital; returns their sites."""
     sites = []
+    roster = simulated_roster(config, plan.hospitals)
     for k in range(plan.hospitals):
         folder = Path(config.sim_dir) / f"hospital-{k}"
         if not (folder / "manifest.csv").exists():
@@ -62,6 +79,7 @@ def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: C
             "cache": str((Path(config.run_dir) / "cache").resolve()), "backbone": config.backbone,
             "diseases": ",".join(labelled_diseases(k)), **privacy,
             "audit-log": str((folder / "audit.jsonl").resolve()),
+            "secagg-key": str((folder / "identity" / "auth.key").resolve()), "roster": str(roster.resolve()),
             "consortium-key": str((Path(config.run_dir) / KEYS_DIR / PUBLIC_KEY).resolve())}, indent=2))
         with console.status(f"embedding hospital-{k}"):
             sites.append(load_site(config, site_settings(config, {"partition-id": k})))

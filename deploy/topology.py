@@ -58,6 +58,7 @@ class HospitalFiles:
     approved_apps: str
     privacy_ledger: str
     consortium_key: str
+    roster: str
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def node_config(files: HospitalFiles, name: str, extra: dict[str, str] | None = 
     """The SuperNode's ``--node-config``: the hospital's name, data and protections (read by its runtime)."""
     values = {"name": name, "manifest": files.manifest, "cache": files.cache, "audit-log": files.audit_log,
               "approved-apps": files.approved_apps, "privacy-ledger": files.privacy_ledger,
-              "consortium-key": files.consortium_key, **(extra or {})}
+              "consortium-key": files.consortium_key, "roster": files.roster, "secagg-key": files.auth_key,
+              **(extra or {})}
     return " ".join(f'{key}="{value}"' for key, value in values.items())
 
 

@@ -97,6 +97,7 @@ def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy,
     if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
         arrays, metrics, secure = secure_train(grid, strategy, server_round, train_msgs, config.round_timeout,
                                                hospitals.admit)
+        hospitals.names.update(secure.names)
         errors = {m.metadata.src_node_id: m for m in secure.declined}
         return TrainOutcome(arrays, metrics, secure.accepted, _declined(hospitals, errors, errors, config),
                             secure.refused, {hospitals.name(r): secure.bytes_up[r.metadata.src_node_id]

@@ -5,6 +5,9 @@ Protocol, design choice (our Message-API stages on ``cryptography``, Flower's Sh
 stages and returns the example-weighted average of the survivors' adaptors; the server only ever holds masked
 vectors, relayed ciphertexts, public keys, commitments and the shares it needs to remove masks from the *sum*.
 
+Key announcements are signed by each hospital's roster identity and relayed with their signatures; the hospitals,
+not the server, check them. A round needs at least :data:`shared.secagg.MIN_PARTICIPANTS` hospitals.
+
 Drop-outs: a hospital that fails or times out at setup or key sharing is left out of the round; one that shared
 keys but sends no masked vector (``dropped``) has its pairwise masks removed with its reconstructed ``sk1``; one
 that sent its vector but does not answer the unmask request has its self mask removed with the others' shares. The
@@ -31,9 +34,9 @@ from flwr.serverapp import Grid
 
 from server.messaging import exchange
 from server.strategy.adaptor_strategy import AdaptorStrategy, reply_order
-from shared.secagg import (CLIPPED, PROTOCOL, SESSION_BYTES, Layout, SecAggError, combine_secret, commitment,
-                           decode_sum, public_key, remove_masks, threshold_for)
-from shared.wire import (ARRAYS, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_SETUP,
+from shared.secagg import (CLIPPED, MIN_PARTICIPANTS, PROTOCOL, SESSION_BYTES, Layout, SecAggError, combine_secret,
+                           commitment, decode_sum, public_key, remove_masks, threshold_for)
+from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_SETUP,
                          SECAGG_SHARE_KEYS, SECAGG_UNMASK, ArraySpec, WireError, check_secure_reply, payload_bytes)
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class SecureRound:
     masked_bytes: dict[int, int] = field(default_factory=dict)
     bytes_down: int = 0
     refused: list[dict[str, str]] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)
     failure: str | None = None
 
 
@@ -130,21 +134,26 @@ class _Round:
 
     def run(self, node_ids: Iterable[int]) -> SecureRound:
         nodes = sorted(set(node_ids))
-        if len(nodes) < 2:
-            return self.fail(f"{len(nodes)} hospital(s) sampled; secure aggregation needs at least 2")
+        if len(nodes) < MIN_PARTICIPANTS:
+            return self.fail(f"{len(nodes)} hospital(s) sampled; secure aggregation needs at least {MIN_PARTICIPANTS}")
         index = {node: k + 1 for k, node in enumerate(nodes)}
 
-        # 1. setup: public keys
-        replies = self.send(SECAGG_SETUP, {n: self.config(protocol=PROTOCOL, index=index[n]) for n in nodes})
-        keys = {n: (r.content[SECAGG]["pk1"], r.content[SECAGG]["pk2"]) for n, r in replies.items()}
-        joined = sorted(keys)
-        if len(joined) < 2:
-            return self.fail(f"{len(joined)} hospital(s) sent keys; at least 2 are needed")
+        # 1. setup: public keys, each announcement signed with the hospital's roster identity
+        position = self.train_content[CONFIG]
+        replies = self.send(SECAGG_SETUP, {n: self.config(protocol=PROTOCOL, index=index[n], stage=position["stage"],
+                                                          round=position["round"]) for n in nodes})
+        announced = {n: r.content[SECAGG] for n, r in replies.items()}
+        self.out.names = {n: str(a["name"]) for n, a in announced.items()}  # for the report; the peers verify them
+        joined = sorted(announced)
+        if len(joined) < MIN_PARTICIPANTS:
+            return self.fail(f"{len(joined)} hospital(s) sent keys; at least {MIN_PARTICIPANTS} are needed")
+        keys = {n: (announced[n]["pk1"], announced[n]["pk2"]) for n in joined}
         threshold = threshold_for(len(joined))
 
-        # 2. share keys: broadcast the keys, collect the encrypted shares
+        # 2. share keys: broadcast the signed announcements, collect the encrypted shares
         broadcast = self.config(indices=[index[n] for n in joined], pk1=[keys[n][0] for n in joined],
-                                pk2=[keys[n][1] for n in joined], threshold=threshold)
+                                pk2=[keys[n][1] for n in joined], names=[announced[n]["name"] for n in joined],
+                                signatures=[announced[n]["signature"] for n in joined], threshold=threshold)
         replies = self.send(SECAGG_SHARE_KEYS, {n: broadcast for n in joined})
         ciphertexts: dict[tuple[int, int], bytes] = {}
         commitments: dict[int, bytes] = {}

@@ -4,9 +4,11 @@ The protocol is SecAgg (Bonawitz et al., CCS 2017) in the four stages Flower's S
 (every hospital shares with every other; a consortium has a handful of hospitals, not thousands of phones):
 
 1. **setup** (``train.secagg_setup``): each hospital makes two fresh X25519 key pairs for the round, ``(sk1, pk1)``
-   for the pairwise masks and ``(sk2, pk2)`` for encrypting shares, and sends the public keys.
-2. **share keys** (``train.secagg_share_keys``): the server broadcasts everyone's public keys and the threshold
-   ``t``; each hospital draws a self-mask seed ``b``, splits ``b`` and ``sk1`` into Shamir shares (``t`` of ``n``
+   for the pairwise masks and ``(sk2, pk2)`` for encrypting shares, and sends the public keys, signed with its
+   long-term identity key (:mod:`shared.identity`); it sets up each round of a run once.
+2. **share keys** (``train.secagg_share_keys``): the server broadcasts everyone's signed announcements and the
+   threshold ``t``; each hospital checks every signature against the consortium's roster (at least
+   :data:`MIN_PARTICIPANTS` members, none twice), then draws a self-mask seed ``b``, splits ``b`` and ``sk1`` into Shamir shares (``t`` of ``n``
    reconstruct), encrypts each peer's pair of shares for that peer (ChaCha20-Poly1305 under an X25519/HKDF key, the
    session and both indices bound as associated data) and sends the ciphertexts (the server only relays them) and a
    hash commitment to ``b``.
@@ -81,6 +83,8 @@ SHARE_BYTES = 4 + 48  # Flower's share of a 32-byte secret: 4-byte index + 3 pad
 NONCE_BYTES = 12
 CIPHERTEXT_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + 16
 MAX_PARTICIPANTS = 1000
+#: Fewest hospitals secure aggregation runs with: with two, each learns the other's update from the sum.
+MIN_PARTICIPANTS = 3
 
 
 class SecAggError(RetuneError):
@@ -275,8 +279,9 @@ def threshold_for(participants: int) -> int:
 def check_threshold(threshold: int, participants: int) -> None:
     """A hospital's check of the server's threshold: a strict majority, so no two disjoint sets of answering
     hospitals can reveal both the self-mask seed and the mask key of one hospital."""
-    if not 2 <= participants <= MAX_PARTICIPANTS:
-        raise SecAggError(f"{participants} hospitals: secure aggregation needs 2 to {MAX_PARTICIPANTS}")
+    if not MIN_PARTICIPANTS <= participants <= MAX_PARTICIPANTS:
+        raise SecAggError(f"{participants} hospitals: secure aggregation needs {MIN_PARTICIPANTS} to "
+                          f"{MAX_PARTICIPANTS}")
     if not threshold_for(participants) <= threshold <= participants:
         raise SecAggError(f"threshold {threshold} of {participants} hospitals is not a strict majority")
 

@@ -15,9 +15,12 @@ labels or free text. :func:`check_reply` enforces that allow-list on both sides 
 Secure aggregation (run config ``secure-aggregation = true``, protocol in :mod:`shared.secagg`) replaces the train
 exchange by four train actions per round; their replies never carry the plain ``arrays`` or ``num-examples``:
 
-Server → hospital ``train.secagg_setup``:       ``secagg`` (protocol, session, the hospital's index)
-Hospital → server:                              ``secagg`` (``pk1``, ``pk2``: two X25519 public keys)
-Server → hospital ``train.secagg_share_keys``:  ``secagg`` (everyone's public keys, threshold)
+Server → hospital ``train.secagg_setup``:       ``secagg`` (protocol, session, the hospital's index, stage, round)
+Hospital → server:                              ``secagg`` (``pk1``, ``pk2``: two X25519 public keys, ``name``
+                                                and ``signature``: the announcement signed with the hospital's
+                                                roster identity, see :mod:`shared.identity`)
+Server → hospital ``train.secagg_share_keys``:  ``secagg`` (everyone's public keys, names and signatures,
+                                                threshold)
 Hospital → server:                              ``secagg`` (``destinations``, ``ciphertexts``: encrypted shares
                                                 for each peer, ``commitment``: hash of its self-mask seed)
 Server → hospital ``train.secagg_masked``:      ``arrays`` + ``config`` (as ``train``) + ``secagg`` (relayed shares)
@@ -42,6 +45,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.errors import RetuneError
+from shared.identity import MAX_SIGNATURE_BYTES
 from shared.model import RetuneModel
 from shared.secagg import CIPHERTEXT_BYTES, COMMITMENT_BYTES, EXTRAS, KEY_BYTES, MAX_PARTICIPANTS, SHARE_BYTES
 
@@ -64,7 +68,8 @@ SECURE_METRICS = {SECAGG_SETUP: {"partition-id"}, SECAGG_SHARE_KEYS: {"partition
                   SECAGG_MASKED: {"partition-id", "epsilon", "delta"}, SECAGG_UNMASK: {"partition-id"}}
 #: Key-material fields of each secure reply: (kind, size of each bytes value, required).
 _SECURE_FIELDS: dict[str, dict[str, tuple[str, int, bool]]] = {
-    SECAGG_SETUP: {"pk1": ("bytes", KEY_BYTES, True), "pk2": ("bytes", KEY_BYTES, True)},
+    SECAGG_SETUP: {"pk1": ("bytes", KEY_BYTES, True), "pk2": ("bytes", KEY_BYTES, True),
+                   "name": ("name", 0, True), "signature": ("bytes-upto", MAX_SIGNATURE_BYTES, True)},
     SECAGG_SHARE_KEYS: {"destinations": ("ints", 0, True), "ciphertexts": ("bytes-list", CIPHERTEXT_BYTES, True),
                         "commitment": ("bytes", COMMITMENT_BYTES, True)},
     SECAGG_UNMASK: {"seed-shares": ("bytes-list", SHARE_BYTES, True),
@@ -187,6 +192,14 @@ def _check_secure_value(key: str, value: object, kind: str, size: int) -> int:
     if kind == "bytes":
         if not isinstance(value, bytes) or len(value) != size:
             raise WireError(f"secagg {key!r} must be {size} bytes")
+        return 1
+    if kind == "bytes-upto":
+        if not isinstance(value, bytes) or not 1 <= len(value) <= size:
+            raise WireError(f"secagg {key!r} must be 1 to {size} bytes")
+        return 1
+    if kind == "name":
+        if not isinstance(value, str) or not SITE_NAME.fullmatch(value):
+            raise WireError(f"secagg {key!r} must be a hospital name")
         return 1
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_PARTICIPANTS:
         raise WireError(f"secagg {key!r} must be a list of 1 to {MAX_PARTICIPANTS} values")

@@ -271,7 +271,8 @@ def test_each_hospital_runs_its_own_runtime_with_every_protection_on(compose):
         assert services[f"runtime-{k}"]["networks"] == [f"hospital-{k}-internal"]
         config = parse_config_args([node["node_config"]])
         assert config["name"] == f"hospital-{k}"
-        for key in ("audit-log", "approved-apps", "consortium-key", "privacy-ledger", "manifest", "cache"):
+        for key in ("audit-log", "approved-apps", "consortium-key", "privacy-ledger", "manifest", "cache", "roster",
+                    "secagg-key"):
             path = config[key]
             mount = _covered(path, _mounts(services[f"runtime-{k}"]))
             assert mount is not None, f"runtime-{k}: {key} {path} is not mounted"
@@ -328,7 +329,7 @@ def test_no_volume_network_or_key_is_shared_between_sites(compose):
             source = mount.source
             if source.startswith(f"./{FILES_DIR}/"):
                 owner = source.split("/")[2]
-                shared = source.endswith(("/ca.crt", "/consortium.pub"))  # public: handed to every party
+                shared = source.endswith(("/ca.crt", "/consortium.pub", "/roster.json"))  # public, handed out
                 assert shared or owner == _site(name), f"{name} mounts {source}"
             if not mount.is_bind:
                 users.setdefault(source, set()).add(_site(name))
@@ -348,6 +349,7 @@ def test_mounts_are_what_the_parties_own_commands_write(compose, tmp_path):
     """Every bind source is a file that `retune certs`, `retune keys` or `retune hospital keys` writes into the
     layout `retune federation up` uses (or the public files the operator hands each hospital)."""
     from deploy.certs import make_certificates, make_hospital_keys
+    from shared.identity import Roster
     from shared.signing import generate_keys
 
     layout = Layout(tmp_path / FILES_DIR)
@@ -355,9 +357,13 @@ def test_mounts_are_what_the_parties_own_commands_write(compose, tmp_path):
     make_certificates(Path(files.ca_cert).parent, sans=["superlink", "gateway", "localhost"])
     generate_keys(Path(files.signing_key).parent)
     for k in HOSPITALS:
+        make_hospital_keys(Path(layout.hospital_files(k).auth_key).parent, f"hospital-{k}")
+    roster = Roster.write(tmp_path / "roster.json", {f"hospital-{k}": Path(layout.hospital_files(k).auth_key)
+                                                     .with_suffix(".pub") for k in HOSPITALS})
+    for k in HOSPITALS:
         hospital = layout.hospital_files(k)
-        make_hospital_keys(Path(hospital.auth_key).parent, f"hospital-{k}")
         shutil.copy(files.ca_cert, hospital.ca_cert)
+        shutil.copy(roster, hospital.roster)
         shutil.copy(Path(files.signing_key).with_suffix(".pub"), hospital.consortium_key)
     binds = {m.source for s in _services(compose).values() for m in _mounts(s) if m.is_bind}
     for source in binds:

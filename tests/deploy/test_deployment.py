@@ -57,13 +57,14 @@ class Deployment:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env(), capture_output=True, text=True,
                               timeout=timeout)
 
-    def submit(self, name: str, app: Path | None = None, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    def submit(self, name: str, app: Path | None = None, timeout: float = 60.0, extra: str = ""
+               ) -> tuple[subprocess.Popen, str]:
         """``flwr run APP retune --stream`` as the operator types it; returns the process and Flower's run id."""
         log = self.root / f"flwr-run-{name}-{time.monotonic_ns()}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app or self.app), CONNECTION, "--stream",
-                                     "--run-config", RUN.format(timeout=timeout, name=name)], env=self.env(),
-                                    stdout=out, stderr=subprocess.STDOUT)
+                                     "--run-config", f"{RUN.format(timeout=timeout, name=name)} {extra}"],
+                                    env=self.env(), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not (found := re.search(r"Successfully started run (\d+)", log.read_text())):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
@@ -222,6 +223,22 @@ def test_a_run_completes_through_flwr_run_signed_audited_and_named(deployment, r
         assert all(set(e["records"]) == ({"arrays", "metrics", "site"} if e["message_type"] == "train"
                                          else {"metrics", "site"}) for e in sent)
         assert not any(deployment.root.glob(f"fed/homes/*-{k}/apps")), "an app package was unpacked at a hospital"
+
+
+def test_a_secure_aggregation_run_with_signed_key_announcements(deployment, reference):
+    """Secure aggregation over real processes: each hospital signs its round keys with its SuperNode key and checks
+    its peers' against the roster the operator handed out; the server sees only masked vectors and their sum."""
+    proc, run_id = deployment.submit("secure", timeout=60.0, extra="stages=1 rounds-per-stage=1 "
+                                                                   "secure-aggregation=true")
+    _finish(proc)
+    assert deployment.run(run_id)["status"] == "finished:completed"
+    (record,) = deployment.state("secure")["history"]
+    assert record["clients"] == 3 and record["declined"] == [] and record["refused"] == []
+    for k in range(HOSPITALS):
+        sent = [e for e in deployment.audit(k) if e["run_id"] == int(run_id) and e["event"] == SENT]
+        assert {e["message_type"] for e in sent} == {"train.secagg_setup", "train.secagg_share_keys",
+                                                     "train.secagg_masked", "train.secagg_unmask", "evaluate"}
+        assert all("arrays" not in e["records"] for e in sent)  # no plain update left any hospital
 
 
 def test_a_package_with_modified_client_code_is_refused_at_every_hospital(deployment, reference):

@@ -163,6 +163,9 @@ def test_the_guides_followed_step_by_step(tmp_path):
                 else 0
 
         _wait("both hospitals online", lambda: online() == 2)
+        op.run(operator_md["4"][1])  # the roster of every member's key, handed to each hospital
+        for h in hospitals:
+            shutil.copy(fed / "roster.json", Path(h.env["H"]) / "roster.json")
 
         op.run(operator_md["5"][0])
         (fab,) = fed.glob("*.fab")
@@ -202,7 +205,7 @@ def test_the_guides_followed_step_by_step(tmp_path):
         shutil.copy(leaving.public_key, fed / "incoming" / "leaving.pub")
         registered = op.run(operator_md["4"][0])
         op.env["NODE_ID"] = re.search(r"(\d{6,})", registered).group(1)
-        op.run(operator_md["4"][1])  # unregister
+        op.run(operator_md["4"][2])  # unregister
         assert op.env["NODE_ID"] not in subprocess.run([str(BIN / "flwr"), "supernode", "list", "retune"],
                                                        env=op.env, capture_output=True, text=True).stdout
 

@@ -5,14 +5,17 @@ What the tests show: what the server receives from each hospital is uniform on Z
 update; the unmasked aggregate is the example-weighted FedAvg within :data:`shared.secagg.QUANTISATION_ERROR`
 (plus float32 rounding); a hospital dropping out after sharing keys (before its masked vector) or a survivor going
 silent at unmask still lets the round complete with the others' sum; too many drop-outs yield no aggregate; and a
-hospital refuses a server that breaks the protocol's rules.
+hospital refuses a server that breaks the protocol's rules: substituted or unsigned keys, a sybil outside the roster,
+a second setup or a second masked vector for a round (also across Flower runs), fewer than three hospitals.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +38,29 @@ from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, 
 GLOBAL = to_record(RetuneModel(16))
 BACKBONE = "ef" * 32
 SPEC = adaptor_spec(RetuneModel(16))
+RUN = "run-identity"
+
+
+def identities(folder: Path, hospitals: int) -> dict[int, dict[str, str]]:
+    """Per partition, the node config of a consortium member: its name, its identity key and the shared roster."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from shared.identity import Roster
+
+    folder.mkdir(parents=True, exist_ok=True)
+    configs, publics = {}, {}
+    for k in range(hospitals):
+        key = Ed25519PrivateKey.generate()
+        (folder / f"hospital-{k}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        (folder / f"hospital-{k}.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+        publics[f"hospital-{k}"] = folder / f"hospital-{k}.pub"
+        configs[k] = {"name": f"hospital-{k}", "secagg-key": str(folder / f"hospital-{k}.key"),
+                      "roster": str(folder / "roster.json")}
+    Roster.write(folder / "roster.json", publics)
+    return configs
 
 
 # --- trivial hospitals: a synthetic update per partition, and a switch to fail at one stage --------------------
@@ -65,7 +91,7 @@ def synthetic_train(msg: Message, context: Context) -> Message:
 
 def hospital_app() -> ClientApp:
     app = ClientApp()
-    register_secure_handlers(app, synthetic_train)
+    register_secure_handlers(app, synthetic_train, lambda context: RUN)
     return app
 
 
@@ -146,10 +172,13 @@ class LocalGrid:
     answer messages of the given stages."""
 
     def __init__(self, app: ClientApp, hospitals: int, fail_round: dict[int, int] | None = None,
-                 silent: dict[int, set[str]] | None = None) -> None:
+                 silent: dict[int, set[str]] | None = None, members: dict[int, dict[str, str]] | None = None,
+                 extra: dict[str, str] | None = None) -> None:
         self.app, self.silent = app, silent or {}
+        members = members or identities(Path(tempfile.mkdtemp(prefix="roster-")), hospitals)
         self.contexts = {1000 + 7 * k: Context(run_id=1, node_id=1000 + 7 * k, node_config={
-            "partition-id": k, **({"fail-round": fail_round[k]} if k in (fail_round or {}) else {})},
+            "partition-id": k, **members[k], **(extra or {}),
+            **({"fail-round": fail_round[k]} if k in (fail_round or {}) else {})},
             state=RecordDict(), run_config={}) for k in range(hospitals)}
         self.partition = {node: k for k, node in enumerate(self.contexts)}
         self.received: list[tuple[str, int, Message]] = []  # (message type, node, reply) as the server got it
@@ -229,8 +258,14 @@ def test_simulation_masks_every_update_and_survives_a_dropout(tmp_path):
         for round_ in (1, 2):
             results[round_] = secure_round(grid, nodes, train_content(round_), round_, timeout=120)
 
-    hospitals = ClientApp()
-    register_secure_handlers(hospitals, _train_failing_in_round_2)
+    members = identities(tmp_path / "roster", 3)
+
+    def member(msg: Message, context: Context, call_next):  # what each simulated SuperNode's node config holds
+        context.node_config.update(members[int(context.node_config["partition-id"])])
+        return call_next(msg, context)
+
+    hospitals = ClientApp(mods=[member])
+    register_secure_handlers(hospitals, _train_failing_in_round_2, lambda context: RUN)
     start = time.perf_counter()
     run_simulation(server_app=server, client_app=hospitals, num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -413,7 +448,7 @@ def test_a_hospital_refuses_a_minority_threshold_and_foreign_keys():
         _ask(grid, template, threshold=2)
     pk1 = list(template.content[SECAGG]["pk1"])
     pk1[0], pk1[1] = pk1[1], pk1[0]
-    with pytest.raises(SecAggError, match="own public keys|repeated"):
+    with pytest.raises(SecAggError, match="own announcement|repeated"):
         _ask(grid, template, pk1=pk1)
 
 
@@ -421,7 +456,7 @@ def test_a_plain_update_never_leaves_and_the_wire_check_holds():
     """The masked reply passes the secure allow-list and the plain train allow-list refuses it, and vice versa."""
     from shared.wire import WireError, check_reply, check_secure_reply
 
-    grid = LocalGrid(hospital_app(), hospitals=2)
+    grid = LocalGrid(hospital_app(), hospitals=3)
     result = _run(grid)
     assert result.failure is None
     for reply in result.accepted:
@@ -447,12 +482,12 @@ def test_the_hospital_boundary_passes_and_audits_the_secure_stages(tmp_path):
 
     generate_keys(tmp_path / "keys")
     audit = tmp_path / "audit.jsonl"
-    app = ClientApp(mods=hospital_mods(lambda context: "run-identity", audit_path=audit,
+    app = ClientApp(mods=hospital_mods(lambda context: RUN, audit_path=audit,
                                        public_key=tmp_path / "keys" / PUBLIC_KEY))
-    register_secure_handlers(app, synthetic_train)
+    register_secure_handlers(app, synthetic_train, lambda context: RUN)
     grid = LocalGrid(app, hospitals=3)
     signed = train_content(1)
-    signed[CONFIG][ARRAYS_SIGNATURE] = sign_round(GLOBAL, RoundBinding(1, "run-identity", 0, 1, "train"),
+    signed[CONFIG][ARRAYS_SIGNATURE] = sign_round(GLOBAL, RoundBinding(1, RUN, 0, 1, "train"),
                                                   tmp_path / "keys" / PRIVATE_KEY)
     result = secure_round(grid, grid.get_node_ids(), signed, 1, timeout=10)
     assert_is_fedavg(result, [0, 1, 2])
@@ -466,3 +501,102 @@ def test_the_hospital_boundary_passes_and_audits_the_secure_stages(tmp_path):
             assert {spec["dtype"] for spec in entry["arrays"].values()} == {"uint64"}
     unsigned = secure_round(grid, grid.get_node_ids(), train_content(2), 2, timeout=10)
     assert unsigned.arrays is None and all("not signed" in m.error.reason for m in unsigned.declined)
+
+
+# --- a malicious server --------------------------------------------------------------------------------------------
+
+
+class TamperingGrid(LocalGrid):
+    """A server that rewrites its share-keys broadcast before delivering it (``tamper(record)`` edits it)."""
+
+    def __init__(self, *args, tamper, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tamper = tamper
+
+    def send_and_receive(self, messages, timeout=None):
+        if messages and messages[0].metadata.message_type.endswith("secagg_share_keys"):
+            changed = []
+            for msg in messages:
+                record = dict(msg.content[SECAGG].items())
+                self.tamper(record)
+                changed.append(Message(RecordDict({SECAGG: ConfigRecord(record)}), dst_node_id=msg.metadata.dst_node_id,
+                                       message_type=msg.metadata.message_type, group_id=msg.metadata.group_id))
+            messages = changed
+        return super().send_and_receive(messages, timeout)
+
+
+def _guarded_app(tmp_path: Path) -> ClientApp:
+    """A hospital with its boundary guard: what leaves on an abort is the fixed reason, the detail is audited."""
+    from client.guard import hospital_mods
+
+    app = ClientApp(mods=hospital_mods(lambda context: RUN, audit_path=tmp_path / "audit.jsonl"))
+    register_secure_handlers(app, synthetic_train, lambda context: RUN)
+    return app
+
+
+def _server_keys() -> tuple[bytes, bytes]:
+    from shared.secagg import new_key_pair
+
+    return new_key_pair()[1], new_key_pair()[1]
+
+
+@pytest.mark.parametrize("attack", ["substitute a peer's keys", "drop the signatures", "a sybil outside the roster",
+                                    "a member listed twice"])
+def test_a_server_that_forges_the_key_exchange_makes_every_honest_hospital_abort(tmp_path, attack):
+    from client.guard import SECAGG_ABORTED
+
+    def tamper(record):
+        pk1, pk2, names, signatures = (list(record[k]) for k in ("pk1", "pk2", "names", "signatures"))
+        if attack == "substitute a peer's keys":  # the server's own keys under hospital-1's name and signature
+            pk1[1], pk2[1] = _server_keys()
+        elif attack == "drop the signatures":
+            signatures = [b"\0" * 64] * len(signatures)
+        elif attack == "a sybil outside the roster":
+            names[2] = "hospital-9"
+        else:
+            names[2] = names[1]
+        record.update(pk1=pk1, pk2=pk2, names=names, signatures=signatures)
+
+    grid = TamperingGrid(_guarded_app(tmp_path), hospitals=4, tamper=tamper)
+    result = _run(grid)
+    assert result.arrays is None and not result.accepted  # no shares were encrypted for anyone
+    assert len(result.declined) == 4 and all(m.error.reason == SECAGG_ABORTED for m in result.declined)
+    assert sorted(result.names.values()) == [f"hospital-{k}" for k in range(4)]  # the report can name them
+    shares = [r for kind, _, r in grid.received if kind.endswith("secagg_share_keys") and not r.has_error()]
+    assert not shares
+
+
+def test_a_second_setup_for_a_round_is_refused_also_in_a_later_flower_run(tmp_path):
+    """The subtraction attack: run a round with all hospitals, then again without one, and subtract the sums. Each
+    hospital sets up and masks a round once; the record lies beside its audit log, so a new Flower run (a fresh
+    context) resubmitting the same run config is refused too."""
+    members = identities(tmp_path / "roster", 3)
+    first = LocalGrid(hospital_app(), hospitals=3, members=members, extra={"audit-log": str(tmp_path / "a.jsonl")})
+    assert_is_fedavg(_run(first), [0, 1, 2])
+    again = _run(first)  # same round, same Flower run
+    assert again.arrays is None and len(again.declined) == 3
+    assert all("second setup" in m.error.reason for m in again.declined)
+    fresh = LocalGrid(hospital_app(), hospitals=2, members=members, extra={"audit-log": str(tmp_path / "a.jsonl")})
+    fresh.contexts.update({1000 + 7 * 2: Context(run_id=2, node_id=1000 + 7 * 2, node_config={
+        "partition-id": 2, **members[2]}, state=RecordDict(), run_config={})})  # one with no record of its own
+    fresh.partition = {node: k for k, node in enumerate(fresh.contexts)}
+    rerun = _run(fresh)
+    assert rerun.arrays is None  # the two with a record refuse; one hospital alone cannot make a round
+    assert sum("second setup" in m.error.reason for m in rerun.declined) == 2
+    assert _run(first, round_=2).arrays is not None  # the next round is fine
+
+
+def test_secure_aggregation_needs_three_hospitals_on_both_sides():
+    two = LocalGrid(hospital_app(), hospitals=2)
+    result = _run(two)
+    assert result.arrays is None and "at least 3" in result.failure and not two.received  # the server never starts
+
+    def shrink(record):  # a server that sends two hospitals' keys to a hospital
+        for key in ("indices", "pk1", "pk2", "names", "signatures"):
+            record[key] = list(record[key])[:2]
+        record["threshold"] = 2
+
+    grid = TamperingGrid(hospital_app(), hospitals=3, tamper=shrink)
+    result = _run(grid)
+    assert result.arrays is None
+    assert any("needs at least 3" in m.error.reason for m in result.declined)
