@@ -4,10 +4,11 @@
    The prompt rows are random unit vectors shaped like CheXpert-5's (40 rows, 5 diseases): the cost does not
    depend on their values, so no backbone is loaded. The DP round's one-off accounting (noise search, budget
    check, ledger) is timed separately and left out of the epoch.
-2. Final federated macro-AUROC of ``retune simulate`` defaults at ε ∈ {1, 4, 8, ∞}.
+2. Final federated macro-AUROC of ``retune simulate`` defaults at each ε (default 1, 4, 8, ∞), per seed, with mean
+   and spread and the loss against no DP paired by seed.
 
 Usage: .venv/bin/python bench/dp_cost.py [--skip-simulate | --skip-epochs] [--dims 128 256] [--threads 1]
-       [--out bench/results/dp_cost.json]
+       [--epsilons inf 8 4 1] [--seeds 0 1 2] [--out bench/results/dp_cost.json]
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,24 +69,36 @@ def epoch_times(dim: int, n: int = 20000, batch_size: int = 512, repeats: int = 
             "dp_round_accounting_s": min(accounting), "all_plain_s": plain, "all_dp_s": dp}
 
 
-def utility(epsilons: list[float | None], cache: Path) -> dict:
+def utility(epsilons: list[float | None], seeds: list[int], cache: Path) -> dict:
+    """Final federated macro-AUROC of the simulate defaults at each ε, per seed (the seed draws the phantom data,
+    the stage splits and the non-DP shuffling; DP noise is never seeded), with mean and spread, and the loss
+    against no DP paired by seed."""
     from deploy.simulate import run_simulation, simulation_config
 
-    results = {}
-    for eps in epsilons:
-        out = Path(tempfile.mkdtemp(prefix=f"dp-{eps}-"))
-        plan = SimulationPlan(dp_epsilon=eps)
-        config = replace(simulation_config(out, plan.hospitals), cache=str(cache))
-        start = time.perf_counter()
-        report = run_simulation(config, plan)
-        results["inf" if eps is None else str(eps)] = {
-            "final_macro_auroc": report["final"]["macro_auroc"], "privacy": report.get("privacy", {}),
-            "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
-            "centralized": report["baselines"]["centralized"]["macro_auroc"], "wall_s": time.perf_counter() - start}
-    if "inf" in results:
-        for row in results.values():
-            row["loss_vs_no_dp"] = results["inf"]["final_macro_auroc"] - row["final_macro_auroc"]
-    return results
+    runs: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        for eps in epsilons:
+            out = Path(tempfile.mkdtemp(prefix=f"dp-{eps}-{seed}-"))
+            plan = SimulationPlan(dp_epsilon=eps, cache_dir=str(cache))
+            start = time.perf_counter()
+            report = run_simulation(simulation_config(out, plan.hospitals, seed=seed), plan)
+            runs.setdefault("inf" if eps is None else str(eps), {})[seed] = {
+                "final_macro_auroc": report["final"]["macro_auroc"], "privacy": report.get("privacy", {}),
+                "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
+                "centralized": report["baselines"]["centralized"]["macro_auroc"],
+                "wall_s": time.perf_counter() - start}
+            print(f"ε={eps} seed={seed}: {report['final']['macro_auroc']:.4f}", flush=True)
+    summary = {}
+    for label, by_seed in runs.items():
+        finals = np.array([by_seed[s]["final_macro_auroc"] for s in seeds])
+        row = {"final_mean": float(finals.mean()), "final_std": float(finals.std(ddof=1)) if len(seeds) > 1 else 0.0,
+               "runs": {str(s): by_seed[s] for s in seeds}}
+        if "inf" in runs:
+            loss = np.array([runs["inf"][s]["final_macro_auroc"] - by_seed[s]["final_macro_auroc"] for s in seeds])
+            row.update({"loss_vs_no_dp_mean": float(loss.mean()),
+                        "loss_vs_no_dp_std": float(loss.std(ddof=1)) if len(seeds) > 1 else 0.0})
+        summary[label] = row
+    return summary
 
 
 def main() -> None:
@@ -95,6 +107,8 @@ def main() -> None:
     parser.add_argument("--skip-simulate", action="store_true", help="epoch timings only")
     parser.add_argument("--skip-epochs", action="store_true", help="utility at each ε only")
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 256], help="embedding sizes to time")
+    parser.add_argument("--epsilons", nargs="+", default=["inf", "8", "4", "1"], help="budgets ('inf': no DP)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="simulation seeds")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads of the epoch timings (1: steadiest on a shared machine)")
     args = parser.parse_args()
@@ -105,7 +119,8 @@ def main() -> None:
     torch.set_num_threads(threads)
     print(json.dumps(result, indent=2))
     if not args.skip_simulate:
-        result["utility"] = utility([None, 8.0, 4.0, 1.0], Path(tempfile.mkdtemp(prefix="dp-cache-")))
+        epsilons = [None if e == "inf" else float(e) for e in args.epsilons]
+        result["utility"] = utility(epsilons, args.seeds, Path(tempfile.mkdtemp(prefix="dp-cache-")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

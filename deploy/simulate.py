@@ -76,7 +76,7 @@ def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: C
         privacy = {"dp-max-epsilon": plan.dp_epsilon, "dp-delta": plan.dp_delta} if plan.dp_epsilon else {}
         (folder / SIM_SITE_FILE).write_text(json.dumps({
             "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
-            "cache": str((Path(config.run_dir) / "cache").resolve()), "backbone": config.backbone,
+            "cache": str(Path(plan.cache_dir or Path(config.run_dir) / "cache").resolve()), "backbone": config.backbone,
             "diseases": ",".join(labelled_diseases(k)), **privacy,
             "audit-log": str((folder / "audit.jsonl").resolve()),
             "secagg-key": str((folder / "identity" / "auth.key").resolve()), "roster": str(roster.resolve()),

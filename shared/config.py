@@ -111,6 +111,9 @@ class SimulationPlan:
         Turn on DP-SGD at every hospital with this ε budget over the run (default: off).
     dp_delta : float
         δ of the DP guarantee (default 1e-5).
+    cache_dir : str
+        Where the simulated hospitals keep their embeddings (default "": ``cache/`` in the run folder); benchmarks
+        share one across runs.
     """
 
     hospitals: int = 5
@@ -118,6 +121,7 @@ class SimulationPlan:
     image_size: int = 128
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
+    cache_dir: str = ""
 
 
 def _coerce(default, value):

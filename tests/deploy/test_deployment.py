@@ -39,8 +39,7 @@ from tests.conftest import fab_of, make_app
 
 pytestmark = pytest.mark.timeout(900)
 HOSPITALS = 3
-RUN = ('stages=2 rounds-per-stage=2 local-epochs=1 round-timeout={timeout} join-timeout=120.0 '
-       'run-dir="runs/{name}"')
+RUN = {"stages": 2, "rounds-per-stage": 2, "local-epochs": 1, "join-timeout": 120.0}
 
 
 @dataclass
@@ -57,14 +56,17 @@ class Deployment:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env(), capture_output=True, text=True,
                               timeout=timeout)
 
-    def submit(self, name: str, app: Path | None = None, timeout: float = 60.0, extra: str = ""
+    def submit(self, name: str, app: Path | None = None, timeout: float = 60.0, **settings: object
                ) -> tuple[subprocess.Popen, str]:
-        """``flwr run APP retune --stream`` as the operator types it; returns the process and Flower's run id."""
+        """``flwr run APP retune --stream`` as the operator types it (run config :data:`RUN` with ``settings``,
+        ``_`` for ``-``); returns the process and Flower's run id."""
         log = self.root / f"flwr-run-{name}-{time.monotonic_ns()}.log"
+        values = {**RUN, "round-timeout": timeout, "run-dir": f"runs/{name}",
+                  **{k.replace("_", "-"): v for k, v in settings.items()}}
+        config = " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())  # TOML: "text", 1.0, true
         with open(log, "wb") as out:
             proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app or self.app), CONNECTION, "--stream",
-                                     "--run-config", f"{RUN.format(timeout=timeout, name=name)} {extra}"],
-                                    env=self.env(), stdout=out, stderr=subprocess.STDOUT)
+                                     "--run-config", config], env=self.env(), stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not (found := re.search(r"Successfully started run (\d+)", log.read_text())):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
@@ -228,8 +230,7 @@ def test_a_run_completes_through_flwr_run_signed_audited_and_named(deployment, r
 def test_a_secure_aggregation_run_with_signed_key_announcements(deployment, reference):
     """Secure aggregation over real processes: each hospital signs its round keys with its SuperNode key and checks
     its peers' against the roster the operator handed out; the server sees only masked vectors and their sum."""
-    proc, run_id = deployment.submit("secure", timeout=60.0, extra="stages=1 rounds-per-stage=1 "
-                                                                   "secure-aggregation=true")
+    proc, run_id = deployment.submit("secure", stages=1, rounds_per_stage=1, secure_aggregation=True)
     _finish(proc)
     assert deployment.run(run_id)["status"] == "finished:completed"
     (record,) = deployment.state("secure")["history"]
@@ -268,17 +269,19 @@ def test_a_package_with_modified_client_code_is_refused_at_every_hospital(deploy
 
 
 def test_a_supernode_killed_mid_round_costs_one_round_and_rejoins(deployment, reference):
-    proc, run_id = deployment.submit("supernode-killed", timeout=20.0)
+    proc, run_id = deployment.submit("supernode-killed", timeout=20.0, rounds_per_stage=3)
     deployment.wait_rounds("supernode-killed", 1)
     time.sleep(1.0)  # round 2's train messages are out
     deployment.kill("hospital-2")
     deployment.wait_rounds("supernode-killed", 2)
     up(deployment.root / "fed", app=None)  # restarts exactly what is down, once Flower has let the node go
+    back_at = deployment.state("supernode-killed")["server_round"]
+    assert back_at < 5, "the run ended before the restarted hospital could rejoin: give it more rounds"
     _finish(proc)
     history = deployment.state("supernode-killed")["history"]
-    assert len(history) == 4 and history[1]["clients"] == 2
+    assert len(history) == 6 and history[1]["clients"] == 2
     assert [d["hospital"] for d in history[1]["declined"]] == ["hospital-2"]  # named, not node-<id>
-    assert any(r["clients"] == 3 for r in history[2:]), "the restarted hospital rejoined"
+    assert all(r["clients"] == 3 for r in history[back_at + 1:]), "the restarted hospital rejoined"
     assert deployment.run(run_id)["status"] == "finished:completed"
 
 

@@ -214,6 +214,7 @@ def test_commitment_and_low_order_keys():
 
 
 SPEC = adaptor_spec(RetuneModel(8))
+ANNOUNCEMENT = {"pk1": bytes(32), "pk2": bytes(32), "name": "hospital-1", "signature": bytes(103)}
 
 
 def _masked_reply(**metrics):
@@ -231,7 +232,7 @@ def test_secure_stages_are_train_actions():
 
 def test_secure_allow_list_accepts_the_protocol_messages():
     check_secure_reply(_masked_reply(**{"partition-id": 1, "epsilon": 2.0, "delta": 1e-5}), SECAGG_MASKED, SPEC)
-    check_secure_reply(RecordDict({SECAGG: ConfigRecord({"pk1": bytes(32), "pk2": bytes(32)})}), SECAGG_SETUP, None)
+    check_secure_reply(RecordDict({SECAGG: ConfigRecord(ANNOUNCEMENT)}), SECAGG_SETUP, None)
     check_secure_reply(RecordDict({SECAGG: ConfigRecord({
         "destinations": [2, 3], "ciphertexts": [bytes(CIPHERTEXT_BYTES)] * 2, "commitment": bytes(32)})}),
         SECAGG_SHARE_KEYS, None)
@@ -242,7 +243,8 @@ def test_secure_allow_list_accepts_the_protocol_messages():
 
 @pytest.mark.parametrize("tamper", ["plain_arrays", "plain_count", "loss_in_clear", "float_vector", "extra_array",
                                     "no_metrics", "long_key", "extra_field", "short_share", "mismatched_lists",
-                                    "string_field", "config_in_masked"])
+                                    "string_field", "config_in_masked", "free_text_name", "long_signature",
+                                    "unsigned"])
 def test_secure_allow_list_refuses_anything_else(tamper):
     stage, content = SECAGG_MASKED, _masked_reply()
     if tamper == "plain_arrays":
@@ -265,10 +267,14 @@ def test_secure_allow_list_refuses_anything_else(tamper):
         content[SECAGG] = ConfigRecord({"pk1": bytes(32)})
     else:
         stage = {"long_key": SECAGG_SETUP, "extra_field": SECAGG_SETUP, "string_field": SECAGG_SETUP,
+                 "free_text_name": SECAGG_SETUP, "long_signature": SECAGG_SETUP, "unsigned": SECAGG_SETUP,
                  "short_share": SECAGG_UNMASK, "mismatched_lists": SECAGG_SHARE_KEYS}[tamper]
-        fields = {"long_key": {"pk1": bytes(33), "pk2": bytes(32)},
-                  "extra_field": {"pk1": bytes(32), "pk2": bytes(32), "note": b"x"},
-                  "string_field": {"pk1": bytes(32), "pk2": "leak"},
+        fields = {"long_key": {**ANNOUNCEMENT, "pk1": bytes(33)},
+                  "extra_field": {**ANNOUNCEMENT, "note": b"x"},
+                  "string_field": {**ANNOUNCEMENT, "pk2": "leak"},
+                  "free_text_name": {**ANNOUNCEMENT, "name": "Jane Doe, born 1961"},
+                  "long_signature": {**ANNOUNCEMENT, "signature": bytes(4096)},
+                  "unsigned": {k: v for k, v in ANNOUNCEMENT.items() if k != "signature"},
                   "short_share": {"seed-shares": [bytes(SHARE_BYTES - 1)]},
                   "mismatched_lists": {"destinations": [2, 3], "ciphertexts": [bytes(CIPHERTEXT_BYTES)],
                                        "commitment": bytes(32)}}[tamper]
