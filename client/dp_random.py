@@ -5,9 +5,12 @@ anything the run config determines, a server that knows the seed can regenerate 
 subtract them: the guarantee would not hold against the server. Opacus' own secure mode needs ``torchcsprng``,
 which no longer exists for current torch releases, so this module is its equivalent: a ChaCha20 keystream
 (``cryptography``) under a fresh 256-bit key from the operating system's entropy (``os.urandom``) for every
-training round, turned into uniform doubles and, by Box-Muller, Gaussians. Like opacus' secure mode each Gaussian
-coordinate is the sum of four draws halved (Holohan et al., 2021), which defeats attacks on the floating-point
-representation of a single draw.
+training round, turned into uniform doubles with 53 random bits and, by the inverse normal CDF, Gaussians.
+
+Opacus' secure mode also sums four draws per coordinate, against attacks on the floating-point representation of a
+single released Gaussian sample (Holohan et al., 2021). Here no noisy gradient is released: the hospital sends its
+adaptors after many Adam steps on noisy gradients, so one draw per coordinate is used, which keeps DP-SGD's extra
+cost to about one more pass over the parameters per step.
 
 The price: DP training does not repeat bit for bit, even with the same seed (non-DP training stays seeded).
 """
@@ -35,18 +38,13 @@ class SecureRandom:
         words = np.frombuffer(self._stream.update(bytes(8 * n)), dtype=np.uint64)
         return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
 
-    def normal(self, n: int) -> np.ndarray:
-        """``n`` standard normal doubles (Box-Muller)."""
-        half = (n + 1) // 2
-        radius = np.sqrt(-2.0 * np.log(self.uniform(half)))
-        angle = 2.0 * np.pi * self.uniform(half)
-        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+    def normal(self, n: int) -> torch.Tensor:
+        """``n`` standard normal doubles (inverse normal CDF of :meth:`uniform`)."""
+        return torch.special.ndtri(torch.from_numpy(self.uniform(n)))
 
     def gaussian(self, shape: torch.Size | tuple[int, ...], std: float) -> torch.Tensor:
-        """N(0, std²) per coordinate, float32, as the sum of four N(0, std²) draws halved."""
-        n = int(np.prod(shape))
-        draws = self.normal(4 * n).reshape(4, n).sum(axis=0) / 2.0
-        return torch.from_numpy((std * draws).astype(np.float32)).reshape(shape)
+        """N(0, std²) per coordinate, float32."""
+        return (std * self.normal(int(np.prod(shape)))).to(torch.float32).reshape(shape)
 
 
 def poisson_batches(n: int, sample_rate: float, steps: int, rng: SecureRandom) -> Iterator[np.ndarray]:
