@@ -26,7 +26,8 @@ from deploy.cli_hospital import hospital_app
 from deploy.cli_keys import keys
 from deploy.cli_phantom import phantom
 from deploy.cli_roster import roster
-from shared.config import (OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, FederationConfig, SimulationPlan,
+from deploy.cli_simulate import simulate
+from shared.config import (OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig,
                            TrainConfig, default_cache_dir)
 from shared.errors import RetuneError
 
@@ -38,6 +39,7 @@ app.add_typer(hospital_app, name="hospital")
 app.add_typer(federation_app, name="federation")
 app.command()(gateway)
 app.command()(roster)
+app.command()(simulate)
 app.command()(approve)
 app.command()(keys)
 app.command(name="build-backbone")(build_backbone)
@@ -230,41 +232,6 @@ def predict(
         table.add_row(path, *(["unreadable"] + [""] * (len(bank.diseases) - 1) if row is None
                               else [f"{p:.2f}" for p in row.values()]))
     Console().print(table)
-
-
-_F = FederationConfig()
-
-
-@app.command()
-def simulate(
-    out: Annotated[Path, typer.Option(help="Run folder: report.json, report.html, checkpoint/, hospitals/, cache/.")] = Path("runs/simulate"),
-    hospitals: Annotated[int, typer.Option(help="Simulated hospitals (phantom data, each its own scanner style).")] = 5,
-    stages: int = _F.stages, rounds_per_stage: int = _F.rounds_per_stage, local_epochs: int = _F.local_epochs,
-    scenario: Annotated[str, typer.Option(help="data|class|label")] = _F.scenario,
-    strategy: Annotated[str, typer.Option(help="fedavg|fedprox|fedadam")] = _F.strategy,
-    backbone: BackboneOpt = _F.backbone, seed: int = _F.seed,
-    images_per_hospital: int = SimulationPlan.images_per_hospital,
-    image_size: Annotated[int, typer.Option(help="Phantom image size in pixels.")] = SimulationPlan.image_size,
-    dp_epsilon: Annotated[Optional[float], typer.Option(help="DP-SGD at every hospital with this ε budget.")] = None,
-    dp_delta: float = SimulationPlan.dp_delta,
-    dp_lr: Annotated[float, typer.Option(help="Local learning rate of hospitals under DP-SGD.")] = _F.dp_lr,
-    secure_aggregation: Annotated[bool, typer.Option(help="Masked aggregation: the server sees only the sum.")] = False,
-) -> None:
-    """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
-    from deploy.simulate import run_simulation, simulation_config
-
-    if hospitals < 2:
-        raise RetuneError("a federation needs at least 2 hospitals (--hospitals)")
-    config = simulation_config(out, hospitals, stages=stages, rounds_per_stage=rounds_per_stage,
-                               local_epochs=local_epochs, scenario=scenario, strategy=strategy, backbone=backbone,
-                               seed=seed, dp_lr=dp_lr, secure_aggregation=secure_aggregation)
-    report = run_simulation(config, SimulationPlan(hospitals, images_per_hospital, image_size, dp_epsilon, dp_delta), console)
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    console.print(f"final macro AUROC [bold]{fmt(report['final']['macro_auroc'])}[/] · zero-shot "
-                  f"{fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized "
-                  f"{fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting "
-                  f"{fmt(report['stages']['forgetting'])} · {report['timing']['seconds_per_round']:.1f} s/round")
-    console.print(f"wrote {out}/report.json, {out}/report.html and the checkpoint {report['checkpoint']}")
 
 
 def main() -> None:

@@ -31,12 +31,43 @@ def privacy_summary(history: list[dict], plan) -> dict:
     return {"epsilon": epsilon, "delta": plan.dp_delta} if epsilon else {}
 
 
+POISON_NOTE = ("testing only: {hospital} sent {kind}-poisoned adaptors in every train reply "
+               "(retune simulate --poison)")
+
+
+def refusals(history: list[dict]) -> list[dict]:
+    """Every reply the server did not count, by hospital, with the round, the phase and the reason: refused by the
+    server (malformed, non-finite, outside the update limits) or declined (an error reply, or none in time)."""
+    return [{"stage": r["stage"], "round": r["round"], "server_round": r["server_round"], "outcome": outcome, **entry}
+            for r in history for outcome in ("refused", "declined") for entry in r.get(outcome, [])]
+
+
+def robustness(config) -> dict:
+    """The aggregation and the containment it ran with."""
+    summary = {"strategy": config.strategy, "max_update_norm": config.max_update_norm,
+               "max_weight_ratio": config.max_weight_ratio}
+    if config.strategy == "fedtrimmedavg":
+        summary["trim_fraction"] = config.trim_fraction
+    if config.strategy in ("krum", "multikrum", "bulyan"):
+        summary["byzantine_hospitals"] = config.byzantine_hospitals if config.byzantine_hospitals >= 0 else \
+            "per round, the most the rule withstands"
+    return summary
+
+
 def build_report(config, plan, state, sites, baselines: dict, timing: dict, checkpoint: Path) -> dict:
     """Everything a researcher needs to judge the run, as plain JSON."""
     matrix = auroc_matrix(state.history, config.stages)
     final = state.history[-1]
+    poison = None
+    if plan.poison:
+        kind, _, hospital = plan.poison.partition(":")
+        poison = {"kind": kind, "hospital": f"hospital-{hospital}",
+                  "note": POISON_NOTE.format(kind=kind, hospital=f"hospital-{hospital}")}
     return {
         "config": {**config.to_run_config(), **asdict(plan)},
+        "robustness": robustness(config),
+        "poison": poison,
+        "refused": refusals(state.history),
         "hospitals": [{"name": s.settings.name, "labelled": list(s.settings.labelled or s.diseases),
                        "train_images": len(s.train.labels), "test_images": len(s.test.labels)} for s in sites],
         "rounds": state.history,
@@ -113,6 +144,24 @@ def _privacy_line(report: dict) -> str:
     return f" · DP-SGD (δ={privacy['delta']:g}): {spent}"
 
 
+def _poison_banner(report: dict) -> str:
+    poison = report.get("poison")
+    if not poison:
+        return ""
+    return f'<p style="background:#fde2e1;border:1px solid #c0392b;padding:6px"><b>{html.escape(poison["note"])}</b></p>'
+
+
+def _refused_table(report: dict) -> str:
+    robust = report.get("robustness", {})
+    limits = html.escape(", ".join(f"{k.replace('_', '-')} {v}" for k, v in robust.items()))
+    rows = "".join(f"<tr><td>{html.escape(r['hospital'])}</td><td>{r['stage'] + 1}</td><td>{r['round'] + 1}</td>"
+                   f"<td>{html.escape(r.get('phase', 'train'))}</td><td>{html.escape(r['outcome'])}</td>"
+                   f"<td>{html.escape(r['reason'])}</td></tr>" for r in report.get("refused", []))
+    body = (f"<table><tr><th>hospital</th><th>stage</th><th>round</th><th>phase</th><th>outcome</th><th>reason</th>"
+            f"</tr>{rows}</table>") if rows else "<p>Every reply was counted.</p>"
+    return f"<h2>Replies not counted</h2><p class=\"note\">{limits}</p>{body}"
+
+
 def write_html(report: dict, path: Path) -> Path:
     """One self-contained page: figures inline, no external resources."""
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
@@ -132,10 +181,12 @@ td:first-child{{text-align:left}}.note{{color:#666;font-size:90%}}</style></head
 {fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting {fmt(report['stages']['forgetting'])} ·
 {report['timing']['seconds_per_round']:.1f} s per round{_privacy_line(report)}</p>
 <p class="note">Not for clinical use. Phantom data. {html.escape(report['metric_note'])}</p>
+{_poison_banner(report)}
 {''.join(_figures(report))}
 <h2>AUROC per disease</h2><table><tr><th>disease</th><th>zero-shot</th><th>centralized</th><th>federated</th></tr>
 {rows}</table>
 <h2>Hospitals</h2><table><tr><th>hospital</th><th>labels</th><th>train</th><th>test</th></tr>{hospitals}</table>
+{_refused_table(report)}
 <h2>Configuration</h2><p class="note">{config}</p></body></html>"""
     path.write_text(page)
     return path

@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,7 @@ from server.evaluation import federated_metrics
 from server.federation import initial_model, stage_diseases
 from server.state import RunState
 from shared.config import FederationConfig, SimulationPlan, TrainConfig
+from shared.errors import RetuneError
 from shared.identity import Roster
 from shared.labels import CHEXPERT5
 from shared.model import zero_shot_logits
@@ -43,8 +48,10 @@ KEYS_DIR = "keys"
 
 
 def simulation_config(out: Path, hospitals: int, **settings) -> FederationConfig:
-    """Federation settings of a simulation under ``out``: every hospital takes part in every round."""
-    return FederationConfig(min_hospitals=hospitals, run_dir=str(out), sim_dir=str(out / HOSPITALS_DIR), **settings)
+    """Federation settings of a simulation under ``out``: by default a round counts only when every hospital's
+    update was aggregated (``min_hospitals`` in ``settings`` says otherwise)."""
+    return FederationConfig(**{"min_hospitals": hospitals, **settings}, run_dir=str(out),
+                            sim_dir=str(out / HOSPITALS_DIR))
 
 
 def labelled_diseases(hospital: int, diseases: tuple[str, ...] = CHEXPERT5) -> list[str]:
@@ -73,7 +80,7 @@ def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: C
         folder = Path(config.sim_dir) / f"hospital-{k}"
         if not (folder / "manifest.csv").exists():
             write_phantom(folder, n=plan.images_per_hospital, hospital=k, seed=config.seed, size=plan.image_size)
-        privacy = {"dp-max-epsilon": plan.dp_epsilon, "dp-delta": plan.dp_delta} if plan.dp_epsilon else {}
+        privacy = {"dp-max-epsilon": plan.dp_epsilon, "dp-delta": plan.dp_delta} if plan.dp_at(k) else {}
         (folder / SIM_SITE_FILE).write_text(json.dumps({
             "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
             "cache": str(Path(plan.cache_dir or Path(config.run_dir) / "cache").resolve()), "backbone": config.backbone,
@@ -127,15 +134,51 @@ def _progress_table(config: FederationConfig, history: list[dict], baselines: di
     return table
 
 
+class SimulationInterrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the simulation after a committed round; running it again resumes."""
+
+
+@contextmanager
+def stop_after_round(console: Console) -> Iterator[threading.Event]:
+    """While inside, SIGINT/SIGTERM ask the run to stop once the current round is committed (the event is set); a
+    second one ends the process at once (every committed round is sealed on disk, so that loses only the round in
+    progress)."""
+    requested = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        if requested.is_set():  # Flower's server thread would outlive an exception here: leave now
+            console.print("[yellow]stopped at once[/]: the round in progress is lost; run the same command again to "
+                          "resume from the last committed one")
+            os._exit(130)
+        requested.set()
+        console.print("[yellow]stopping after the current round is committed[/] (again to stop at once, losing it)")
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Console | None = None,
                    client_mods: list | None = None) -> dict:
     """Prepare hospitals, compute baselines, federate, and return the report (also written to disk).
 
-    ``client_mods`` are Flower client mods wrapped around every simulated hospital's ClientApp.
+    ``client_mods`` are Flower client mods wrapped around every simulated hospital's ClientApp; ``plan.poison`` adds
+    the (testing only) poisoning one.
     """
     from flwr.simulation import run_simulation as flower_simulation
 
     from deploy.report import build_report, write_html
+    from research.poison import Poison
+
+    if plan.poison:
+        if config.secure_aggregation:
+            raise RetuneError("--poison alters plain train replies: it cannot be combined with secure aggregation")
+        client_mods = [*(client_mods or []), Poison.parse(plan.poison, plan.hospitals).mod()]
 
     console = console or Console(stderr=True)
     out = Path(config.run_dir)
@@ -152,10 +195,15 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
                      "centralized": centralized_baseline(sites, config)}
     history: list[dict] = []
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    with Live(_progress_table(config, history, baselines), console=console, refresh_per_second=4) as live:
+    with Live(_progress_table(config, history, baselines), console=console, refresh_per_second=4) as live, \
+            stop_after_round(console) as stop:
         def on_round(record: dict, state: RunState) -> None:
             history[:] = state.history
             live.update(_progress_table(config, history, baselines))
+            if stop.is_set() and not state.done:
+                raise SimulationInterrupted(
+                    f"interrupted after stage {record['stage'] + 1} round {record['round'] + 1} of {config.stages} × "
+                    f"{config.rounds_per_stage} (committed to {out}); run the same command again to resume")
 
         fed_start = time.perf_counter()
         flower_simulation(

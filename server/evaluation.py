@@ -7,7 +7,10 @@ needs no score to leave a hospital. Baselines are aggregated the same way, so co
 
 from __future__ import annotations
 
+from flwr.app import RecordDict
+
 from shared.metrics import macro
+from shared.wire import METRICS, WireError, check_reply
 
 
 def pairs_weighted_auroc(sites: list[dict[str, float]], part: str, diseases: tuple[str, ...]
@@ -41,3 +44,23 @@ def federated_metrics(sites: list[dict[str, float]], diseases: tuple[str, ...], 
 def site_macro(metrics: dict[str, float], diseases: tuple[str, ...]) -> float | None:
     """One hospital's macro AUROC over its test data so far."""
     return macro({d: metrics.get(f"auroc/all/{d}") for d in diseases})
+
+
+def evaluation_problem(content: RecordDict) -> str | None:
+    """Why an evaluate reply cannot be counted (None: it can): it must pass the wire allow-list (finite scalar
+    metrics, a site record), and every ``auroc/<part>/<disease>`` must lie in [0, 1] and come with whole, non-negative
+    ``pos``/``neg`` counts of the same part and disease."""
+    try:
+        check_reply(content, None)
+    except WireError as exc:
+        return str(exc)
+    metrics = content[METRICS]
+    for key, value in metrics.items():
+        if not key.startswith("auroc/"):
+            continue
+        if not 0.0 <= value <= 1.0:
+            return f"metric {key!r} = {value:g} is not an AUROC in [0, 1]"
+        for count in (f"pos/{key[6:]}", f"neg/{key[6:]}"):
+            if count not in metrics or metrics[count] < 0 or metrics[count] != int(metrics[count]):
+                return f"metric {key!r} comes without a whole, non-negative {count!r}"
+    return None

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from server.evaluation import federated_metrics, site_macro
+from server.evaluation import evaluation_problem, federated_metrics, site_macro
 from server.hospitals import FederationError, Hospitals
 from server.messaging import exchange
 from server.secagg import secure_train
@@ -125,6 +125,38 @@ def _declined(hospitals: Hospitals, nodes: Iterable[int], replies: dict[int, Mes
             for node in sorted(set(nodes), key=hospitals.name_of) if node not in replies or replies[node].has_error()]
 
 
+@dataclass
+class EvaluateOutcome:
+    """The evaluate part of a round: each counted hospital's metrics, and who was refused or declined."""
+
+    sites: dict[str, dict[str, float]]
+    declined: list[dict[str, str]]
+    refused: list[dict[str, str]]
+    bytes_down: int
+
+
+def evaluate_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy, hospitals: Hospitals,
+                   server_round: int, arrays: ArrayRecord, config_record: ConfigRecord) -> EvaluateOutcome:
+    """Have every connected hospital score ``arrays``; a reply that fails :func:`evaluation_problem` is refused."""
+    eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config_record, grid))
+    by_node = exchange(grid, eval_msgs, config.round_timeout)
+    admitted, refused = hospitals.admit(sorted((r for r in by_node.values() if not r.has_error()), key=reply_order))
+    sites = {}
+    for reply in admitted:
+        problem = evaluation_problem(reply.content)
+        if problem is None:
+            sites[hospitals.name(reply)] = dict(reply.content[METRICS])
+        else:
+            log.warning("round %d: refused the evaluate reply of %s: %s", server_round, hospitals.name(reply), problem)
+            refused.append({"hospital": hospitals.name(reply), "reason": problem})
+    declined = _declined(hospitals, [m.metadata.dst_node_id for m in eval_msgs], by_node, config)
+    return EvaluateOutcome(sites, declined, refused, payload_bytes(arrays) * len(eval_msgs))
+
+
+def _phase(entries: list[dict[str, str]], phase: str) -> list[dict[str, str]]:
+    return [{**entry, "phase": phase} for entry in entries]
+
+
 def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_round: RoundCallback | None = None,
                    signing_key: Ed25519PrivateKey | None = None, run_id: int = 0) -> RunState:
     """Run (or resume) every remaining round; returns the final state. With ``signing_key`` every global
@@ -161,17 +193,14 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_roun
                         config.round_retries + 1)
         arrays = train.arrays
         binding = RoundBinding(run_id, run_identity(config.to_run_config()), stage, round_, "evaluate")
-        eval_msgs = list(strategy.configure_evaluate(server_round, arrays, round_config(binding, arrays, signing_key),
-                                                     grid))
-        evaluated, eval_refused = hospitals.admit(sorted(
-            (r for r in exchange(grid, eval_msgs, config.round_timeout).values() if not r.has_error()),
-            key=reply_order))
-        sites = {hospitals.name(r): dict(r.content[METRICS]) for r in evaluated}
+        evaluation = evaluate_round(grid, config, strategy, hospitals, server_round, arrays,
+                                    round_config(binding, arrays, signing_key))
+        sites = evaluation.sites
         record = {
             "stage": stage, "round": round_, "server_round": server_round, "attempts": attempt + 1,
             **federated_metrics(list(sites.values()), diseases, stage, scored),
             "bytes_up": sum(train.bytes_up.values()),
-            "bytes_down": train.bytes_down + payload_bytes(arrays) * len(eval_msgs),
+            "bytes_down": train.bytes_down + evaluation.bytes_down,
             "bytes_up_per_hospital": train.bytes_up,
             "wall_s": time.perf_counter() - start,
             "clients": len(train.accepted),
@@ -180,8 +209,8 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_roun
             "hospitals": {name: site_macro(metrics, diseases) for name, metrics in sites.items()},
             "epsilon": {hospitals.name(r): float(r.content[METRICS]["epsilon"]) for r in train.accepted
                         if "epsilon" in r.content[METRICS]},
-            "declined": train.declined,
-            "refused": train.refused + eval_refused,
+            "declined": _phase(train.declined, "train") + _phase(evaluation.declined, "evaluate"),
+            "refused": _phase(train.refused, "train") + _phase(evaluation.refused, "evaluate"),
         }
         state.commit(arrays, strategy.optimizer_state(), record, hospitals.identity, hospitals.names, signing_key)
         log.info("stage %d round %d: macro AUROC %s from %d hospitals", stage + 1, round_ + 1,

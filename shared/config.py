@@ -87,12 +87,16 @@ class EmbedConfig:
         Use bf16 weights on the CPU only where embeddings stay within this cosine of fp32 (default 0.999).
     loader_threads : int
         Threads decoding and preprocessing images while the model runs (default 2).
+    max_pixels : int
+        Largest image (width × height, read from the header before decoding) a hospital embeds (default 40 million:
+        a 6000 × 6000 radiograph); a larger one is skipped and reported like any unreadable file.
     """
 
     batch_size: int = 32
     shard_size: int = 512
     bf16_min_cosine: float = 0.999
     loader_threads: int = 2
+    max_pixels: int = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,13 @@ class SimulationPlan:
     image_size : int
         Phantom image size in pixels (default 128).
     dp_epsilon : float | None
-        Turn on DP-SGD at every hospital with this ε budget over the run (default: off).
+        Turn on DP-SGD with this ε budget over the run (default: off).
     dp_delta : float
         δ of the DP guarantee (default 1e-5).
+    dp_hospitals : tuple[int, ...]
+        The hospitals (numbers from 0) that train with DP-SGD when ``dp_epsilon`` is set (default (): every one).
+    poison : str
+        Testing only: ``KIND:K``, hospital K sends poisoned adaptors (see :mod:`research.poison`; default: none).
     cache_dir : str
         Where the simulated hospitals keep their embeddings (default "": ``cache/`` in the run folder); benchmarks
         share one across runs.
@@ -121,7 +129,23 @@ class SimulationPlan:
     image_size: int = 128
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
+    dp_hospitals: tuple[int, ...] = ()
+    poison: str = ""
     cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.hospitals < 2:
+            raise RetuneError("a federation needs at least 2 hospitals (--hospitals)")
+        if self.dp_hospitals and self.dp_epsilon is None:
+            raise RetuneError("--dp-hospitals names where DP-SGD runs: give its budget with --dp-epsilon too")
+        outside = sorted(k for k in self.dp_hospitals if not 0 <= k < self.hospitals)
+        if outside:
+            raise RetuneError(f"--dp-hospitals: no hospital {outside[0]} among {self.hospitals} "
+                              f"(0 to {self.hospitals - 1})")
+
+    def dp_at(self, hospital: int) -> bool:
+        """Whether simulated hospital ``hospital`` trains with DP-SGD."""
+        return self.dp_epsilon is not None and (not self.dp_hospitals or hospital in self.dp_hospitals)
 
 
 def _coerce(default, value):
@@ -136,7 +160,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RETUNE_CACHE", "~/.cache/retune-fl")).expanduser()
 
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+STRATEGIES: tuple[str, ...] = StrategyName.__args__  # type: ignore[attr-defined]
+#: Strategies that aggregate each hospital's update separately (robust to Byzantine hospitals); secure aggregation,
+#: which shows the server only the sum, cannot feed them.
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+#: Robust strategies built for an assumed number of Byzantine hospitals (``byzantine_hospitals``).
+BYZANTINE_STRATEGIES = ("krum", "multikrum", "bulyan")
+SCENARIOS: tuple[str, ...] = Scenario.__args__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -155,12 +186,23 @@ class FederationConfig:
         Local epochs per round (default 2).
     scenario : {"data", "class", "label"}
         What a stage brings: new data (all diseases), new diseases, or new supervision (default "data").
-    strategy : {"fedavg", "fedprox", "fedadam"}
-        Aggregation, FedAvg weighted by examples by default.
+    strategy : {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"}
+        Aggregation, FedAvg weighted by examples by default; the last five are Flower's Byzantine-robust rules.
     proximal_mu : float
         FedProx proximal weight (default 0.01).
     server_lr : float
         FedAdam server learning rate ``eta`` (default 0.01).
+    max_update_norm : float
+        A train reply whose update (its adaptors − the global ones) has a norm above this × max(1, the global
+        adaptors' norm) is refused (default 5.0; 0: no bound).
+    max_weight_ratio : float
+        The example count one hospital may claim, as a multiple of the round's median claim (default 10.0; 0: no cap).
+    trim_fraction : float
+        ``fedtrimmedavg``: fraction cut off each tail of every coordinate (default 0.2, in [0, 0.5)).
+    byzantine_hospitals : int
+        ``krum``, ``multikrum``, ``bulyan``: hospitals assumed Byzantine (default -1: each round, the most the rule
+        withstands among the n replies it aggregates, ⌊(n − 3)/2⌋ for Krum, ⌊(n − 3)/4⌋ for Bulyan). A fixed number
+        needs ``min_hospitals`` ≥ 2f + 3 (Bulyan: 4f + 3).
     min_hospitals : int
         Hospitals whose train replies a round needs to count (default 2).
     round_timeout : float
@@ -202,6 +244,10 @@ class FederationConfig:
     strategy: StrategyName = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    max_update_norm: float = 5.0
+    max_weight_ratio: float = 10.0
+    trim_fraction: float = 0.2
+    byzantine_hospitals: int = -1
     min_hospitals: int = 2
     round_timeout: float = 600.0
     join_timeout: float = 600.0
@@ -218,6 +264,38 @@ class FederationConfig:
     run_dir: str = "runs/federation"
     sim_dir: str = ""
     secure_aggregation: bool = False
+
+    def __post_init__(self) -> None:
+        problems = [why for bad, why in (
+            (self.strategy not in STRATEGIES, f"unknown strategy {self.strategy!r}: choose {', '.join(STRATEGIES)}"),
+            (self.scenario not in SCENARIOS, f"unknown scenario {self.scenario!r}: choose {', '.join(SCENARIOS)}"),
+            (self.scenario == "joint" and self.stages != 1,
+             f"the joint scenario trains on everything at once: it has 1 stage, not {self.stages} (stages = 1)"),
+            (self.stages < 1 or self.rounds_per_stage < 1 or self.local_epochs < 1,
+             "stages, rounds-per-stage and local-epochs must be at least 1"),
+            (self.min_hospitals < 1, "min-hospitals must be at least 1"),
+            (self.max_update_norm < 0, "max-update-norm must be positive (0: no bound)"),
+            (self.max_weight_ratio != 0 and self.max_weight_ratio < 1,
+             "max-weight-ratio must be at least 1 (0: no cap)"),
+            (not 0 <= self.trim_fraction < 0.5, "trim-fraction must be in [0, 0.5)"),
+            (self.byzantine_hospitals < -1, "byzantine-hospitals must be -1 (automatic) or at least 0"),
+            (self.strategy in BYZANTINE_STRATEGIES and self.byzantine_hospitals > self.tolerable_byzantine(),
+             f"{self.strategy} with min-hospitals {self.min_hospitals} tolerates at most "
+             f"{self.tolerable_byzantine()} Byzantine hospitals, not {self.byzantine_hospitals}: raise min-hospitals "
+             f"to {self._replies_needed(self.byzantine_hospitals)} or lower byzantine-hospitals"),
+            (self.secure_aggregation and self.strategy in ROBUST_STRATEGIES,
+             f"{self.strategy} needs each hospital's update, which secure aggregation hides from the server: "
+             "choose fedavg, fedprox or fedadam with it"),
+        ) if bad]
+        if problems:
+            raise RetuneError("; ".join(problems))
+
+    def _replies_needed(self, byzantine: int) -> int:
+        return 4 * byzantine + 3 if self.strategy == "bulyan" else 2 * byzantine + 3
+
+    def tolerable_byzantine(self) -> int:
+        """The most Byzantine hospitals Krum, MultiKrum or Bulyan tolerates with ``min_hospitals`` replies."""
+        return max(0, (self.min_hospitals - 3) // (4 if self.strategy == "bulyan" else 2))
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> FederationConfig:

@@ -1,14 +1,32 @@
-"""What every RE-tune strategy adds to its Flower parent: the wire-format check and a deterministic order."""
+"""What every RE-tune strategy adds to its Flower parent: the wire-format check, containment of what one hospital
+can do to the aggregate, consistent metrics, float32 results and a deterministic order.
+
+**Containment** (:class:`UpdateLimits`), before any aggregation, of each train reply:
+
+- it must pass the wire format (names, shapes, dtypes of the global adaptors);
+- every value must be finite (one NaN would make the whole average NaN);
+- its update ``w_i − w_global`` must be at most ``max_update_norm`` × ‖w_global‖ (an update ×100 is refused);
+- its claimed ``num-examples`` must be a positive integer, and counts at most ``max_weight_ratio`` × the round's
+  median claim (a claim of 1e9 cannot make one hospital the aggregate).
+
+Refused replies are named with the reason (:attr:`AdaptorStrategy.refused`), never aggregated, never fatal. The
+replies that pass reach Flower's aggregation with metrics of the same keys (``num-examples``, capped), so hospitals
+with and without DP federate together; the mean train loss is taken over the hospitals that report one. Whatever
+the parent computes (FedAdam's float64 included) goes out in the adaptors' own dtype.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from shared.wire import METRICS, ArraySpec, WireError, check_reply, site_of
+from shared.config import FederationConfig
+from shared.wire import ARRAYS, METRICS, NUM_EXAMPLES, ArraySpec, WireError, check_reply, site_of
 
 log = logging.getLogger(__name__)
 
@@ -21,40 +39,115 @@ def reply_order(msg: Message) -> tuple[int, str, int]:
     return int(metrics.get("partition-id", -1)), site[0] if site else "", int(msg.metadata.src_node_id)
 
 
+@dataclass(frozen=True)
+class UpdateLimits:
+    """How far one hospital's reply may move the aggregate (see the module docstring); 0 switches a bound off."""
+
+    max_update_norm: float
+    max_weight_ratio: float
+
+    @classmethod
+    def of(cls, config: FederationConfig) -> UpdateLimits:
+        """The limits a run config sets (``max-update-norm``, ``max-weight-ratio``)."""
+        return cls(config.max_update_norm, config.max_weight_ratio)
+
+
+def update_problem(arrays: ArrayRecord, current: ArrayRecord | None, limits: UpdateLimits) -> str | None:
+    """Why these adaptors may not be aggregated against the ``current`` global ones (None: they may)."""
+    values = {name: array.numpy() for name, array in arrays.items()}
+    bad = sorted(name for name, v in values.items() if not np.isfinite(v).all())
+    if bad:
+        return f"non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more arrays" if len(bad) > 1 else "")
+    if current is None or not limits.max_update_norm:
+        return None
+    base = {name: array.numpy().astype(np.float64) for name, array in current.items()}
+    global_norm = math.sqrt(sum(float(np.square(v).sum()) for v in base.values()))
+    step = math.sqrt(sum(float(np.square(values[n].astype(np.float64) - base[n]).sum()) for n in base))
+    if step > limits.max_update_norm * max(global_norm, 1.0):
+        return (f"update norm {step:.3g} exceeds {limits.max_update_norm:g} × the global adaptors' norm "
+                f"{global_norm:.3g}")
+    return None
+
+
+def _examples(metrics: MetricRecord) -> int | None:
+    value = metrics.get(NUM_EXAMPLES)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+        return None
+    return int(value)
+
+
 class AdaptorStrategy:
-    """Mixin placed before a Flower strategy: refuses replies that break the wire format, aggregates in a fixed
-    order (so a resumed run reproduces an uninterrupted one), and exposes server optimiser state for resume.
+    """Mixin placed before a Flower strategy: refuses replies that break the wire format or the
+    :class:`UpdateLimits`, aggregates in a fixed order (so a resumed run reproduces an uninterrupted one), casts the
+    result to the adaptors' dtypes, and exposes server optimiser state for resume.
 
     Parameters
     ----------
     spec : dict[str, ArraySpec]
         Names, shapes and dtypes of the adaptor arrays a hospital may send.
+    limits : UpdateLimits
+        Containment of one hospital's reply.
     """
 
-    def __init__(self, *args, spec: dict[str, ArraySpec], **kwargs) -> None:
+    def __init__(self, *args, spec: dict[str, ArraySpec], limits: UpdateLimits, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.spec = spec
+        self.limits = limits
         self.refused: list[tuple[int, str]] = []
+        self.current: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):  # type: ignore[no-untyped-def]
+        self.current = arrays  # what updates are measured against
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = []
+        screened: list[tuple[Message, int]] = []
         for msg in sorted(replies, key=reply_order):
-            if not msg.has_error():
-                try:
-                    check_reply(msg.content, self.spec)
-                except WireError as exc:
-                    log.warning("round %d: refused reply of node %d: %s", server_round, msg.metadata.src_node_id, exc)
-                    self.refused.append((msg.metadata.src_node_id, str(exc)))
-                    continue
-            accepted.append(msg)
-        return self.aggregate_checked(server_round, accepted)
+            if msg.has_error():
+                continue
+            try:
+                check_reply(msg.content, self.spec)
+                examples = _examples(msg.content[METRICS])
+                problem = "num-examples must be a positive whole number" if examples is None else \
+                    update_problem(msg.content[ARRAYS], self.current, self.limits)
+            except WireError as exc:
+                problem, examples = str(exc), None
+            if problem is not None:
+                log.warning("round %d: refused the reply of node %d: %s", server_round, msg.metadata.src_node_id,
+                            problem)
+                self.refused.append((msg.metadata.src_node_id, problem))
+                continue
+            screened.append((msg, int(examples)))
+        if not screened:
+            return None, None
+        cap = self.limits.max_weight_ratio * float(np.median([n for _, n in screened])) \
+            if self.limits.max_weight_ratio else math.inf
+        weights = [max(1, int(min(n, cap))) for _, n in screened]
+        # fresh records: some parents (FedMedian, Bulyan) pop the arrays out of what they aggregate
+        uniform = [Message(RecordDict({ARRAYS: ArrayRecord(dict(msg.content[ARRAYS].items())),
+                                       METRICS: MetricRecord({NUM_EXAMPLES: w})}),
+                           reply_to=_request(msg)) for (msg, _), w in zip(screened, weights)]
+        arrays, _ = self.aggregate_checked(server_round, uniform)
+        losses = [(float(msg.content[METRICS]["train-loss"]), w) for (msg, _), w in zip(screened, weights)
+                  if "train-loss" in msg.content[METRICS]]
+        metrics = {NUM_EXAMPLES: sum(weights)}
+        if losses:
+            metrics["train-loss"] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses)
+        return arrays, MetricRecord(metrics)
 
     def aggregate_checked(self, server_round: int, replies: Iterable[Message]
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The parent strategy's aggregation of replies already checked (e.g. the server's own unmasked secure
-        sum, which is no hospital's reply)."""
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        sum, which is no hospital's reply), cast to the adaptors' dtypes."""
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        return self._cast(arrays), metrics
+
+    def _cast(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        if arrays is None:
+            return None
+        return ArrayRecord({name: Array(np.ascontiguousarray(array.numpy(), dtype=self.spec[name].dtype))
+                            for name, array in arrays.items()})
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Server-side optimiser state to persist with the global adaptors (none for plain averaging)."""
@@ -62,3 +155,9 @@ class AdaptorStrategy:
 
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`optimizer_state` returned."""
+
+
+def _request(reply: Message) -> Message:
+    """A stand-in for the message ``reply`` answers (Flower's aggregation reads only replies' content)."""
+    return Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type=reply.metadata.message_type,
+                   group_id=reply.metadata.group_id)

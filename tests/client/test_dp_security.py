@@ -17,7 +17,7 @@ from client.dp_random import SecureRandom, poisson_batches
 from client.dp_trainer import release_dp_round, train_adaptors_dp
 from client.privacy import DP_CHARGE, DPConfig, HospitalPrivacy, LedgerTampered, released_key, spend
 from client.trainer import Prompts
-from shared.config import TrainConfig
+from shared.config import AdaptorConfig, TrainConfig
 from shared.model import RetuneModel
 
 DIM = 16
@@ -140,13 +140,20 @@ def test_a_round_asked_again_gets_the_same_update_and_no_new_charge(tmp_path, da
     privacy = HospitalPrivacy(tmp_path / "ledger.json", DPConfig(max_epsilon=8.0, accountant="rdp"),
                               AuditLog(tmp_path / "a.jsonl"))
     key = released_key("run-identity", 0, 0, "digest-of-the-global-adaptors")
-    first, again, other = RetuneModel(DIM), RetuneModel(DIM), RetuneModel(DIM)
+    first, other = RetuneModel(DIM), RetuneModel(DIM)
+    torch.manual_seed(7)
+    again = RetuneModel(DIM, AdaptorConfig(init="random"))  # weights of its own, which the release must replace
+    fresh = RetuneModel(DIM).state_dict()
     epsilon, reused = release_dp_round(first, x, y, prompts, config, privacy, 2, ("run-identity", 0, 0), key)
     assert not reused and len(privacy.spent) == 1
+    sent = {name: t.detach().clone() for name, t in first.state_dict().items()}
+    kept = privacy.released(key)  # what is kept beside the ledger is exactly what was sent
+    assert set(kept) == set(sent) and all(np.array_equal(kept[name], sent[name].numpy()) for name in sent)
+    assert all(not torch.equal(sent[name], fresh[name]) for name in sent)  # trained and noised: not the start
     epsilon_again, reused = release_dp_round(again, x, y, prompts, config, privacy, 2, ("run-identity", 0, 0), key)
     assert reused and epsilon_again == epsilon and len(privacy.spent) == 1
-    for a, b in zip(first.parameters(), again.parameters()):
-        assert torch.equal(a, b)
+    for name, value in again.state_dict().items():
+        assert torch.equal(value, sent[name]), name
     changed = released_key("run-identity", 0, 0, "other global adaptors")  # same round, other adaptors: a new release
     release_dp_round(other, x, y, prompts, config, privacy, 2, ("run-identity", 0, 0), changed)
     assert len(privacy.spent) == 2

@@ -7,9 +7,9 @@ from client.dp_clip import PerSampleRetune
 from client.dp_trainer import train_adaptors_dp
 from client.privacy import BudgetExhausted, DPConfig, HospitalPrivacy, spend
 from client.trainer import Prompts
-from shared.config import TrainConfig
+from shared.config import AdaptorConfig, TrainConfig
 from shared.errors import RetuneError
-from shared.model import RetuneModel
+from shared.model import RetuneModel, zero_shot_logits
 from shared.prompts import PromptBank
 
 DIM = 16
@@ -59,10 +59,16 @@ def test_noise_is_planned_for_the_target_and_the_budget_is_enforced(tmp_path):
         privacy.check(spend(1.0, rate, steps, "run", 0, 3))
 
 
-def test_per_sample_view_scores_like_the_model(prompts):
-    model = RetuneModel(DIM)
+@pytest.mark.parametrize("kind", ["mlp", "linear", "residual"])
+def test_per_sample_view_scores_like_the_model(prompts, kind):
+    """With random adaptor weights: at the identity initialisation a view that skipped an adaptor (or the
+    residual mix) would score exactly like the model."""
+    torch.manual_seed(0)
+    model = RetuneModel(DIM, AdaptorConfig(kind=kind, init="random"))
     x = torch.randn(5, DIM)
     expected = model(x, prompts.embeddings, prompts.averaging)
+    assert not torch.allclose(expected, model.config.logit_scale * zero_shot_logits(x, prompts.embeddings,
+                                                                                     prompts.averaging), atol=1e-2)
     assert torch.allclose(PerSampleRetune(model, prompts)(x), expected, atol=1e-5)
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
+import numpy as np
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from deploy.cli_phantom import phantom
+from research.phantom import generate
 
 
 def _app() -> typer.Typer:
@@ -27,7 +31,11 @@ def test_cli_writes_n_images_and_manifest(tmp_path: Path) -> None:
     with (out / "manifest.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 7 and {r["hospital"] for r in rows} == {"3"}
-    assert (out / "phantom.json").is_file()
+    params = json.loads((out / "phantom.json").read_text())  # the options reached the generator
+    assert (params["n"], params["hospital"], params["seed"], params["size"]) == (7, 3, 1, 64)
+    images, _ = generate(7, hospital=3, seed=1, size=64)
+    for i, row in enumerate(rows):
+        assert np.array_equal(np.asarray(Image.open(out / row["image"])), images[i]), row["image"]
 
 
 def test_cli_reports_bad_arguments(tmp_path: Path) -> None:

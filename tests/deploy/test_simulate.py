@@ -70,7 +70,13 @@ def test_federation_learns_and_matches_centralized(finished):
     assert len(report["rounds"]) == STAGES * ROUNDS
     assert final > report["baselines"]["zero_shot"]["macro_auroc"] + 0.03
     assert abs(final - report["baselines"]["centralized"]["macro_auroc"]) < 0.05
-    assert len(report["stages"]["auroc_matrix"]) == STAGES and report["stages"]["forgetting"] is not None
+    matrix = report["stages"]["auroc_matrix"]
+    assert len(matrix) == STAGES and all(len(row) == STAGES for row in matrix)
+    last = {r["stage"]: r for r in report["rounds"]}  # after stage i: its last round's AUROC on stage j <= i
+    assert matrix == [[last[0]["stage_auroc"][0], None], last[1]["stage_auroc"][:2]]
+    assert all(0 < v < 1 for v in (matrix[0][0], matrix[1][0], matrix[1][1]))
+    assert report["stages"]["forgetting"] == pytest.approx(matrix[0][0] - matrix[1][0])  # two stages, by hand
+    assert report["stages"]["backward_transfer"] == pytest.approx(matrix[1][0] - matrix[0][0])
     for key in ("config", "rounds", "stages", "final", "baselines"):
         assert key in report
     for record in report["rounds"]:
@@ -128,6 +134,8 @@ def test_checkpoint_is_usable_by_evaluate_and_predict(finished, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout[result.stdout.index("{"):])
     assert metrics["macro_auroc"] > 0.5
+    # the trained adaptors were loaded: identity adaptors (a fresh model) score exactly like the zero-shot baseline
+    assert abs(metrics["macro_auroc"] - metrics["zero_shot"]["macro_auroc"]) > 1e-4
     image = next((out / "hospitals" / "hospital-0" / "images").glob("*.png"))
     result = runner.invoke(app, ["predict", "--checkpoint", report["checkpoint"], "--json", str(image),
                                  "--cache", str(tmp_path)])
@@ -135,19 +143,45 @@ def test_checkpoint_is_usable_by_evaluate_and_predict(finished, tmp_path):
     probabilities = json.loads(result.stdout[result.stdout.index("{"):])[str(image)]
     assert set(probabilities) == {"Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"}
     assert all(0 <= p <= 1 for p in probabilities.values())
+    assert _max_gap_to_zero_shot(Path(report["checkpoint"]), image, tmp_path, probabilities) > 1e-4
+
+
+def _max_gap_to_zero_shot(checkpoint: Path, image: Path, cache: Path, probabilities: dict[str, float]) -> float:
+    """Largest difference between ``probabilities`` and what identity adaptors (no checkpoint) would give."""
+    import torch
+
+    from client.local_data import prompt_embeddings
+    from shared.backbone import load_backbone
+    from shared.cache import EmbeddingCache
+    from shared.data.problems import BadFiles
+    from shared.model import zero_shot_logits
+    from shared.prompts import PromptBank
+
+    sidecar = json.loads((checkpoint / "adaptors.json").read_text())
+    store = EmbeddingCache(cache, load_backbone(sidecar["backbone"]["spec"], device="cpu"))
+    embeddings, _ = store.images([str(image)], BadFiles("fail"), show_progress=False)
+    bank = PromptBank.from_dict(sidecar["prompts"])
+    prompts = prompt_embeddings(store, bank)
+    zero = torch.sigmoid(sidecar["adaptor"]["logit_scale"] * zero_shot_logits(
+        torch.as_tensor(embeddings), prompts.embeddings, prompts.averaging))[0]
+    return max(abs(probabilities[d] - float(z)) for d, z in zip(bank.diseases, zero))
 
 
 def _retune(*args: str) -> list[str]:
     return [sys.executable, "-c", "from deploy.cli import main; main()", *args]
 
 
-def test_killed_server_resumes_to_the_same_adaptors(finished, tmp_path):
-    """Kill the whole simulation after a completed round, restart it, and reach the uninterrupted result."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_simulation_resumes_to_the_same_adaptors(finished, tmp_path, sig):
+    """Kill the whole simulation after a completed round (SIGKILL), or press Ctrl-C (SIGINT to the process group:
+    it stops within seconds once the round in progress is committed and says how to resume); run it again, and
+    reach the uninterrupted result."""
     reference, _, _ = finished
     out = tmp_path / "resumed"
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "COLUMNS": "300"}
+    log = tmp_path / "stderr.txt"
     proc = subprocess.Popen(_retune("simulate", "--out", str(out), *CLI_ARGS), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
@@ -158,11 +192,22 @@ def test_killed_server_resumes_to_the_same_adaptors(finished, tmp_path):
             time.sleep(0.2)
         else:
             pytest.fail("no round completed within 300 s")
+        os.killpg(proc.pid, sig)
+        signalled = time.monotonic()
+        proc.wait(timeout=120)
+        waited = time.monotonic() - signalled
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     interrupted = json.loads((out / STATE).read_text())["server_round"]
     assert 1 <= interrupted < STAGES * ROUNDS
+    if sig == signal.SIGINT:
+        stderr = log.read_text()
+        assert proc.returncode == 130 and waited < 60, (proc.returncode, waited, stderr[-2000:])
+        assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+        assert f"interrupted after stage {(interrupted - 1) // ROUNDS + 1} round {(interrupted - 1) % ROUNDS + 1}" \
+            in stderr
     subprocess.run(_retune("simulate", "--out", str(out), *CLI_ARGS), env=env, check=True, timeout=600,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = json.loads((out / STATE).read_text())

@@ -104,7 +104,8 @@ def test_rounds_name_hospitals_and_record_the_backbone(tmp_path):
     first = state.history[0]
     assert first["clients"] == 2 and set(first["bytes_up_per_hospital"]) == {"st-mary", "royal-free"}
     assert set(first["hospitals"]) == {"st-mary", "royal-free"}
-    assert first["declined"] == [{"hospital": "node-33", "reason": "no reply within round-timeout (0.5 s)"}]
+    assert first["declined"] == [{"hospital": "node-33", "reason": "no reply within round-timeout (0.5 s)",
+                                  "phase": phase} for phase in ("train", "evaluate")]
     saved = json.loads((tmp_path / "run" / STATE).read_text())
     assert saved["backbone"] == BACKBONE and saved["hospitals"] == {"11": "st-mary", "22": "royal-free"}
 
@@ -118,6 +119,7 @@ def test_a_hospital_on_another_backbone_is_refused_by_name(tmp_path):
     assert "backbone" in record["refused"][0]["reason"]
     for name, array in state.arrays.items():  # the ×100 update of the other backbone is not in the average
         assert np.abs(array.numpy()).max() < 10
+        assert array.dtype == "float32" and array.numpy().dtype == np.float32, name  # the adaptors' own dtype
 
 
 def test_a_pinned_identity_wins_and_a_tie_stops_the_run(tmp_path):

@@ -349,7 +349,9 @@ def test_too_many_drop_outs_yield_no_aggregate():
 def test_secure_train_feeds_the_strategy_one_weighted_reply():
     """FedAvg keeps the secure average; FedAdam takes its server step from it as from plain FedAvg."""
     for name in ("fedavg", "fedprox", "fedadam"):
-        config = FederationConfig(strategy=name, min_hospitals=3, server_lr=0.05)
+        # updates of up to 10 × N(0, 1) per coordinate: no containment, which the secure sum cannot apply either
+        config = FederationConfig(strategy=name, min_hospitals=3, server_lr=0.05, max_update_norm=0,
+                                  max_weight_ratio=0)
         secure, plain = make_strategy(config, SPEC), make_strategy(config, SPEC)
         grid = LocalGrid(hospital_app(), hospitals=3)
         train_msgs = list(secure.configure_train(1, GLOBAL, ConfigRecord({"stage": 0, "round": 1}), grid))
@@ -359,7 +361,10 @@ def test_secure_train_feeds_the_strategy_one_weighted_reply():
         expected, expected_metrics = plain.aggregate_train(1, replies)
         assert outcome.num_examples == fedavg([0, 1, 2])[1]
         assert float(metrics["train-loss"]) == pytest.approx(float(expected_metrics["train-loss"]), abs=1e-6)
-        for key in SPEC:
+        assert set(arrays.keys()) == set(expected.keys()) == set(SPEC)
+        for key in SPEC:  # the adaptors' own dtype on both paths (FedAdam's server step is computed in float64)
+            assert arrays[key].dtype == expected[key].dtype == "float32", (name, key)
+            assert arrays[key].numpy().dtype == expected[key].numpy().dtype == np.float32, (name, key)
             np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=0, atol=1e-5)
         if name == "fedadam":
             assert secure.optimizer_state() and not np.allclose(arrays[key].numpy(), outcome.arrays[key].numpy())

@@ -2,30 +2,52 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from flwr.app import ArrayRecord
 from sklearn.metrics import roc_auc_score
 
 from server.evaluation import federated_metrics, pairs_weighted_auroc
 from server.state import STATE, RunState
-from shared.config import FederationConfig
+from shared.config import AdaptorConfig, FederationConfig
 from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.wire import to_record
 
 
+def _random_record(seed: int) -> ArrayRecord:
+    """Adaptors with seeded random weights: a fresh RetuneModel is the identity map, the same for every seed, so
+    a resumed state holding fresh adaptors instead of the committed ones would otherwise go unnoticed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return to_record(RetuneModel(8, AdaptorConfig(init="random")))
+
+
+def _assert_same_arrays(got: ArrayRecord, expected: ArrayRecord) -> None:
+    assert set(got.keys()) == set(expected.keys())
+    for key, array in expected.items():
+        assert got[key].dtype == array.dtype == "float32", key
+        assert np.array_equal(got[key].numpy(), array.numpy()), key
+
+
+def _differ(a: ArrayRecord, b: ArrayRecord) -> bool:
+    return all(not np.array_equal(a[key].numpy(), b[key].numpy()) for key in a.keys())
+
+
 def test_state_commits_atomically_and_resumes(tmp_path):
     config = FederationConfig(stages=2, rounds_per_stage=2, run_dir=str(tmp_path), strategy="fedadam")
-    first = to_record(RetuneModel(8))
+    first, second, third = (_random_record(seed) for seed in (1, 2, 3))
+    assert _differ(first, second) and _differ(second, third) and _differ(first, third)
     state = RunState.open(config, first)
     assert (state.stage, state.round, state.server_round) == (0, 0, 0)
-    second = to_record(RetuneModel(8))
     state.commit(second, {"m/x": np.ones(3, dtype=np.float32)}, {"macro_auroc": 0.6})
-    state.commit(second, {"m/x": np.full(3, 2, dtype=np.float32)}, {"macro_auroc": 0.7})
+    state.commit(third, {"m/x": np.full(3, 2, dtype=np.float32)}, {"macro_auroc": 0.7})
     assert (state.stage, state.round) == (1, 0)
     resumed = RunState.open(config, first)
     assert (resumed.stage, resumed.round, resumed.server_round) == (1, 0, 2)
     assert [r["macro_auroc"] for r in resumed.history] == [0.6, 0.7]
-    for key, array in second.items():
-        assert np.array_equal(resumed.arrays[key].numpy(), array.numpy())
+    _assert_same_arrays(resumed.arrays, third)  # the last committed adaptors, not the initial or an earlier ones
+    assert _differ(resumed.arrays, first) and _differ(resumed.arrays, second)
+    assert set(resumed.optimizer) == {"m/x"} and resumed.optimizer["m/x"].dtype == np.float32
     assert np.array_equal(resumed.optimizer["m/x"], np.full(3, 2))
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["global-00002.safetensors",
                                                                        "optimizer-00002.safetensors"]
@@ -75,10 +97,12 @@ def test_a_tampered_run_folder_is_refused_on_resume(tmp_path, tamper):
 
     key = load_private_key(generate_keys(tmp_path / "keys")[0])
     config = FederationConfig(stages=2, rounds_per_stage=2, run_dir=str(tmp_path / "run"))
-    state = RunState.open(config, to_record(RetuneModel(8)), key)
-    for auroc in (0.61, 0.64):
-        state.commit(to_record(RetuneModel(8)), {}, {"macro_auroc": auroc}, key=key)
-    assert RunState.open(config, None, key).history[-1]["macro_auroc"] == 0.64  # untouched: resumes
+    state = RunState.open(config, _random_record(0), key)
+    for seed, auroc in ((1, 0.61), (2, 0.64)):
+        state.commit(_random_record(seed), {}, {"macro_auroc": auroc}, key=key)
+    untouched = RunState.open(config, None, key)  # untouched: resumes, with the adaptors the seal covers
+    assert untouched.history[-1]["macro_auroc"] == 0.64
+    _assert_same_arrays(untouched.arrays, _random_record(2))
     path = tmp_path / "run" / STATE
     saved = json.loads(path.read_text())
     opening_key = key

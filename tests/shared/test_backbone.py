@@ -44,6 +44,26 @@ def test_local_directory_round_trip(tmp_path, tiny_backbone):
     assert torch.allclose(staged.encode_texts(prompt), tiny_backbone.encode_texts(prompt), atol=1e-6)
 
 
+def test_identity_follows_the_weights(tmp_path, tiny_backbone):
+    """Embeddings are cached per identity: the same folder with one weight changed is another backbone (an identity
+    of the name alone would serve it the old embeddings), the same weights again the same one."""
+    import json
+
+    import open_clip
+
+    cfg = open_clip.get_model_config("retune-tiny-random")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    state = tiny_backbone.model.state_dict()
+    torch.save(state, tmp_path / "open_clip_pytorch_model.bin")
+    first = load_backbone(str(tmp_path), device="cpu").identity
+    assert load_backbone(str(tmp_path), device="cpu").identity == first
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    changed = {**state, name: state[name].clone()}
+    changed[name].view(-1)[0] += 0.5
+    torch.save(changed, tmp_path / "open_clip_pytorch_model.bin")
+    assert load_backbone(str(tmp_path), device="cpu").identity != first
+
+
 def test_missing_local_directory_is_a_clear_error(tmp_path):
     with pytest.raises(RetuneError, match="could not load backbone"):
         load_backbone(f"local-dir:{tmp_path / 'absent'}", device="cpu")

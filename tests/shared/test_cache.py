@@ -36,6 +36,7 @@ def test_cache_key_is_image_content_not_path(tmp_path, tiny_backbone, png_files)
     emb, _ = cache.images([png_files[0], str(copy)], BadFiles("fail"), show_progress=False)
     assert np.array_equal(emb[0], emb[1])
     assert len(cache.image_store.index) == 1
+    assert (emb[0] * _fp32_embeddings(tiny_backbone, png_files[:1])[0]).sum() >= 0.999  # the image's, not zeros
 
 
 def test_interrupted_run_resumes(tmp_path, tiny_backbone, png_files):
@@ -62,7 +63,7 @@ def test_missing_file_is_reported_not_fatal_under_skip(tmp_path, tiny_backbone, 
     assert ok.tolist() == [True, False] and bad.items[0].reason == "missing"
 
 
-def test_text_embeddings_are_cached(tmp_path, tiny_backbone):
+def test_text_embeddings_are_cached(tmp_path, tiny_backbone, monkeypatch):
     cache = EmbeddingCache(tmp_path / "cache", tiny_backbone)
     texts = ["No evidence of edema", "Findings consistent with edema"]
     first = cache.texts(texts)
@@ -70,3 +71,10 @@ def test_text_embeddings_are_cached(tmp_path, tiny_backbone):
     shards = list((cache.dir / "texts").glob("*.safetensors"))
     assert torch.equal(cache.texts(texts[::-1]), first.flip(0))
     assert list((cache.dir / "texts").glob("*.safetensors")) == shards
+    monkeypatch.setattr(tiny_backbone, "encode_texts", _must_not_embed)  # a new process reads them from disk
+    assert torch.equal(EmbeddingCache(tmp_path / "cache", tiny_backbone).texts(texts), first)
+    assert list((cache.dir / "texts").glob("*.safetensors")) == shards
+
+
+def _must_not_embed(texts):
+    raise AssertionError(f"re-embedded {texts}: the cached embeddings were not used")

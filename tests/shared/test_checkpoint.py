@@ -10,9 +10,20 @@ from shared.model import RetuneModel
 from shared.prompts import PromptBank
 
 
-def test_round_trip_keeps_weights_prompts_and_config(tmp_path):
-    torch.manual_seed(0)
-    model = RetuneModel(16, AdaptorConfig(kind="residual", logit_scale=4.0))
+def _perturbed(model: RetuneModel, seed: int) -> RetuneModel:
+    """``model`` with every parameter moved by seeded noise: adaptors start as the identity, so a fresh model has
+    the same weights as any other and a loader that loads nothing would go unnoticed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear", "residual"])
+def test_round_trip_keeps_weights_prompts_and_config(tmp_path, kind):
+    config = AdaptorConfig(kind=kind, logit_scale=4.0)
+    model = _perturbed(RetuneModel(16, config), seed=1)
     bank = PromptBank(("Edema", "Atelectasis"), overrides={"Edema": {"positive": ["wet"], "negative": ["dry"]}})
     save_checkpoint(tmp_path, model, bank, {"spec": "x", "identity": "abc"})
     sidecar = json.loads((tmp_path / SIDECAR).read_text())
@@ -20,8 +31,13 @@ def test_round_trip_keeps_weights_prompts_and_config(tmp_path):
     loaded, loaded_bank, meta = load_checkpoint(tmp_path)
     assert loaded.config == model.config and loaded_bank.texts() == bank.texts()
     assert meta["backbone"]["identity"] == "abc"
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    saved, fresh = model.state_dict(), RetuneModel(16, config).state_dict()
+    assert set(loaded.state_dict()) == set(saved)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[name]), name  # what was saved came back ...
+        assert not torch.equal(value, fresh[name]), name  # ... and is not what a fresh model starts with
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded.image_adaptor(x), model.image_adaptor(x))
 
 
 def test_missing_or_mismatched_files_are_clear_errors(tmp_path):

@@ -61,11 +61,16 @@ def test_identity_init_starts_from_the_zero_shot_scores(kind):
     assert all(p.requires_grad for p in params.values()) and len(params) == len(dict(random.named_parameters()))
 
 
-def test_residual_adaptor_mixes_identity():
-    config = AdaptorConfig(kind="residual", residual_alpha=0.0)
-    model = RetuneModel(8, config)
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_residual_adaptor_mixes_identity(alpha):
+    """alpha·mlp(x) + (1 − alpha)·x, checked with random MLP weights (an identity-initialised MLP is x itself, so
+    any mix of it would pass)."""
+    torch.manual_seed(0)
+    model = RetuneModel(8, AdaptorConfig(kind="residual", residual_alpha=alpha, init="random"))
     x = torch.randn(3, 8)
-    assert torch.allclose(model.image_adaptor(x), x)
+    mlp = model.image_adaptor.net(x)
+    assert not torch.allclose(mlp, x, atol=1e-2)
+    assert torch.allclose(model.image_adaptor(x), alpha * mlp + (1 - alpha) * x, atol=1e-6)
 
 
 def test_masked_bce_ignores_unlabelled_entries():

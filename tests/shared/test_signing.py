@@ -14,6 +14,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from shared.checkpoint import SIDECAR, WEIGHTS, load_checkpoint, save_checkpoint
+from shared.config import AdaptorConfig
 from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.prompts import PromptBank
@@ -34,10 +35,16 @@ def other_keys(tmp_path_factory):
     return generate_keys(tmp_path_factory.mktemp("other"))
 
 
+def _random_model(seed: int = 0) -> RetuneModel:
+    """Seeded random adaptors (a fresh model is the identity map, the same for every seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RetuneModel(8, AdaptorConfig(init="random"))
+
+
 @pytest.fixture
 def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path / "ckpt", RetuneModel(8), PromptBank(("Edema", "Atelectasis")),
+    return save_checkpoint(tmp_path / "ckpt", _random_model(), PromptBank(("Edema", "Atelectasis")),
                            {"spec": "x", "identity": "abc"})
 
 
@@ -61,7 +68,10 @@ def test_checkpoint_round_trip(keys, checkpoint):
     sig = sign_checkpoint(checkpoint, private)
     assert sig == checkpoint / SIGNATURE and json.loads(sig.read_text())["key_id"] == key_id(public)
     verify_checkpoint(checkpoint, public)
-    load_checkpoint(checkpoint)  # the signature file does not disturb loading
+    loaded, _, _ = load_checkpoint(checkpoint)  # the signature file does not disturb loading
+    saved, fresh = _random_model().state_dict(), RetuneModel(8, loaded.config).state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[name]) and not torch.equal(value, fresh[name]), name
 
 
 @pytest.mark.parametrize("tamper", ["weights", "sidecar", "signature", "unsigned", "garbled"])

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from shared.model import RetuneModel
@@ -14,12 +15,26 @@ def _reply(model, **metrics):
                        SITE: site_record("hospital-3", IDENTITY)})
 
 
+def _perturbed(model: RetuneModel, seed: int) -> RetuneModel:
+    """``model`` with seeded noise on every parameter (a fresh model is the identity map, the same every time)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator))
+    return model
+
+
 def test_round_trip_and_payload_size():
-    model = RetuneModel(8)
+    model = _perturbed(RetuneModel(8), seed=1)
     record = to_record(model)
+    assert {a.dtype for a in record.values()} == {"float32"}
+    fresh = {k: v.clone() for k, v in RetuneModel(8).state_dict().items()}
     copy = load_record(RetuneModel(8), record)
-    for a, b in zip(model.parameters(), copy.parameters()):
-        assert np.array_equal(a.detach().numpy(), b.detach().numpy())
+    sent = model.state_dict()
+    assert set(copy.state_dict()) == set(sent)
+    for name, value in copy.state_dict().items():
+        assert torch.equal(value, sent[name]), name  # the receiver holds what was sent ...
+        assert not torch.equal(value, fresh[name]), name  # ... not the weights it started with
     n_params = sum(p.numel() for p in model.parameters())
     header = payload_bytes(record) - 4 * n_params
     assert 0 < header <= 128 * len(record)  # float32 payload plus one small npy header per array
