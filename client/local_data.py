@@ -7,13 +7,16 @@ from client.trainer import Prompts
 from shared.cache import EmbeddingCache
 from shared.data.problems import BadFiles
 from shared.data.readers import LabelTable
+from shared.data.splits import require_disjoint_splits
 from shared.errors import RetuneError
 from shared.prompts import PromptBank
 
 
 def embed_splits(table: LabelTable, cache: EmbeddingCache, bad: BadFiles, show_progress: bool = True
                  ) -> dict[str, Split]:
-    """Embed every image of ``table`` through ``cache``; unreadable images go to ``bad`` and are left out."""
+    """Embed every image of ``table`` through ``cache``; unreadable images go to ``bad`` and are left out. A table
+    that lists an image in two splits is refused before anything is embedded."""
+    require_disjoint_splits(table)
     embeddings, ok = cache.images(list(table.frame["image"]), bad, show_progress)
     labels = table.labels()
     split = table.frame["split"].to_numpy()

@@ -8,6 +8,10 @@ A SuperNode's ``node_config`` says where the hospital's data are:
   BiomedCLIP folder for production);
 - ``diseases``: the diseases it labels, comma-separated (default: every disease of its label file);
 - ``name``: the name reports give it (default: the manifest's folder name);
+- ``max-pixels``: the largest image it embeds, width × height (default :attr:`EmbedConfig.max_pixels`); larger
+  ones are skipped and reported;
+- ``allow-outside-paths``: ``true`` lets its label file name images outside the label file's folder (default
+  ``false``: such a file is refused);
 - ``dp-max-epsilon`` (turns DP-SGD on), ``dp-delta``, ``dp-target-epsilon``, ``dp-noise``, ``dp-max-grad-norm``,
   ``dp-accountant`` and ``privacy-ledger`` (default: ``privacy-ledger.json`` beside the manifest): the
   hospital's own privacy settings and its ε ledger (see :mod:`client.privacy`).
@@ -28,12 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from client.incremental import Split
-from client.local_data import embed_splits, prompt_embeddings
+from client.local_data import embed_splits, prompt_embeddings, require_rows
 from client.privacy import DPConfig
 from client.trainer import Prompts, predict_logits
 from shared.backbone import Backbone, load_backbone
 from shared.cache import EmbeddingCache
-from shared.config import OFFLINE_DEFAULT, FederationConfig, default_cache_dir
+from shared.config import OFFLINE_DEFAULT, EmbedConfig, FederationConfig, default_cache_dir
+from shared.data.names import did_you_mean
 from shared.data.problems import BadFiles, print_bad_files
 from shared.data.readers import read_labels
 from shared.errors import RetuneError
@@ -58,6 +63,8 @@ class SiteSettings:
     backbone: str = OFFLINE_DEFAULT
     dp: DPConfig | None = None
     ledger: str = ""
+    max_pixels: int = EmbedConfig.max_pixels
+    allow_outside_paths: bool = False
 
 
 @dataclass
@@ -103,7 +110,27 @@ def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
         backbone=str(values.get("backbone") or OFFLINE_DEFAULT),
         dp=_dp_config(values),
         ledger=str(values.get("privacy-ledger") or Path(values["manifest"]).parent / "privacy-ledger.json"),
+        max_pixels=_positive_int(values, "max-pixels", EmbedConfig.max_pixels),
+        allow_outside_paths=_flag(values, "allow-outside-paths"),
     )
+
+
+def _positive_int(values: dict, key: str, default: int) -> int:
+    try:
+        number = int(values.get(key, default))
+    except (TypeError, ValueError):
+        number = 0
+    if number <= 0:
+        raise RetuneError(f"node config {key}={values[key]!r}: use a positive whole number")
+    return number
+
+
+def _flag(values: dict, key: str) -> bool:
+    value = values.get(key, False)
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise RetuneError(f"node config {key}={value!r}: use true or false")
+    return text == "true"
 
 
 def _dp_config(values: dict) -> DPConfig | None:
@@ -135,32 +162,44 @@ def _backbone(spec: str) -> Backbone:
 
 def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
     """Read, embed (through the cache) and split a site's data; memoised while its label file is unchanged, so a
-    long-lived hospital runtime keeps it loaded between messages and sees data that arrive later."""
+    long-lived hospital runtime keeps it loaded between messages and sees data that arrive later. Any problem
+    with the site's data is a RetuneError naming the site."""
     try:
         stat = Path(settings.manifest).stat()
     except OSError as exc:
         raise RetuneError(f"site {settings.name}: cannot read its label file {settings.manifest}: "
                           f"{exc.strerror}") from None
-    return _load_site(config, settings, (stat.st_mtime_ns, stat.st_size))
+    try:
+        return _load_site(config, settings, (stat.st_mtime_ns, stat.st_size))
+    except RetuneError as exc:
+        raise RetuneError(f"site {settings.name}: {exc}") from exc
 
 
 @lru_cache(maxsize=8)
 def _load_site(config: FederationConfig, settings: SiteSettings, _stamp: tuple[int, int]) -> Site:
     diseases = resolve_schema(config.diseases).diseases
-    table = read_labels(settings.manifest)
+    table = read_labels(settings.manifest, allow_outside_paths=settings.allow_outside_paths)
+    _check_labelled(settings.labelled or (), table.diseases)
     backbone = _backbone(settings.backbone)
-    cache = EmbeddingCache(Path(settings.cache), backbone)
+    cache = EmbeddingCache(Path(settings.cache), backbone, EmbedConfig(max_pixels=settings.max_pixels))
     bad = BadFiles("skip")
     splits = embed_splits(table, cache, bad, show_progress=False)
     print_bad_files(bad)
+    require_rows(splits, "train", "test")
     aligned = {name: Split(split.embeddings, align_labels(split.labels, table.diseases, diseases, settings.labelled))
                for name, split in splits.items()}
     train, test = aligned["train"], aligned["test"]
-    if len(train.labels) == 0 or len(test.labels) == 0:
-        raise RetuneError(f"site {settings.name}: no usable train or test images in {settings.manifest}")
     tasks = make_tasks(config.scenario, train.labels, len(test.labels), diseases, config.stages, config.seed)
     return Site(settings, diseases, train, test, tasks, prompt_embeddings(cache, PromptBank(diseases)),
                 backbone.embed_dim, backbone.identity)
+
+
+def _check_labelled(labelled: tuple[str, ...], have: tuple[str, ...]) -> None:
+    """Every disease the node config says the site labels must be a disease of its label file."""
+    for disease in labelled:
+        if disease not in have:
+            raise RetuneError(f"node config 'diseases' names {disease!r}{did_you_mean(disease, have)}, which its "
+                              f"label file has no column for; its diseases: {', '.join(have)}")
 
 
 def stage_test_rows(site: Site, stage: int) -> np.ndarray:

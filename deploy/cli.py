@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from deploy.cli_approve import approve
@@ -57,10 +58,12 @@ UncertainOpt = Annotated[str, typer.Option(help="Uncertain (-1) labels: ignore|o
 BadFileOpt = Annotated[str, typer.Option("--on-bad-file", help="skip (report and go on) or fail (stop at the first).")]
 PublicKeyOpt = Annotated[Optional[Path], typer.Option(help="consortium.pub: refuse a checkpoint it did not sign.")]
 ImageRootOpt = Annotated[Optional[Path], typer.Option(help="Folder image paths are relative to (default: the label file's).")]
+MaxPixelsOpt = Annotated[int, typer.Option(min=1, help="Largest image (width x height) to embed; larger ones are skipped as bad files.")]
+OutsideOpt = Annotated[bool, typer.Option(help="Accept image paths that lead outside the image root (refused by default).")]
 
 
 def _load_data(data: Path, fmt: str, diseases: str | None, uncertain: str, image_root: Path | None,
-               backbone: str, cache: Path, on_bad_file: str):
+               backbone: str, cache: Path, on_bad_file: str, max_pixels: int, allow_outside_paths: bool):
     """Read labels, load the backbone and embed every image through the cache."""
     from client.local_data import embed_splits
     from shared.backbone import load_backbone
@@ -70,10 +73,10 @@ def _load_data(data: Path, fmt: str, diseases: str | None, uncertain: str, image
     from shared.labels import resolve_schema
 
     table = read_labels(data, format=fmt, diseases=resolve_schema(diseases).diseases if diseases else None,
-                        uncertain=uncertain, image_root=image_root)
+                        uncertain=uncertain, image_root=image_root, allow_outside_paths=allow_outside_paths)
     bb = load_backbone(backbone)
     console.print(f"backbone: [bold]{bb.label}[/] (embedding size {bb.embed_dim})")
-    store = EmbeddingCache(cache, bb, EmbedConfig())
+    store = EmbeddingCache(cache, bb, EmbedConfig(max_pixels=max_pixels))
     bad = BadFiles(on_bad_file)  # type: ignore[arg-type]
     start = time.perf_counter()
     splits = embed_splits(table, store, bad)
@@ -95,9 +98,11 @@ def _auroc_table(title: str, metrics: dict) -> Table:
 
 @app.command()
 def embed(data: DataOpt, cache: CacheOpt = default_cache_dir(), backbone: BackboneOpt = OFFLINE_DEFAULT,
-          fmt: FormatOpt = "auto", image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip") -> None:
+          fmt: FormatOpt = "auto", image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip",
+          max_pixels: MaxPixelsOpt = EmbedConfig.max_pixels, allow_outside_paths: OutsideOpt = False) -> None:
     """Embed every image of a data set once with the frozen backbone; later commands reuse the cache."""
-    _, bb, store, splits, bad, embed_s = _load_data(data, fmt, None, "ignore", image_root, backbone, cache, on_bad_file)
+    _, bb, store, splits, bad, embed_s = _load_data(data, fmt, None, "ignore", image_root, backbone, cache, on_bad_file,
+                                                    max_pixels, allow_outside_paths)
     summary = {"cache": str(store.dir), "backbone": bb.describe(), "precision": store.precision,
                "images": {name: len(split.labels) for name, split in splits.items()},
                "bad_files": bad.summary(), "embed_s": round(embed_s, 2)}
@@ -115,6 +120,7 @@ def train(
     adaptor: Annotated[str, typer.Option(help="mlp|linear|residual")] = _A.kind,
     cache: CacheOpt = default_cache_dir(), fmt: FormatOpt = "auto", diseases: DiseasesOpt = None,
     uncertain: UncertainOpt = "ignore", image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip",
+    max_pixels: MaxPixelsOpt = EmbedConfig.max_pixels, allow_outside_paths: OutsideOpt = False,
 ) -> None:
     """Train RE-tune adaptors centrally on cached embeddings and score them against zero-shot."""
     from client.centralized import train_centralized
@@ -124,7 +130,7 @@ def train(
     from shared.prompts import PromptBank
 
     table, bb, store, splits, bad, embed_s = _load_data(data, fmt, diseases, uncertain, image_root, backbone,
-                                                        cache, on_bad_file)
+                                                        cache, on_bad_file, max_pixels, allow_outside_paths)
     require_rows(splits, "train", "test")
     bank = PromptBank(table.diseases)
     prompts = prompt_embeddings(store, bank)
@@ -152,6 +158,7 @@ def evaluate(
     data: DataOpt, split: Annotated[str, typer.Option(help="train|val|test|all")] = "test",
     cache: CacheOpt = default_cache_dir(), fmt: FormatOpt = "auto", uncertain: UncertainOpt = "ignore",
     image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip", public_key: PublicKeyOpt = None,
+    max_pixels: MaxPixelsOpt = EmbedConfig.max_pixels, allow_outside_paths: OutsideOpt = False,
 ) -> None:
     """Score a checkpoint on a data set; prints the same metrics as ``retune train``."""
     from client.centralized import zero_shot_metrics
@@ -162,7 +169,8 @@ def evaluate(
 
     model, bank, sidecar = _open_checkpoint(checkpoint, public_key)
     _, bb, store, splits, _, _ = _load_data(data, fmt, ",".join(bank.diseases), uncertain, image_root,
-                                            sidecar["backbone"]["spec"], cache, on_bad_file)
+                                            sidecar["backbone"]["spec"], cache, on_bad_file, max_pixels,
+                                            allow_outside_paths)
     _check_backbone(bb.identity, sidecar)
     if split == "all":
         import numpy as np
@@ -241,5 +249,5 @@ def main() -> None:
     try:
         app()
     except RetuneError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)

@@ -35,10 +35,13 @@ POISON_NOTE = ("testing only: {hospital} sent {kind}-poisoned adaptors in every 
                "(retune simulate --poison)")
 
 
-def refusals(history: list[dict]) -> list[dict]:
+def refusals(history: list[dict], names: dict[int, str]) -> list[dict]:
     """Every reply the server did not count, by hospital, with the round, the phase and the reason: refused by the
-    server (malformed, non-finite, outside the update limits) or declined (an error reply, or none in time)."""
-    return [{"stage": r["stage"], "round": r["round"], "server_round": r["server_round"], "outcome": outcome, **entry}
+    server (malformed, non-finite, outside the update limits) or declined (an error reply, or none in time). A
+    hospital that failed before its first valid reply is named as the run learnt it later (``names``: node → name)."""
+    later = {f"node-{node}": name for node, name in names.items()}
+    return [{"stage": r["stage"], "round": r["round"], "server_round": r["server_round"], "outcome": outcome,
+             **entry, "hospital": later.get(entry["hospital"], entry["hospital"])}
             for r in history for outcome in ("refused", "declined") for entry in r.get(outcome, [])]
 
 
@@ -67,7 +70,7 @@ def build_report(config, plan, state, sites, baselines: dict, timing: dict, chec
         "config": {**config.to_run_config(), **asdict(plan)},
         "robustness": robustness(config),
         "poison": poison,
-        "refused": refusals(state.history),
+        "refused": refusals(state.history, state.hospitals),
         "hospitals": [{"name": s.settings.name, "labelled": list(s.settings.labelled or s.diseases),
                        "train_images": len(s.train.labels), "test_images": len(s.test.labels)} for s in sites],
         "rounds": state.history,

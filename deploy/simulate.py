@@ -181,6 +181,9 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
         client_mods = [*(client_mods or []), Poison.parse(plan.poison, plan.hospitals).mod()]
 
     console = console or Console(stderr=True)
+    if config.min_hospitals > plan.hospitals:
+        raise RetuneError(f"min-hospitals {config.min_hospitals} can never be met with only {plan.hospitals} "
+                          "hospitals: no round would count")
     out = Path(config.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / KEYS_DIR / PRIVATE_KEY).exists():

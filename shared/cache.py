@@ -19,6 +19,7 @@ import json
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -27,20 +28,36 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from shared.backbone import Backbone
 from shared.config import EmbedConfig
 from shared.data.images import ImageError, content_hash, load_image
+from shared.errors import RetuneError
 from shared.data.problems import BadFiles
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` so that readers see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def writable(root: Path) -> Iterator[None]:
+    """Turn a failure to write the cache at ``root`` (read-only, full, no permission) into one clear error."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).split(":")[-1].strip()
+        raise RetuneError(f"cannot write the embedding cache {root}: {why}; free space there, make it writable, or "
+                          "choose another folder (--cache, node config cache)") from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -69,8 +86,12 @@ class ShardStore:
             return
         name = f"shard-{time.time_ns():020d}-{os.getpid()}.safetensors"
         tmp = self.folder / f".{name}.tmp"
-        save_file({"embeddings": vectors.float().contiguous()}, tmp, metadata={"keys": json.dumps(keys), **meta})
-        os.replace(tmp, self.folder / name)
+        try:
+            save_file({"embeddings": vectors.float().contiguous()}, tmp, metadata={"keys": json.dumps(keys), **meta})
+            os.replace(tmp, self.folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self.index.update({key: (self.folder / name, row) for row, key in enumerate(keys)})
 
     def get(self, keys: list[str]) -> torch.Tensor:
@@ -98,10 +119,11 @@ class EmbeddingCache:
         self.backbone = backbone
         self.config = config
         self.dir = self.root / backbone.identity[:32]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / "backbone.json", json.dumps(backbone.describe(), indent=2))
-        self.image_store = ShardStore(self.dir / "images")
-        self.text_store = ShardStore(self.dir / "texts")
+        with writable(self.root):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.dir / "backbone.json", json.dumps(backbone.describe(), indent=2))
+            self.image_store = ShardStore(self.dir / "images")
+            self.text_store = ShardStore(self.dir / "texts")
         self._hash_file = self.root / "file-hashes.json"
         self._hashes: dict[str, str] = json.loads(self._hash_file.read_text()) if self._hash_file.exists() else {}
         self._fast: torch.nn.Module | None = None
@@ -114,7 +136,8 @@ class EmbeddingCache:
         missing = [(k, t) for k, t in zip(keys, texts) if k not in self.text_store]
         if missing:
             new_keys, new_texts = zip(*dict(missing).items())
-            self.text_store.put(list(new_keys), self.backbone.encode_texts(list(new_texts)), {})
+            with writable(self.root):
+                self.text_store.put(list(new_keys), self.backbone.encode_texts(list(new_texts)), {})
         return self.text_store.get(keys)
 
     # -- images ------------------------------------------------------------------------------------------
@@ -129,7 +152,7 @@ class EmbeddingCache:
         return self._hashes[memo]
 
     def _prepare(self, ref: str) -> torch.Tensor:
-        return self.backbone.preprocess(load_image(ref).convert("RGB"))
+        return self.backbone.preprocess(load_image(ref, self.config.max_pixels).convert("RGB"))
 
     @torch.inference_mode()
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
@@ -166,10 +189,11 @@ class EmbeddingCache:
             except ImageError as exc:
                 bad.record(ref, exc.reason, exc.detail)
                 keys.append(None)
-        atomic_write_text(self._hash_file, json.dumps(self._hashes))
         todo = list({k: r for r, k in zip(refs, keys) if k is not None and k not in self.image_store}.items())
-        if todo:
-            self._embed([(ref, key) for key, ref in todo], bad, show_progress)
+        with writable(self.root):
+            atomic_write_text(self._hash_file, json.dumps(self._hashes))
+            if todo:
+                self._embed([(ref, key) for key, ref in todo], bad, show_progress)
         ok = np.array([k is not None and k in self.image_store for k in keys], dtype=bool)
         out = np.zeros((len(refs), self.backbone.embed_dim), dtype=np.float32)
         if ok.any():

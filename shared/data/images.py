@@ -2,7 +2,11 @@
 
 Image references are strings: a file path, or ``PATH.npz::SPLIT_images::INDEX`` for one image inside a
 MedMNIST archive. Every failure is an :class:`ImageError` with a short ``reason`` (``missing``, ``unreadable``,
-``empty file``, ``corrupt``, ``unsupported format``, ``empty pixel data``) used to count bad files.
+``empty file``, ``corrupt``, ``unsupported format``, ``empty pixel data``, ``too large``) used to count bad files.
+
+An image of more than ``max_pixels`` pixels (:attr:`shared.config.EmbedConfig.max_pixels`) is ``too large``: its
+width and height (and DICOM frames) are read from the header before anything is decoded, so a decompression
+bomb (a 20000 x 20000 PNG of a few kB) costs no memory; PIL's own DecompressionBombWarning/Error never escape.
 
 Intensity mapping to 8 bits:
 
@@ -19,20 +23,23 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
+import warnings
 from functools import lru_cache
 
 import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from shared.config import EmbedConfig
 from shared.errors import RetuneError
 
 NPZ_SEP = "::"
 PERCENTILES = (0.5, 99.5)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide: one thread at a time inside it
 
 
 class ImageError(RetuneError):
@@ -49,15 +56,16 @@ def is_npz_ref(ref: str) -> bool:
     return NPZ_SEP in ref
 
 
-def load_image(ref: str) -> Image.Image:
-    """Return the image at ``ref`` as an 8-bit greyscale (mode ``L``) PIL image, or raise :class:`ImageError`."""
+def load_image(ref: str, max_pixels: int = EmbedConfig.max_pixels) -> Image.Image:
+    """Return the image at ``ref`` as an 8-bit greyscale (mode ``L``) PIL image, or raise :class:`ImageError`
+    (``too large`` beyond ``max_pixels``, checked before decoding)."""
     if is_npz_ref(ref):
-        return _load_npz(ref)
+        return _load_npz(ref, max_pixels)
     _check_file(ref)
     head = _read_head(ref)
     if head[128:132] == b"DICM" or os.path.splitext(ref)[1].lower() in {".dcm", ".dicom"}:
-        return _load_dicom(ref)
-    return _load_pil(ref)
+        return _load_dicom(ref, max_pixels)
+    return _load_pil(ref, max_pixels)
 
 
 def content_hash(ref: str) -> str:
@@ -115,14 +123,31 @@ def _read_head(ref: str) -> bytes:
         raise ImageError(ref, "unreadable", e.strerror or str(e)) from e
 
 
-def _load_pil(ref: str) -> Image.Image:
+def _check_pixels(ref: str, width: int, height: int, max_pixels: int, frames: int = 1) -> None:
+    if width * height * frames > max_pixels:
+        shape = f"{frames} frames of {width} x {height}" if frames > 1 else f"{width} x {height}"
+        raise ImageError(ref, "too large", f"{shape} pixels, over the limit of {max_pixels:,} (max_pixels)")
+
+
+def _open_pil(ref: str) -> Image.Image:
+    """``Image.open``, which reads only the header; max_pixels, not PIL's warning, bounds the size."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(ref)
+
+
+def _load_pil(ref: str, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(ref) as img:
+        with _open_pil(ref) as img:
+            _check_pixels(ref, *img.size, max_pixels)
             img.load()
             return _pil_to_grey(img)
     except UnidentifiedImageError as e:
         known = os.path.splitext(ref)[1].lower() in _IMAGE_SUFFIXES
         raise ImageError(ref, "corrupt" if known else "unsupported format", "not a PNG, JPEG or DICOM file") from e
+    except Image.DecompressionBombError as e:  # beyond PIL's hard limit, before its size reaches us
+        limit = f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, over the limit of {max_pixels:,}"
+        raise ImageError(ref, "too large", f"{limit} (max_pixels)") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(ref, "corrupt", str(e)) from e
 
@@ -136,11 +161,19 @@ def _pil_to_grey(img: Image.Image) -> Image.Image:
     return img.convert("RGB").convert("L")  # via RGB so palette, alpha and CMYK modes all work
 
 
-def _load_dicom(ref: str) -> Image.Image:
+def _load_dicom(ref: str, max_pixels: int) -> Image.Image:
     try:
-        ds = pydicom.dcmread(ref)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError) as e:
-        raise ImageError(ref, "corrupt", f"DICOM header unreadable: {e}") from e
+        header = pydicom.dcmread(ref, stop_before_pixels=True)
+        _check_pixels(ref, int(header.get("Columns") or 0), int(header.get("Rows") or 0), max_pixels,
+                      int(header.get("NumberOfFrames") or 1))
+        return _decode_dicom(ref, pydicom.dcmread(ref))
+    except ImageError:
+        raise
+    except Exception as e:  # pydicom parses elements lazily: a damaged file can raise almost any type, anywhere
+        raise ImageError(ref, "corrupt", f"DICOM unreadable: {type(e).__name__}: {e}") from e
+
+
+def _decode_dicom(ref: str, ds: pydicom.Dataset) -> Image.Image:
     if "PixelData" not in ds:
         raise ImageError(ref, "empty pixel data", "DICOM has no Pixel Data element")
     try:
@@ -148,8 +181,6 @@ def _load_dicom(ref: str) -> Image.Image:
     except (NotImplementedError, RuntimeError) as e:
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown")
         raise ImageError(ref, "unsupported format", f"cannot decode transfer syntax {syntax}: {e}") from e
-    except (ValueError, AttributeError, EOFError, OSError) as e:
-        raise ImageError(ref, "corrupt", f"DICOM pixel data unreadable: {e}") from e
     if arr.size == 0:
         raise ImageError(ref, "empty pixel data", "DICOM pixel array is empty")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -221,10 +252,12 @@ def _npz_image(ref: str) -> np.ndarray:
     return arr[index]
 
 
-def _load_npz(ref: str) -> Image.Image:
+def _load_npz(ref: str, max_pixels: int) -> Image.Image:
     arr = _npz_image(ref)
     if arr.size == 0:
         raise ImageError(ref, "empty pixel data", "empty array")
+    if arr.ndim >= 2:
+        _check_pixels(ref, arr.shape[1], arr.shape[0], max_pixels)
     if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.dtype == np.uint8:
         return Image.fromarray(arr).convert("L")
     if arr.ndim != 2:

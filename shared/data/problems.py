@@ -14,6 +14,7 @@ from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 
+from shared.config import EmbedConfig
 from shared.data.images import ImageError, load_image
 from shared.errors import RetuneError
 
@@ -50,10 +51,10 @@ class BadFiles:
                 "to leave bad files out (they are counted and reported)."
             )
 
-    def load(self, ref: str) -> Image.Image | None:
+    def load(self, ref: str, max_pixels: int = EmbedConfig.max_pixels) -> Image.Image | None:
         """:func:`load_image`, recording (and under ``skip`` returning None for) an unreadable file."""
         try:
-            return load_image(ref)
+            return load_image(ref, max_pixels)
         except ImageError as e:
             self.record(ref, e.reason, e.detail)
             return None

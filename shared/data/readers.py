@@ -17,6 +17,11 @@ zeros       1     0     0     0
 NaN means "not labelled" and is masked out of the loss. Blank becomes 0 under ``ones``/``zeros`` by the CheXpert
 convention: an observation the report does not mention is taken as absent.
 
+Label cells are read strictly: only an empty cell is blank (``NaN`` or ``NA`` in a label column is an error, not
+a blank), a column may appear once in the header, and a column spelled almost like a known disease
+(``Cardiomegally``) is an error naming the disease it resembles (see :mod:`shared.data.names`). Image references
+must stay inside the image root unless ``allow_outside_paths`` (see :mod:`shared.data.paths`).
+
 Rows without an official split are split 80/10/10 train/val/test by a SHA-1 hash of the patient id (or of the
 image reference as written in the file, when there is no patient), so the split never depends on where the
 images live and a patient's images never straddle splits.
@@ -33,6 +38,9 @@ from typing import Callable, Literal, NamedTuple, Sequence, get_args
 import numpy as np
 import pandas as pd
 
+from shared.data.csvfile import header, read_csv
+from shared.data.names import ALIASES, did_you_mean, disease_key, refuse_misspelled_columns
+from shared.data.paths import refuse_outside
 from shared.errors import RetuneError
 from shared.labels import CHEXPERT5, CHEXPERT14, NIH14, resolve_schema
 
@@ -41,7 +49,6 @@ FORMATS = ("chexpert", "nih", "mimic", "chestmnist", "manifest")
 SPLITS = ("train", "val", "test")
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "validate": "val", "test": "test", "testing": "test"}
-_ALIASES = {"pleural effusion": "effusion", "effusion": "pleural effusion"}
 _CHEXPERT_META = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 _MIMIC_IDS = ("subject_id", "study_id")
 _MANIFEST_META = {"image", "path", "split", "patient", "hospital", "sex", "age", "view", "frontal/lateral", "ap/pa",
@@ -84,9 +91,10 @@ class _Parts(NamedTuple):
 
 def read_labels(path: str | os.PathLike, format: str = "auto", diseases: str | Sequence[str] | None = None,
                 uncertain: Uncertain = "ignore", image_root: str | os.PathLike | None = None,
-                metadata: str | os.PathLike | None = None) -> LabelTable:
+                metadata: str | os.PathLike | None = None, allow_outside_paths: bool = False) -> LabelTable:
     """Read a label file. ``diseases`` (schema name, comma list or list) selects and orders the disease columns;
-    ``image_root`` defaults to the label file's folder; ``metadata`` is MIMIC's metadata CSV."""
+    ``image_root`` defaults to the label file's folder; ``metadata`` is MIMIC's metadata CSV; image references
+    that lead outside the image root are refused unless ``allow_outside_paths``."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise RetuneError(f"label file {path} not found: check the path")
@@ -99,7 +107,11 @@ def read_labels(path: str | os.PathLike, format: str = "auto", diseases: str | S
     parts = _READERS[fmt](path, root, Path(metadata).expanduser() if metadata else None)
     if parts.meta.empty:
         raise RetuneError(f"{path} has no rows: it holds no labelled images")
-    names, columns = _select(diseases, parts.default, tuple(parts.values.columns), path)
+    requested = resolve_schema(diseases).diseases if diseases is not None else ()
+    refuse_misspelled_columns(parts.values.columns, requested, path)
+    if fmt != "chestmnist" and not allow_outside_paths:  # a ChestMNIST archive holds its own images
+        refuse_outside(parts.meta["image"], root, path)
+    names, columns = _select(requested or parts.default, tuple(parts.values.columns), path)
     raw = _parse_values(parts.values[list(columns)], names, path).set_axis(parts.meta.index)
     frame = pd.concat([parts.meta, apply_uncertain(raw, uncertain)], axis=1)
     return LabelTable(frame, names, fmt, str(path), raw, parts.notes)
@@ -109,7 +121,7 @@ def detect_format(path: Path) -> str:
     """Guess the format from the file name (``.npz``) or the CSV header."""
     if path.name.lower().endswith(".npz"):
         return "chestmnist"
-    cols = set(_header(path))
+    cols = set(header(path))
     lower = {c.lower() for c in cols}
     if {"Image Index", "Finding Labels"} <= cols:
         return "nih"
@@ -147,20 +159,6 @@ def _hash_splits(keys: pd.Series) -> pd.Series:
 
 # ---- shared CSV helpers -------------------------------------------------------------------------------------
 
-def _header(path: Path) -> list[str]:
-    return list(_read_csv(path, nrows=0).columns)
-
-
-def _read_csv(path: Path, text: Sequence[str] = (), nrows: int | None = None) -> pd.DataFrame:
-    """Read a CSV (or .csv.gz) with the ``text`` columns as strings; a bad file is a RetuneError."""
-    try:
-        df = pd.read_csv(path, dtype={c: str for c in text}, nrows=nrows, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as e:
-        raise RetuneError(f"cannot read {path} as CSV ({e}): is it a comma-separated label file?") from e
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
-
-
 def _require(df: pd.DataFrame, path: Path, columns: Sequence[str], fmt: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -168,22 +166,18 @@ def _require(df: pd.DataFrame, path: Path, columns: Sequence[str], fmt: str) -> 
                           f"{_EXPECTED[fmt]}; found {list(df.columns)}")
 
 
-def _key(name: str) -> str:
-    return name.strip().lower().replace("_", " ")
-
-
-def _select(requested: str | Sequence[str] | None, default: tuple[str, ...], available: tuple[str, ...],
-            path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _select(names: tuple[str, ...], available: tuple[str, ...], path: Path
+            ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(names as asked, file columns): matching ignores case and ``_``/space; Effusion = Pleural Effusion."""
-    names = default if requested is None else resolve_schema(requested).diseases
     if not names:
         raise RetuneError(f"{path} has no disease columns; pass --diseases to name them")
-    by_key = {_key(c): c for c in available}
+    by_key = {disease_key(c): c for c in available}
     columns = []
     for name in names:
-        column = by_key.get(_key(name)) or by_key.get(_ALIASES.get(_key(name), ""))
+        column = by_key.get(disease_key(name)) or by_key.get(ALIASES.get(disease_key(name), ""))
         if column is None:
-            raise RetuneError(f"{path} has no label column for {name!r}; available: {', '.join(available)}")
+            raise RetuneError(f"{path} has no label column for {name!r}{did_you_mean(name, available)}; "
+                              f"available: {', '.join(available)}")
         columns.append(column)
     return tuple(names), tuple(columns)
 
@@ -204,9 +198,10 @@ def _parse_values(values: pd.DataFrame, names: Sequence[str], path: Path) -> pd.
         bad = unparsable | (num.notna() & ~num.isin([1.0, 0.0, -1.0]))
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise RetuneError(f"{path}: column {col!r} has value {src.iloc[row]!r} in data row {row + 1}; label "
-                              "columns hold 1 (positive), 0 (negative), -1 (uncertain) or blank. If this is not a "
-                              "disease column, pick the disease columns with --diseases")
+            value = src.iloc[row] if isinstance(src.iloc[row], str) else f"{float(src.iloc[row]):g}"  # as written
+            raise RetuneError(f"{path}: column {col!r} has value {value!r} in data row {row + 1}; label "
+                              "columns hold 1 (positive), 0 (negative), -1 (uncertain) or blank (an empty cell). "
+                              "If this is not a disease column, pick the disease columns with --diseases")
         out[:, i] = num.to_numpy()
     return pd.DataFrame(out, index=values.index, columns=list(names))
 
@@ -237,7 +232,7 @@ def _beside(path: Path, name: str) -> Path | None:
 # ---- formats ------------------------------------------------------------------------------------------------
 
 def _chexpert(path: Path, root: Path, metadata: Path | None) -> _Parts:
-    df = _read_csv(path, text=("Path",))
+    df = read_csv(path, text=("Path",))
     _require(df, path, ["Path"], "chexpert")
     rel = df["Path"].astype(str).str.strip()
     patient = rel.str.extract(r"(patient\d+)", expand=False)
@@ -250,7 +245,7 @@ def _chexpert(path: Path, root: Path, metadata: Path | None) -> _Parts:
 
 
 def _nih(path: Path, root: Path, metadata: Path | None) -> _Parts:
-    df = _read_csv(path, text=("Image Index", "Finding Labels", "Patient ID"))
+    df = read_csv(path, text=("Image Index", "Finding Labels", "Patient ID"))
     _require(df, path, ["Image Index", "Finding Labels"], "nih")
     names = df["Image Index"].astype(str).str.strip()
     findings = [None if pd.isna(f) else {t.strip() for t in str(f).split("|")} - {""} for f in df["Finding Labels"]]
@@ -263,6 +258,7 @@ def _nih(path: Path, root: Path, metadata: Path | None) -> _Parts:
     meta = pd.DataFrame({"image": _nih_images(root, names), "split": _nih_splits(path, names, key)})
     if patient is not None:
         meta["patient"] = patient
+    refuse_misspelled_columns(extra, (), path, what="finding in Finding Labels")
     notes = (f"unknown findings in Finding Labels: {', '.join(extra)}",) if extra else ()
     return _Parts(meta, values, NIH14, notes)
 
@@ -292,7 +288,7 @@ def _nih_splits(path: Path, names: pd.Series, key: pd.Series) -> pd.Series:
 
 
 def _mimic(path: Path, root: Path, metadata: Path | None) -> _Parts:
-    df = _read_csv(path, text=_MIMIC_IDS)
+    df = read_csv(path, text=_MIMIC_IDS)
     _require(df, path, list(_MIMIC_IDS), "mimic")
     df["subject_id"], df["study_id"] = df["subject_id"].str.strip(), df["study_id"].str.strip()
     if metadata is not None and not metadata.is_file():
@@ -304,7 +300,7 @@ def _mimic(path: Path, root: Path, metadata: Path | None) -> _Parts:
                      "the image is the study folder; pass the metadata CSV to get one row per JPEG")
         join_on = "study_id"
     else:
-        md = _read_csv(metadata, text=("dicom_id", *_MIMIC_IDS))
+        md = read_csv(metadata, text=("dicom_id", *_MIMIC_IDS))
         _require(md, metadata, ["dicom_id", *_MIMIC_IDS], "mimic")
         n_studies = len(df)
         df = df.merge(md[["dicom_id", *_MIMIC_IDS]].apply(lambda s: s.str.strip()), on=list(_MIMIC_IDS))
@@ -318,7 +314,7 @@ def _mimic(path: Path, root: Path, metadata: Path | None) -> _Parts:
     split = _hash_splits(df["subject_id"])
     split_path = _beside(path, "mimic-cxr-2.0.0-split.csv")
     if split_path is not None:
-        official = _read_csv(split_path, text=(join_on,))
+        official = read_csv(split_path, text=(join_on,))
         _require(official, split_path, [join_on, "split"], "mimic")
         by_id = official.drop_duplicates(join_on).set_index(join_on)["split"].str.strip().str.lower()
         mapped = df[join_on].map(by_id).map(_SPLIT_NAMES)
@@ -345,13 +341,13 @@ def _chestmnist(path: Path, root: Path, metadata: Path | None) -> _Parts:
 
 
 def _manifest(path: Path, root: Path, metadata: Path | None) -> _Parts:
-    header = _header(path)
-    by_lower = {c.lower(): c for c in header}
+    columns = header(path)
+    by_lower = {c.lower(): c for c in columns}
     image_col = by_lower.get("image") or by_lower.get("path")
     if image_col is None:
         raise RetuneError(f"{path} lacks an image column; expected columns: {_EXPECTED['manifest']}")
     optional = {k: by_lower[k] for k in ("split", "patient", "hospital") if k in by_lower}
-    df = _read_csv(path, text=(image_col, *optional.values()))
+    df = read_csv(path, text=(image_col, *optional.values()))
     rel = df[image_col].astype(str).str.strip()
     meta = pd.DataFrame({"image": _join(root, rel)})
     patient = df[optional["patient"]].str.strip() if "patient" in optional else None
@@ -368,7 +364,7 @@ def _manifest(path: Path, root: Path, metadata: Path | None) -> _Parts:
         meta["patient"] = patient
     if "hospital" in optional:
         meta["hospital"] = df[optional["hospital"]].str.strip()
-    values = df[[c for c in header if c.lower() not in _MANIFEST_META]]
+    values = df[[c for c in columns if c.lower() not in _MANIFEST_META]]
     return _Parts(meta, values, tuple(values.columns))
 
 

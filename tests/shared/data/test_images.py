@@ -9,11 +9,10 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from shared.data.images import ImageError, content_hash, load_image
 from shared.errors import RetuneError
+from tests.shared.data.hostile import write_dicom
 
 RAMP = np.tile(np.arange(256, dtype=np.uint8), (16, 1))  # 16 x 256, columns 0..255
 
@@ -72,42 +71,21 @@ def test_real_dicom_monochrome1_is_inverted():
     assert right_lung.mean() + 40 < mediastinum.mean()
 
 
-def _dicom(tmp_path, pixels: np.ndarray, name: str = "synth.dcm", **attrs) -> str:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    path = tmp_path / name
-    ds.save_as(path, enforce_file_format=True)
-    return str(path)
-
-
 def test_synthetic_dicom_rescale_and_window(tmp_path):
     stored = np.tile(np.arange(0, 1000, 10, dtype=np.uint16), (4, 1))  # 4 x 100, 0..990
     # values = 2 * stored - 1000 -> -1000..980; window 0 +- 200 (LINEAR: centre - 0.5, width - 1)
-    path = _dicom(tmp_path, stored, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=400)
+    path = write_dicom(tmp_path, stored, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=400)
     out = np.asarray(load_image(path)).astype(int)[0]
     values = 2 * stored[0].astype(float) - 1000
     expected = np.round(np.clip((values - (-0.5 - 199.5)) / 399.0, 0, 1) * 255)
     assert np.array_equal(out, expected)
     assert out[values <= -200].max() == 0 and out[values >= 200].min() == 255
 
-    inverted = _dicom(tmp_path, stored, "mono1.dcm", RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0,
+    inverted = write_dicom(tmp_path, stored, "mono1.dcm", RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0,
                       WindowWidth=400, PhotometricInterpretation="MONOCHROME1")
     assert np.array_equal(np.asarray(load_image(inverted)).astype(int)[0], 255 - expected)
 
-    sigmoid = _dicom(tmp_path, stored, "sigmoid.dcm", RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0,
+    sigmoid = write_dicom(tmp_path, stored, "sigmoid.dcm", RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0,
                      WindowWidth=400, VOILUTFunction="SIGMOID")
     out = np.asarray(load_image(sigmoid)).astype(int)[0]
     assert np.array_equal(out, np.round(255 / (1 + np.exp(-4 * values / 400))))
@@ -115,13 +93,13 @@ def test_synthetic_dicom_rescale_and_window(tmp_path):
 
 def test_dicom_without_window_uses_percentiles_and_voi_lut(tmp_path):
     stored = np.tile(np.arange(0, 4000, 4, dtype=np.uint16), (8, 1))
-    out = np.asarray(load_image(_dicom(tmp_path, stored))).astype(int)
+    out = np.asarray(load_image(write_dicom(tmp_path, stored))).astype(int)
     assert out.min() == 0 and out.max() == 255 and np.all(np.diff(out[0]) >= 0)
 
     lut_item = pydicom.Dataset()
     lut_item.LUTDescriptor = [4096, 0, 16]
     lut_item.add_new(0x00283006, "US", [4095 - i for i in range(4096)])  # LUT Data: decreasing, inverts the ramp
-    path = _dicom(tmp_path, stored, "lut.dcm", VOILUTSequence=pydicom.Sequence([lut_item]))
+    path = write_dicom(tmp_path, stored, "lut.dcm", VOILUTSequence=pydicom.Sequence([lut_item]))
     lut_out = np.asarray(load_image(path)).astype(int)
     assert np.array_equal(lut_out[0], np.round((4095 - stored[0]) / 4095 * 255))
 
@@ -155,7 +133,7 @@ def test_truncated_png_missing_file_and_no_pixel_data(tmp_path):
     with pytest.raises(ImageError, match="unsupported format \\(not a regular file\\)"):
         load_image(str(tmp_path))  # e.g. a MIMIC study folder
 
-    path = _dicom(tmp_path, np.zeros((4, 4)), "nopix.dcm")
+    path = write_dicom(tmp_path, np.zeros((4, 4)), "nopix.dcm")
     ds = pydicom.dcmread(path)
     del ds.PixelData
     ds.save_as(path)
