@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -121,8 +122,19 @@ def _declined(hospitals: Hospitals, nodes: Iterable[int], replies: dict[int, Mes
               ) -> list[dict[str, str]]:
     """Hospitals among ``nodes`` that answered with an error (a refusal, a failure: its reason) or not at all."""
     silent = f"no reply within round-timeout ({config.round_timeout:g} s)"
-    return [{"hospital": hospitals.name_of(node), "reason": replies[node].error.reason if node in replies else silent}
+    return [{"hospital": hospitals.name_of(node), "reason": error_reason(replies[node].error.reason)
+             if node in replies else silent}
             for node in sorted(set(nodes), key=hospitals.name_of) if node not in replies or replies[node].has_error()]
+
+
+def error_reason(reason: str, limit: int = 300) -> str:
+    """An error reply's reason as the round record keeps it: a simulated hospital's exception arrives wrapped in
+    Flower's and Ray's tracebacks (with terminal colours); keep its own message, on one line."""
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1].rstrip("'>")
+    reason = " ".join(reason.split())
+    return reason if len(reason) <= limit else reason[:limit - 1] + "…"
 
 
 @dataclass
