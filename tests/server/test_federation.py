@@ -170,3 +170,37 @@ def test_resume_keeps_names_and_identity(tmp_path):
     state.commit(ArrayRecord(), {}, {"macro_auroc": 0.5}, BACKBONE, {4: "h-a"})
     resumed = RunState.open(config, ArrayRecord())
     assert resumed.backbone == BACKBONE and resumed.hospitals == {4: "h-a"}
+
+
+def bad_evaluate(name: str, problem: str) -> Behaviour:
+    """An honest trainer whose evaluate replies are broken: no metrics, an AUROC out of range, or no counts."""
+    train = honest(name)
+
+    def reply(msg: Message, round_: int) -> Message:
+        answer = train(msg, round_)
+        if msg.metadata.message_type == "evaluate":
+            metrics = dict(answer.content[METRICS])
+            if problem == "no metrics":
+                del answer.content[METRICS]
+                return answer
+            if problem == "auroc 1.5":
+                metrics["auroc/all/Edema"] = 1.5
+            if problem == "no counts":
+                del metrics["pos/all/Edema"]
+            answer.content[METRICS] = MetricRecord(metrics)
+        return answer
+
+    return reply
+
+
+@pytest.mark.parametrize("problem, reason", [("no metrics", "reply records"), ("auroc 1.5", "not an AUROC in [0, 1]"),
+                                             ("no counts", "without a whole, non-negative 'pos/all/Edema'")])
+def test_a_malformed_evaluate_reply_is_refused_by_name_and_the_run_goes_on(tmp_path, problem, reason):
+    grid = Grid({11: honest("st-mary"), 22: honest("royal-free"), 33: bad_evaluate("mallory", problem)})
+    state = run_federation(grid, _config(tmp_path), DIM)
+    assert state.done and all(r["clients"] == 3 for r in state.history)
+    for record in state.history:
+        assert set(record["hospitals"]) == {"st-mary", "royal-free"}
+        assert [(e["hospital"], e["phase"]) for e in record["refused"]] == [("mallory", "evaluate")]
+        assert reason in record["refused"][0]["reason"]
+        assert record["macro_auroc"] == pytest.approx(0.7)
