@@ -1,6 +1,7 @@
 """Benchmark: load. A simulation with 50 hospitals and a real deployment with 10 hospitals on 127.0.0.1, each to
 its end; wall time and peak memory (the sum of the resident memory of every process the job started, sampled every
-0.5 s). Not a test; writes bench/results/load.json.
+0.5 s: proportional set size, which counts a page shared by several processes once, and the plain sum of resident
+sizes, which counts it in each). Not a test; writes bench/results/load.json.
 
 Usage: .venv/bin/python bench/load.py [--sim-hospitals 50] [--deployed-hospitals 10] [--images 100]
        [--skip-simulation | --skip-deployment] [--out bench/results/load.json]
@@ -23,26 +24,29 @@ BIN = Path(sys.executable).parent
 
 
 class PeakMemory(threading.Thread):
-    """Samples the summed RSS of processes whose command line or environment mentions ``marker``."""
+    """Samples the summed PSS and RSS of processes whose command line or environment mentions ``marker``."""
 
     def __init__(self, marker: str) -> None:
         super().__init__(daemon=True)
-        self.marker, self.peak, self.processes, self.done = marker.encode(), 0, 0, threading.Event()
+        self.marker, self.done = marker.encode(), threading.Event()
+        self.peak_pss = self.peak_rss = self.processes = 0
 
     def sample(self) -> None:
-        total, count = 0, 0
+        pss = rss = count = 0
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
                 if self.marker in (entry / "cmdline").read_bytes() or self.marker in (entry / "environ").read_bytes():
-                    rss = re.search(rb"VmRSS:\s+(\d+) kB", (entry / "status").read_bytes())
-                    total += int(rss.group(1)) * 1024 if rss else 0
+                    rollup = (entry / "smaps_rollup").read_bytes()
+                    pss += sum(int(v) * 1024 for v in re.findall(rb"^Pss:\s+(\d+) kB", rollup, re.M))
+                    rss += sum(int(v) * 1024 for v in re.findall(rb"^Rss:\s+(\d+) kB", rollup, re.M))
                     count += 1
             except OSError:
                 continue
-        if total > self.peak:
-            self.peak, self.processes = total, count
+        if pss > self.peak_pss:
+            self.peak_pss, self.processes = pss, count
+        self.peak_rss = max(self.peak_rss, rss)
 
     def run(self) -> None:
         while not self.done.wait(0.5):
@@ -58,7 +62,8 @@ def measured(marker: str, job) -> dict:
     finally:
         memory.done.set()
         memory.join()
-    return {**result, "wall_s": round(time.perf_counter() - start, 1), "peak_rss_gib": round(memory.peak / 2**30, 2),
+    return {**result, "wall_s": round(time.perf_counter() - start, 1),
+            "peak_pss_gib": round(memory.peak_pss / 2**30, 2), "peak_rss_sum_gib": round(memory.peak_rss / 2**30, 2),
             "processes_at_peak": memory.processes}
 
 

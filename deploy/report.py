@@ -159,7 +159,7 @@ def _refused_table(report: dict) -> str:
     limits = html.escape(", ".join(f"{k.replace('_', '-')} {v}" for k, v in robust.items()))
     rows = "".join(f"<tr><td>{html.escape(r['hospital'])}</td><td>{r['stage'] + 1}</td><td>{r['round'] + 1}</td>"
                    f"<td>{html.escape(r.get('phase', 'train'))}</td><td>{html.escape(r['outcome'])}</td>"
-                   f"<td>{html.escape(r['reason'])}</td></tr>" for r in report.get("refused", []))
+                   f"<td style=\"text-align:left\">{html.escape(r['reason'])}</td></tr>" for r in report.get("refused", []))
     body = (f"<table><tr><th>hospital</th><th>stage</th><th>round</th><th>phase</th><th>outcome</th><th>reason</th>"
             f"</tr>{rows}</table>") if rows else "<p>Every reply was counted.</p>"
     return f"<h2>Replies not counted</h2><p class=\"note\">{limits}</p>{body}"
