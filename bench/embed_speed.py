@@ -1,12 +1,14 @@
 """Images per second of a backbone through the real embedding path (PNG files -> EmbeddingCache), bf16 vs fp32.
 
     python bench/embed_speed.py [--backbone retune-minilm-phantom] [--images 600] [--size 128] [--out FILE.json]
+    python bench/embed_speed.py --backbone ViT-B-16 --images 96 --size 224   # BiomedCLIP's image tower, random weights
 
 Phantom PNGs of hospital 0 (seed 0) are written to a scratch folder; each precision embeds them into its own fresh
 cache, so the time covers what ``retune embed`` does: content hashing, PNG decoding, the open_clip preprocess on
 the loader threads, the image tower, and writing the shards. ``bf16`` is the cache's default (bf16 weights where
 they agree with fp32 within cosine 0.999, else fp32); ``fp32`` forces full precision. The two runs' embeddings
-are compared (minimum cosine).
+are compared (minimum cosine). In the same run: a plain open_clip fp32 loop and the bf16 ceiling (see
+:func:`reference`), and the path's ratio to each.
 """
 
 from __future__ import annotations
@@ -61,9 +63,8 @@ def measure(backbone_spec: str, images: int, size: int, repeats: int = 2) -> dic
                                      "all_runs_images_per_s": [round(x, 1) for x in rates]}
         result["min_cosine_bf16_vs_fp32"] = float((outputs["bf16"] * outputs["fp32"]).sum(1).min())
         # The image tower alone, on preprocessed batches (no decoding), for reference.
-        batch = torch.randn(32, 3, *[backbone.model.visual.preprocess_cfg["size"]] * 2
-                            if isinstance(backbone.model.visual.preprocess_cfg["size"], int)
-                            else (32, 3, *backbone.model.visual.preprocess_cfg["size"]))
+        size_cfg = backbone.model.visual.preprocess_cfg["size"]
+        batch = torch.randn(32, 3, *((size_cfg, size_cfg) if isinstance(size_cfg, int) else size_cfg))
         visual = backbone.model.visual
         for label, module, x in (("fp32", visual, batch), ("bf16", __import__("copy").deepcopy(visual).to(torch.bfloat16),
                                                            batch.to(torch.bfloat16))):
@@ -74,8 +75,41 @@ def measure(backbone_spec: str, images: int, size: int, repeats: int = 2) -> dic
                     module(x)
                     n += len(x)
             result["runs"][label]["model_only_images_per_s"] = round(n / (time.perf_counter() - start), 1)
+        result["reference"] = reference(backbone, refs, visual, batch[:1])
+        bf16_rate = result["runs"]["bf16"]["images_per_s"]
+        result["ratios"] = {"bf16_path_vs_plain_fp32_loop": round(bf16_rate / result["reference"]["plain_fp32_loop_images_per_s"], 2),
+                            "bf16_path_vs_bf16_ceiling": round(bf16_rate / result["reference"]["bf16_ceiling_images_per_s"], 3)}
         del np
         return result
+
+
+def reference(backbone, refs: list[str], visual, one, batch_size: int = 32, seconds: float = 2.0) -> dict:
+    """What the path is judged against, measured in the same run: a plain open_clip fp32 loop (PIL decode, the
+    model's own preprocess, the image tower, one batch at a time, no threads) and the bf16 ceiling (a 2048² bf16
+    GEMM's FLOP/s ÷ the image tower's FLOP per image)."""
+    import torch
+    from PIL import Image
+    from torch.utils.flop_counter import FlopCounterMode
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(refs), batch_size):
+            x = torch.stack([backbone.preprocess(Image.open(r).convert("RGB")) for r in refs[i:i + batch_size]])
+            backbone.model.encode_image(x)
+    plain = len(refs) / (time.perf_counter() - start)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        visual(one)
+    flops = counter.get_total_flops()
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    torch.mm(a, b)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        n += 1
+    gemm = n * 2 * 2048 ** 3 / (time.perf_counter() - start)
+    return {"plain_fp32_loop_images_per_s": round(plain, 2), "gflop_per_image": round(flops / 1e9, 2),
+            "bf16_gemm_tflops": round(gemm / 1e12, 3), "bf16_ceiling_images_per_s": round(gemm / flops, 1)}
 
 
 def main() -> None:
