@@ -97,8 +97,10 @@ def reference(backbone, refs: list[str], visual, one, batch_size: int = 32, seco
             x = torch.stack([backbone.preprocess(Image.open(r).convert("RGB")) for r in refs[i:i + batch_size]])
             backbone.model.encode_image(x)
     plain = len(refs) / (time.perf_counter() - start)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    visual.train()  # counted off the fused inference fast path of attention, which the counter does not see
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         visual(one)
+    visual.eval()
     flops = counter.get_total_flops()
     a = torch.randn(2048, 2048, dtype=torch.bfloat16)
     b = torch.randn(2048, 2048, dtype=torch.bfloat16)

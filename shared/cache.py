@@ -65,6 +65,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+#: Images of the first batch embedded in both fp32 and bf16 to decide whether bf16 weights agree closely enough (an
+#: fp32 pass over a whole batch costs as much as two bf16 ones).
+CALIBRATION_IMAGES = 8
+
+
 class ShardStore:
     """Float32 vectors keyed by strings, stored as append-only safetensors shards."""
 
@@ -159,14 +164,14 @@ class EmbeddingCache:
         """Embed a preprocessed batch; bf16 weights where they agree with fp32 within the configured cosine."""
         visual = self.backbone.model.visual
         batch = batch.to(self.backbone.device)
-        if self.precision == "fp32" and self._fast is None:
-            reference = F.normalize(visual(batch).float(), dim=-1)
+        if self.precision == "fp32" and self._fast is None:  # calibrate once, on the first few images
+            reference = F.normalize(visual(batch[:CALIBRATION_IMAGES]).float(), dim=-1)
             self._fast = copy.deepcopy(visual).to(torch.bfloat16)
             fast = F.normalize(self._fast(batch.to(torch.bfloat16)).float(), dim=-1)
-            if float((fast * reference).sum(-1).min()) >= self.config.bf16_min_cosine:
+            if float((fast[:CALIBRATION_IMAGES] * reference).sum(-1).min()) >= self.config.bf16_min_cosine:
                 self.precision = "bf16"
                 return fast.cpu()
-            return reference.cpu()
+            return F.normalize(visual(batch).float(), dim=-1).cpu()
         if self.precision == "bf16":
             return F.normalize(self._fast(batch.to(torch.bfloat16)).float(), dim=-1).cpu()
         return F.normalize(visual(batch).float(), dim=-1).cpu()

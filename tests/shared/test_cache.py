@@ -78,3 +78,27 @@ def test_text_embeddings_are_cached(tmp_path, tiny_backbone, monkeypatch):
 
 def _must_not_embed(texts):
     raise AssertionError(f"re-embedded {texts}: the cached embeddings were not used")
+
+
+@pytest.mark.parametrize("min_cosine, precision", [(0.999, "bf16"), (2.0, "fp32")])
+def test_bf16_is_chosen_on_the_first_images_and_fp32_kept_for_every_image_otherwise(tmp_path, tiny_backbone,
+                                                                                    min_cosine, precision):
+    """Calibration compares fp32 and bf16 on the first few images only; when bf16 falls short, every image of that
+    first batch (not only the calibration ones) and of the later ones is embedded in fp32."""
+    from shared.cache import CALIBRATION_IMAGES
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(2 * CALIBRATION_IMAGES + 3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(paths[-1])
+    config = EmbedConfig(batch_size=CALIBRATION_IMAGES + 4, bf16_min_cosine=min_cosine)
+    cache = EmbeddingCache(tmp_path / "cache", tiny_backbone, config)
+    emb, ok = cache.images(paths, BadFiles("fail"), show_progress=False)
+    assert ok.all() and cache.precision == precision
+    reference = _fp32_embeddings(tiny_backbone, paths)
+    if precision == "fp32":
+        np.testing.assert_allclose(emb, reference, rtol=0, atol=1e-5)
+    else:
+        cosine = (emb * reference).sum(1)
+        assert cosine.min() >= 0.999 and not np.allclose(emb, reference, rtol=0, atol=1e-6)  # bf16, and close
