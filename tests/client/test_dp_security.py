@@ -48,7 +48,7 @@ def test_dp_randomness_ignores_every_seed_and_has_the_right_distribution():
     u = first.uniform(200_000)
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005
     g = first.gaussian((400, 500), std=2.5).numpy()
-    assert abs(g.std() - 2.5) < 0.02 and abs(g.mean()) < 0.02
+    assert abs(g.std() - 2.5) < 0.02 and abs(g.mean()) < 0.03  # 5 standard errors each (2.5 / √200000 for the mean)
     sizes = [len(b) for b in poisson_batches(1000, 0.2, 400, first)]
     assert abs(np.mean(sizes) - 200) < 2 and np.std(sizes) > 5  # Poisson: batch sizes vary
 

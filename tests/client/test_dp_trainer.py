@@ -84,4 +84,6 @@ def test_opacus_adds_gaussian_noise_of_sigma_times_the_bound():
     optimizer.pre_step()
     noisy = torch.cat([p.grad.flatten() for p in model.parameters()]) * optimizer.expected_batch_size
     noise = noisy - clean
-    assert len(noise) > 1000 and abs(float(noise.std()) - 2.0 * 0.5) < 0.1 and abs(float(noise.mean())) < 0.05
+    # σ·C = 1: bounds at 5 standard errors (the noise comes from a CSPRNG, so every run draws anew)
+    assert len(noise) > 1000 and abs(float(noise.std()) - 2.0 * 0.5) < 5 / (2 * len(noise)) ** 0.5
+    assert abs(float(noise.mean())) < 5 / len(noise) ** 0.5
