@@ -45,14 +45,11 @@ def simulate(
 ) -> None:
     """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
     from deploy.simulate import SimulationInterrupted, run_simulation, simulation_config
-    from research.poison import Poison
 
     plan = SimulationPlan(hospitals, images_per_hospital, image_size, dp_epsilon, dp_delta,
-                          _hospital_list(dp_hospitals), poison)
-    if poison:
-        Poison.parse(poison, hospitals)
-    config = simulation_config(out, hospitals, min_hospitals=min_hospitals or hospitals - bool(poison), stages=stages, rounds_per_stage=rounds_per_stage,
-                               local_epochs=local_epochs, scenario=scenario, strategy=strategy,
+                          _hospital_list(dp_hospitals), poison)  # --poison is checked first thing in the run
+    config = simulation_config(out, hospitals, min_hospitals=min_hospitals or hospitals - bool(poison),
+                               stages=stages, rounds_per_stage=rounds_per_stage, local_epochs=local_epochs, scenario=scenario, strategy=strategy,
                                max_update_norm=max_update_norm, max_weight_ratio=max_weight_ratio,
                                trim_fraction=trim_fraction, byzantine_hospitals=byzantine_hospitals,
                                backbone=backbone, seed=seed, dp_lr=dp_lr, secure_aggregation=secure_aggregation)

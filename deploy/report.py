@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from deploy.plots import plot_auroc_bars, plot_matrix  # noqa: E402
+from research.poison import Poison  # noqa: E402
+from shared.config import BYZANTINE_STRATEGIES  # noqa: E402
 from shared.metrics import forgetting  # noqa: E402
 
 
@@ -51,7 +53,7 @@ def robustness(config) -> dict:
                "max_weight_ratio": config.max_weight_ratio}
     if config.strategy == "fedtrimmedavg":
         summary["trim_fraction"] = config.trim_fraction
-    if config.strategy in ("krum", "multikrum", "bulyan"):
+    if config.strategy in BYZANTINE_STRATEGIES:
         summary["byzantine_hospitals"] = config.byzantine_hospitals if config.byzantine_hospitals >= 0 else \
             "per round, the most the rule withstands"
     return summary
@@ -63,9 +65,9 @@ def build_report(config, plan, state, sites, baselines: dict, timing: dict, chec
     final = state.history[-1]
     poison = None
     if plan.poison:
-        kind, _, hospital = plan.poison.partition(":")
-        poison = {"kind": kind, "hospital": f"hospital-{hospital}",
-                  "note": POISON_NOTE.format(kind=kind, hospital=f"hospital-{hospital}")}
+        spec = Poison.parse(plan.poison, plan.hospitals)
+        hospital = f"hospital-{spec.hospital}"
+        poison = {"kind": spec.kind, "hospital": hospital, "note": POISON_NOTE.format(kind=spec.kind, hospital=hospital)}
     return {
         "config": {**config.to_run_config(), **asdict(plan)},
         "robustness": robustness(config),
