@@ -287,14 +287,14 @@ def test_a_supernode_killed_mid_round_costs_one_round_and_rejoins(deployment, re
 
 
 def test_superlink_and_serverapp_killed_mid_run_resume_to_the_same_adaptors(deployment, reference):
-    first, orphan = deployment.submit("resumed")
+    first, orphan = deployment.submit("resumed", min_hospitals=HOSPITALS)  # every round waits for all three
     deployment.wait_rounds("resumed", 2)
     deployment.kill("serverapp")
     deployment.kill("superlink")
     first.wait(timeout=120)
     up(deployment.root / "fed", app=None)
     assert deployment.flwr("stop", orphan, CONNECTION).returncode == 0  # the killed run's entry
-    again, run_id = deployment.submit("resumed")
+    again, run_id = deployment.submit("resumed", min_hospitals=HOSPITALS)  # ... however soon they reconnect
     _finish(again)
     assert deployment.run(run_id)["status"] == "finished:completed"
     state = deployment.state("resumed")
