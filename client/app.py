@@ -42,13 +42,12 @@ def local_seed(config: FederationConfig, site: Site, stage: int, round_: int) ->
 
 def _context(msg: Message, context: Context, config: FederationConfig | None) -> tuple[FederationConfig, Site]:
     config = config or FederationConfig.from_run_config(dict(context.run_config))
-    if "partition-id" in context.node_config:
-        torch.set_num_threads(1)  # simulated hospitals share this machine's cores
     return config, load_site(config, site_settings(config, dict(context.node_config)))
 
 
 def _global_model(msg: Message, config: FederationConfig, site: Site) -> RetuneModel:
-    model = RetuneModel(site.embed_dim, AdaptorConfig(kind=config.adaptor))
+    with torch.device("meta"):  # no initialisation to throw away: the weights are the message's
+        model = RetuneModel(site.embed_dim, AdaptorConfig(kind=config.adaptor))
     return load_record(model, msg.content[ARRAYS])
 
 

@@ -175,7 +175,7 @@ def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
         raise RetuneError(f"site {settings.name}: {exc}") from exc
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=256)  # a simulation keeps every hospital loaded; a deployed runtime has one
 def _load_site(config: FederationConfig, settings: SiteSettings, _stamp: tuple[int, int]) -> Site:
     diseases = resolve_schema(config.diseases).diseases
     table = read_labels(settings.manifest, allow_outside_paths=settings.allow_outside_paths)

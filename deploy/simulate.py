@@ -1,4 +1,4 @@
-"""``retune simulate``: a whole federation on one machine, through Flower's simulation engine.
+"""``retune simulate``: a whole federation on one machine, in one process (:mod:`deploy.local_grid`).
 
 It prepares N phantom hospitals (each with its own scanner style, prevalence skew and labelled diseases),
 embeds their images once, computes the zero-shot and centralized baselines, runs S stages × R rounds with
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -28,6 +29,7 @@ from client.app import make_client_app
 from client.site import SIM_SITE_FILE, Site, load_site, site_metrics, site_settings
 from client.trainer import train_adaptors
 from deploy.certs import make_hospital_keys
+from deploy.local_grid import run_local
 from research.phantom import write_phantom
 from server.app import CHECKPOINT, make_server_app
 from server.evaluation import federated_metrics
@@ -147,7 +149,7 @@ def stop_after_round(console: Console) -> Iterator[threading.Event]:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: object) -> None:
-        if requested.is_set():  # Flower's server thread would outlive an exception here: leave now
+        if requested.is_set():  # hospitals' threads would outlive an exception here: leave now
             console.print("[yellow]stopped at once[/]: the round in progress is lost; run the same command again to "
                           "resume from the last committed one")
             os._exit(130)
@@ -170,8 +172,6 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
     ``client_mods`` are Flower client mods wrapped around every simulated hospital's ClientApp; ``plan.poison`` adds
     the (testing only) poisoning one.
     """
-    from flwr.simulation import run_simulation as flower_simulation
-
     from deploy.report import build_report, write_html
     from research.poison import Poison
 
@@ -209,12 +209,9 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
                     f"{config.rounds_per_stage} (committed to {out}); run the same command again to resume")
 
         fed_start = time.perf_counter()
-        flower_simulation(
-            server_app=make_server_app(config, on_round, out / KEYS_DIR / PRIVATE_KEY),
-            client_app=make_client_app(config, client_mods),
-            num_supernodes=plan.hospitals,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}})
+        run_local(make_server_app(config, on_round, out / KEYS_DIR / PRIVATE_KEY),
+                  make_client_app(config, client_mods), plan.hospitals,
+                  workers=min(plan.hospitals, os.cpu_count() or 1), run_id=secrets.randbits(63))
         federation_s = time.perf_counter() - fed_start
     state = RunState.open(config, None, key)
     if not state.done:

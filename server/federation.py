@@ -128,8 +128,8 @@ def _declined(hospitals: Hospitals, nodes: Iterable[int], replies: dict[int, Mes
 
 
 def error_reason(reason: str, limit: int = 300) -> str:
-    """An error reply's reason as the round record keeps it: a simulated hospital's exception arrives wrapped in
-    Flower's and Ray's tracebacks (with terminal colours); keep its own message, on one line."""
+    """An error reply's reason as the round record keeps it: an exception that Flower reports arrives wrapped in
+    its traceback (with terminal colours); keep its own message, on one line."""
     reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)
     if "Message: " in reason:
         reason = reason.rsplit("Message: ", 1)[1].rstrip("'>")

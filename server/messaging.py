@@ -9,13 +9,16 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-#: Seconds between pulls while replies are outstanding (Flower's ``send_and_receive`` waits 3 s).
+#: Seconds between pulls while replies are outstanding (Flower's ``send_and_receive`` waits 3 s): the first
+#: pause is FIRST_POLL, each next one 1.5 × longer up to POLL_INTERVAL, so polling never holds a quick round up.
+FIRST_POLL = 0.002
 POLL_INTERVAL = 0.2
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) -> dict[int, Message]:
     """Push ``messages`` and return, by destination node, the replies that arrive within ``timeout`` seconds (None:
-    all of them), as ``grid.send_and_receive`` does, polling every :data:`POLL_INTERVAL` seconds.
+    all of them), as ``grid.send_and_receive`` does, polling from every :data:`FIRST_POLL` up to every
+    :data:`POLL_INTERVAL` seconds.
 
     Keyed by the node a message went to: an error the SuperLink answers for a node that went away (e.g. its
     heartbeats stopped) carries the SuperLink as its sender, not the node. A node that sent nothing is absent.
@@ -26,6 +29,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) -> 
     pending = set(node_of)
     deadline = math.inf if timeout is None else time.monotonic() + timeout
     replies: dict[int, Message] = {}
+    pause = FIRST_POLL
     while pending:
         for reply in grid.pull_messages(pending):
             mid = reply.metadata.reply_to_message_id
@@ -34,5 +38,6 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) -> 
                 pending.discard(mid)
         if not pending or time.monotonic() >= deadline:
             break
-        time.sleep(POLL_INTERVAL)
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(1.5 * pause, POLL_INTERVAL)
     return replies

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import f1_score, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import f1_score
 
 
 def _labelled(labels: np.ndarray, column: int) -> np.ndarray:
     return ~np.isnan(labels[:, column])
+
+
+def auroc(y: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC of binary labels ``y`` (both classes present) as the Mann-Whitney U statistic over average ranks (ties
+    count half): sklearn's ``roc_auc_score``, without its input validation, which dominates a hospital's evaluate."""
+    positive = y == 1
+    n_pos = int(positive.sum())
+    n_neg = len(y) - n_pos
+    return float((rankdata(scores)[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def per_class_auroc(logits: np.ndarray, labels: np.ndarray, diseases: tuple[str, ...]) -> dict[str, float | None]:
@@ -16,7 +26,7 @@ def per_class_auroc(logits: np.ndarray, labels: np.ndarray, diseases: tuple[str,
     for c, disease in enumerate(diseases):
         keep = _labelled(labels, c)
         y = labels[keep, c]
-        result[disease] = float(roc_auc_score(y, logits[keep, c])) if len(np.unique(y)) == 2 else None
+        result[disease] = auroc(y, logits[keep, c]) if len(np.unique(y)) == 2 else None
     return result
 
 

@@ -91,7 +91,8 @@ class ArraySpec:
 
 def adaptor_spec(model: RetuneModel) -> dict[str, ArraySpec]:
     """The names, shapes and dtypes a hospital may send for this model."""
-    return {name: ArraySpec(tuple(t.shape), str(t.numpy().dtype)) for name, t in model.state_dict().items()}
+    return {name: ArraySpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for name, t in model.state_dict().items()}
 
 
 def to_record(model: RetuneModel) -> ArrayRecord:
@@ -102,7 +103,8 @@ def to_record(model: RetuneModel) -> ArrayRecord:
 def load_record(model: RetuneModel, record: ArrayRecord) -> RetuneModel:
     """Load adaptor weights from an ArrayRecord, refusing any mismatch."""
     check_arrays(record, adaptor_spec(model))
-    model.load_state_dict({k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()},
+                          assign=any(p.is_meta for p in model.parameters()))
     return model
 
 

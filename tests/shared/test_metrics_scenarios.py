@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from shared.errors import RetuneError
-from shared.metrics import classification_metrics, forgetting
+from shared.metrics import auroc, classification_metrics, forgetting
 from shared.scenarios import make_tasks, supervise
 
 DISEASES = ("A", "B", "C")
@@ -19,6 +19,16 @@ def test_classification_metrics_mask_missing_labels_and_undefined_classes():
     assert metrics["per_class_auroc"]["A"] == pytest.approx(roc_auc_score(labels[10:, 0], logits[10:, 0]))
     assert metrics["per_class_auroc"]["C"] is None
     assert metrics["macro_auroc"] == pytest.approx(np.mean([metrics["per_class_auroc"][d] for d in "AB"]))
+
+
+def test_auroc_is_sklearns_with_ties_and_imbalance():
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n = int(rng.integers(2, 60))
+        y = (rng.random(n) < rng.uniform(0.05, 0.95)).astype(np.float32)
+        y[:2] = [0, 1]  # both classes
+        scores = rng.integers(0, 4, n).astype(np.float32) if trial % 2 else rng.normal(size=n).astype(np.float32)
+        assert auroc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12), trial
 
 
 def test_forgetting_and_backward_transfer():
