@@ -30,7 +30,7 @@ from shared.model import RetuneModel
 from shared.scenarios import supervise
 from shared.signing import arrays_digest
 from shared.wire import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adaptor_spec, check_reply, load_record,
-                         secure_stage, site_record, to_record)
+                         record_dtype, secure_stage, site_record, to_record, wire_spec)
 
 
 def local_seed(config: FederationConfig, site: Site, stage: int, round_: int) -> int:
@@ -114,8 +114,9 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
                                     proximal_mu=float(settings.get("proximal-mu", 0.0)))
             metrics = {NUM_EXAMPLES: examples, "train-loss": losses[-1] if losses else 0.0}
         metrics.update(_identity(context))
-        content = RecordDict({ARRAYS: to_record(model), METRICS: MetricRecord(metrics), SITE: _site(site)})
-        check_reply(content, adaptor_spec(model))
+        dtype = record_dtype(msg.content[ARRAYS])  # the reply crosses the wire as the global adaptors came
+        content = RecordDict({ARRAYS: to_record(model, dtype), METRICS: MetricRecord(metrics), SITE: _site(site)})
+        check_reply(content, wire_spec(adaptor_spec(model), dtype))
         return Message(content=content, reply_to=msg)
 
     register_secure_handlers(app, train, run_of)  # secure mode: train runs inside the masked-vector stage

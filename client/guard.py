@@ -6,7 +6,8 @@
   detail goes to the hospital's audit log and logger. If the audit entry cannot be written, nothing leaves either:
   an error reply goes instead.
 - :func:`round_mod` refuses global adaptors the consortium did not sign for this run, stage, round and kind, and
-  rounds that replay or reorder the run's progress.
+  rounds that replay or reorder the run's progress; it keeps the last adaptors it let through, which the next
+  message may name by digest instead of carrying them (the guard puts them back before anything else looks).
 - :func:`hospital_mods` stacks them, configured from the node config.
 
 Which app package a hospital serves at all is decided before any of this, by its runtime (:mod:`client.runtime`).
@@ -31,8 +32,8 @@ from client.audit import ERROR, REFUSED, SENT, AuditLog, message_entry
 from shared.errors import RetuneError
 from shared.secagg import SecAggError
 from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, load_public_key, verify_round
-from shared.wire import (ARRAYS, CONFIG, SECAGG_MASKED, ArraySpec, WireError, check_reply, check_secure_reply,
-                         secure_stage)
+from shared.wire import (ARRAYS, ARRAYS_DIGEST, ARRAYS_NOT_HELD, CONFIG, SECAGG_MASKED, ArraySpec, WireError,
+                         check_reply, check_secure_reply, secure_stage)
 
 log = logging.getLogger(__name__)
 #: Node-config keys (``flower-supernode --node-config 'audit-log="..." consortium-key="..."'``).
@@ -48,7 +49,10 @@ SECAGG_ABORTED = "secure aggregation aborted at this hospital: the round broke t
 APP_FAILED = "the hospital's app failed on this message; the details stay at the hospital"
 AUDIT_UNAVAILABLE = "the hospital's audit log is unavailable"
 PUBLIC_REASONS = (DECLINED_BUDGET, REFUSED_REPLY, UNSIGNED, ROUND_REFUSED, SECAGG_ABORTED, APP_FAILED,
-                  AUDIT_UNAVAILABLE)
+                  AUDIT_UNAVAILABLE, ARRAYS_NOT_HELD)
+#: Where a hospital keeps the last global adaptors it verified (``context.state``), which a later message of the run
+#: may name by digest instead of carrying them again (:data:`shared.wire.ARRAYS_DIGEST`).
+HELD_KEY = "retune-held-adaptors"
 
 
 def public_reason(reason: str) -> str:
@@ -72,6 +76,23 @@ def incoming_spec(msg: Message) -> dict[str, ArraySpec] | None:
     if not isinstance(record, ArrayRecord) or not len(record):
         raise WireError("a train message without global adaptors: there is no reply the hospital may send")
     return {name: ArraySpec(tuple(array.shape), array.dtype) for name, array in record.items()}
+
+
+def restore_held(msg: Message, context: Context) -> str | None:
+    """Give a message that names global adaptors by digest instead of carrying them the ones this hospital holds;
+    why it cannot (None: nothing to restore, or restored). Whatever is restored is verified as if it had come with
+    the message (:func:`round_mod`)."""
+    if not msg.has_content() or ARRAYS in msg.content \
+            or secure_stage(msg.metadata.message_type) not in (None, SECAGG_MASKED):
+        return None
+    config = msg.content.get(CONFIG)
+    if not isinstance(config, ConfigRecord) or ARRAYS_DIGEST not in config:
+        return None
+    held = context.state.get(HELD_KEY)
+    if isinstance(held, ArrayRecord) and arrays_digest(held).hex() == config[ARRAYS_DIGEST]:
+        msg.content[ARRAYS] = held
+        return None
+    return f"the message names global adaptors {str(config[ARRAYS_DIGEST])[:12]}… that this hospital does not hold"
 
 
 def _audit_log(audit_path: Path | str | None, context: Context) -> AuditLog | None:
@@ -127,6 +148,10 @@ def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None 
             return record(REFUSED, _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, REFUSED_REPLY), content_of,
                           reason=detail)
 
+        missing = restore_held(msg, context)
+        if missing is not None:
+            return record(ERROR, _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, ARRAYS_NOT_HELD),
+                          error_code=ErrorCode.MOD_FAILED_PRECONDITION, reason=missing)
         try:
             spec = spec_fn(msg)
         except WireError as exc:
@@ -204,6 +229,7 @@ def round_mod(run_of: RunOf, public_key: Path | str | None = None) -> Mod:
         if problem is not None:
             log.warning("refused a %s message: %s", msg.metadata.message_type, problem)
             return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, f"{ROUND_REFUSED}: {problem}")
+        context.state[HELD_KEY] = arrays  # verified: a later message may name them instead of carrying them
         return call_next(msg, context)
 
     return mod

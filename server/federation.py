@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from server.evaluation import evaluation_problem, federated_metrics, site_macro
 from server.hospitals import FederationError, Hospitals
-from server.messaging import exchange
+from server.messaging import HeldArrays, exchange
 from server.secagg import secure_train
 from server.state import RunState
 from server.strategy import make_strategy
@@ -30,8 +30,8 @@ from shared.config import AdaptorConfig, FederationConfig, run_identity
 from shared.labels import resolve_schema
 from shared.model import RetuneModel
 from shared.scenarios import disease_groups
-from shared.signing import ARRAYS_SIGNATURE, RoundBinding, sign_round
-from shared.wire import ARRAYS, METRICS, adaptor_spec, payload_bytes, to_record
+from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, sign_round
+from shared.wire import ARRAYS, ARRAYS_DIGEST, CONFIG, METRICS, adaptor_spec, encoded, payload_bytes, to_record
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict, RunState], None]
@@ -51,9 +51,10 @@ def initial_model(config: FederationConfig, embed_dim: int) -> RetuneModel:
 
 
 def round_config(binding: RoundBinding, arrays: ArrayRecord, signing_key: Ed25519PrivateKey | None) -> ConfigRecord:
-    """What the server sends with the adaptors: the position, and the consortium's signature of the adaptors for
-    exactly this run, stage, round and kind (so a signed round cannot be replayed or re-targeted)."""
-    values: dict = {"stage": binding.stage, "round": binding.round}
+    """What the server sends with the adaptors (``arrays`` as on the wire): the position, the adaptors' digest,
+    and the consortium's signature of them for exactly this run, stage, round and kind (so a signed round cannot be
+    replayed or re-targeted)."""
+    values: dict = {"stage": binding.stage, "round": binding.round, ARRAYS_DIGEST: arrays_digest(arrays).hex()}
     if signing_key is not None:
         values[ARRAYS_SIGNATURE] = sign_round(arrays, binding, signing_key)
     return ConfigRecord(values)
@@ -88,13 +89,37 @@ class TrainOutcome:
     bytes_down: int
 
 
+def _outgoing(messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+    """The strategy's messages, each with its own content (Flower's share one), carrying ``arrays`` (the global
+    adaptors as they cross the wire)."""
+    messages = list(messages)
+    for message in messages:
+        message.content = RecordDict({**dict(message.content.items()), ARRAYS: arrays})
+    return messages
+
+
+def _send(grid: Grid, messages: list[Message], arrays: ArrayRecord, held: HeldArrays, timeout: float | None
+          ) -> tuple[dict[int, Message], int]:
+    """Send ``messages`` with ``arrays``, or without them to whoever holds them; the replies by node, and the bytes
+    of adaptors sent."""
+    digest = str(messages[0].content[CONFIG][ARRAYS_DIGEST]) if messages else ""
+    held.lighten(messages, digest)
+    carried = sum(ARRAYS in m.content for m in messages)
+    replies = exchange(grid, messages, timeout)
+    replies, resent = held.resend(grid, messages, arrays, replies, timeout)
+    held.record(replies, digest)
+    return replies, payload_bytes(arrays) * (carried + resent)
+
+
 def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy, hospitals: Hospitals,
-                server_round: int, state: RunState, signing_key: Ed25519PrivateKey | None, run_id: int
-                ) -> TrainOutcome:
-    """Send the global adaptors to every connected hospital and aggregate the admitted replies."""
+                server_round: int, state: RunState, signing_key: Ed25519PrivateKey | None, run_id: int,
+                held: HeldArrays) -> TrainOutcome:
+    """Send the global adaptors to every connected hospital (in the wire dtype; not to those that hold them) and
+    aggregate the admitted replies."""
     binding = RoundBinding(run_id, run_identity(config.to_run_config()), state.stage, state.round, "train")
-    train_msgs = list(strategy.configure_train(
-        server_round, state.arrays, round_config(binding, state.arrays, signing_key), grid))
+    sent = encoded(state.arrays, config.wire_dtype)
+    train_msgs = _outgoing(strategy.configure_train(
+        server_round, state.arrays, round_config(binding, sent, signing_key), grid), sent)
     if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
         arrays, metrics, secure = secure_train(grid, strategy, server_round, train_msgs, config.round_timeout,
                                                hospitals.admit)
@@ -103,7 +128,7 @@ def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy,
         return TrainOutcome(arrays, metrics, secure.accepted, _declined(hospitals, errors, errors, config),
                             secure.refused, {hospitals.name(r): secure.bytes_up[r.metadata.src_node_id]
                                              for r in secure.accepted}, secure.bytes_down)
-    by_node = exchange(grid, train_msgs, config.round_timeout)
+    by_node, bytes_down = _send(grid, train_msgs, sent, held, config.round_timeout)
     replies = sorted((r for r in by_node.values() if not r.has_error()), key=reply_order)
     admitted, refused = hospitals.admit(replies)
     arrays, metrics = strategy.aggregate_train(server_round, admitted)
@@ -114,8 +139,7 @@ def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy,
                 for r in admitted if r.metadata.src_node_id in wire_refused]
     declined = _declined(hospitals, [m.metadata.dst_node_id for m in train_msgs], by_node, config)
     return TrainOutcome(arrays if accepted else None, metrics, accepted, declined, refused,
-                        {hospitals.name(r): payload_bytes(r.content[ARRAYS]) for r in accepted},
-                        payload_bytes(state.arrays) * len(train_msgs))
+                        {hospitals.name(r): payload_bytes(r.content[ARRAYS]) for r in accepted}, bytes_down)
 
 
 def _declined(hospitals: Hospitals, nodes: Iterable[int], replies: dict[int, Message], config: FederationConfig
@@ -148,10 +172,14 @@ class EvaluateOutcome:
 
 
 def evaluate_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy, hospitals: Hospitals,
-                   server_round: int, arrays: ArrayRecord, config_record: ConfigRecord) -> EvaluateOutcome:
-    """Have every connected hospital score ``arrays``; a reply that fails :func:`evaluation_problem` is refused."""
-    eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config_record, grid))
-    by_node = exchange(grid, eval_msgs, config.round_timeout)
+                   server_round: int, arrays: ArrayRecord, binding: RoundBinding,
+                   signing_key: Ed25519PrivateKey | None, held: HeldArrays) -> EvaluateOutcome:
+    """Have every connected hospital score ``arrays`` (sent in the wire dtype); a reply that fails
+    :func:`evaluation_problem` is refused."""
+    sent = encoded(arrays, config.wire_dtype)
+    eval_msgs = _outgoing(strategy.configure_evaluate(server_round, sent, round_config(binding, sent, signing_key),
+                                                      grid), sent)
+    by_node, bytes_down = _send(grid, eval_msgs, sent, held, config.round_timeout)
     admitted, refused = hospitals.admit(sorted((r for r in by_node.values() if not r.has_error()), key=reply_order))
     sites = {}
     for reply in admitted:
@@ -162,7 +190,7 @@ def evaluate_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrate
             log.warning("round %d: refused the evaluate reply of %s: %s", server_round, hospitals.name(reply), problem)
             refused.append({"hospital": hospitals.name(reply), "reason": problem})
     declined = _declined(hospitals, [m.metadata.dst_node_id for m in eval_msgs], by_node, config)
-    return EvaluateOutcome(sites, declined, refused, payload_bytes(arrays) * len(eval_msgs))
+    return EvaluateOutcome(sites, declined, refused, bytes_down)
 
 
 def _phase(entries: list[dict[str, str]], phase: str) -> list[dict[str, str]]:
@@ -186,6 +214,7 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_roun
     state = RunState.open(config, to_record(model), signing_key)
     strategy.load_optimizer_state(state.optimizer)
     hospitals = Hospitals(config.backbone_identity or state.backbone, state.hospitals)
+    held = HeldArrays()
     if state.server_round:
         log.info("resuming %s at stage %d, round %d", config.run_dir, state.stage + 1, state.round + 1)
     while not state.done:
@@ -193,7 +222,7 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_roun
         stage, round_, server_round = state.stage, state.round, state.server_round + 1
         for attempt in range(config.round_retries + 1):
             wait_for_hospitals(grid, config)
-            train = train_round(grid, config, strategy, hospitals, server_round, state, signing_key, run_id)
+            train = train_round(grid, config, strategy, hospitals, server_round, state, signing_key, run_id, held)
             if len(train.accepted) >= config.min_hospitals and train.arrays is not None:
                 break
             why = "; ".join(f"{d['hospital']}: {d['reason']}" for d in train.declined + train.refused) or "no replies"
@@ -205,8 +234,8 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_roun
                         config.round_retries + 1)
         arrays = train.arrays
         binding = RoundBinding(run_id, run_identity(config.to_run_config()), stage, round_, "evaluate")
-        evaluation = evaluate_round(grid, config, strategy, hospitals, server_round, arrays,
-                                    round_config(binding, arrays, signing_key))
+        evaluation = evaluate_round(grid, config, strategy, hospitals, server_round, arrays, binding, signing_key,
+                                    held)
         sites = evaluation.sites
         record = {
             "stage": stage, "round": round_, "server_round": server_round, "attempts": attempt + 1,

@@ -1,4 +1,5 @@
-"""Sending messages to hospitals and collecting their replies, without Flower's fixed 3-second polling."""
+"""Sending messages to hospitals and collecting their replies, without Flower's fixed 3-second polling, and
+without sending a hospital global adaptors it already holds."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import math
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
+
+from shared.wire import ARRAYS, ARRAYS_NOT_HELD
 
 #: Seconds between pulls while replies are outstanding (Flower's ``send_and_receive`` waits 3 s): the first
 #: pause is FIRST_POLL, each next one 1.5 × longer up to POLL_INTERVAL, so polling never holds a quick round up.
@@ -41,3 +44,39 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) -> 
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(1.5 * pause, POLL_INTERVAL)
     return replies
+
+
+class HeldArrays:
+    """Which global adaptors (by digest) each hospital holds: those of the last message it answered without an
+    error, which it verified and kept (:func:`client.guard.round_mod`). A message whose adaptors the hospital holds
+    goes without them (its config names their digest, :data:`shared.wire.ARRAYS_DIGEST`, which the signature
+    covers); a hospital that no longer holds them answers :data:`shared.wire.ARRAYS_NOT_HELD` and gets them in full
+    (:meth:`resend`)."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, str] = {}
+
+    def lighten(self, messages: list[Message], digest: str) -> list[Message]:
+        """``messages`` (all carrying the adaptors of ``digest``), without them for the nodes that hold them."""
+        for message in messages:
+            if self._held.get(message.metadata.dst_node_id) == digest:
+                del message.content[ARRAYS]
+        return messages
+
+    def record(self, replies: dict[int, Message], digest: str) -> None:
+        """After an exchange of adaptors ``digest``: who answered holds them; who failed may not."""
+        for node, reply in replies.items():
+            if reply.has_error():
+                self._held.pop(node, None)
+            else:
+                self._held[node] = digest
+
+    def resend(self, grid: Grid, messages: list[Message], arrays: ArrayRecord, replies: dict[int, Message],
+               timeout: float | None) -> tuple[dict[int, Message], int]:
+        """Send ``messages`` again, with ``arrays``, to the nodes whose reply asked for them; ``replies`` with the
+        new answers, and how many were sent."""
+        asked = {node for node, r in replies.items() if r.has_error() and r.error.reason.startswith(ARRAYS_NOT_HELD)}
+        again = [Message(RecordDict({**dict(m.content.items()), ARRAYS: arrays}), dst_node_id=m.metadata.dst_node_id,
+                         message_type=m.metadata.message_type, group_id=m.metadata.group_id)
+                 for m in messages if m.metadata.dst_node_id in asked]
+        return ({**replies, **exchange(grid, again, timeout)} if again else replies), len(again)

@@ -229,8 +229,8 @@ class _Round:
         except SecAggError as exc:
             return self.fail(str(exc))
 
-        self.out.arrays = ArrayRecord({name: Array(decoded.averages[name].astype(spec.dtype))
-                                       for name, spec in self.spec.items()})
+        self.out.arrays = ArrayRecord({name: Array(decoded.averages[name].astype(np.float32))
+                                       for name in self.spec})
         self.out.num_examples = decoded.num_examples
         self.out.metrics = MetricRecord({NUM_EXAMPLES: decoded.num_examples, "train-loss": decoded.train_loss,
                                          CLIPPED: decoded.clipped})

@@ -168,6 +168,8 @@ ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"
 #: Robust strategies built for an assumed number of Byzantine hospitals (``byzantine_hospitals``).
 BYZANTINE_STRATEGIES = ("krum", "multikrum", "bulyan")
 SCENARIOS: tuple[str, ...] = Scenario.__args__  # type: ignore[attr-defined]
+#: Dtypes the adaptor arrays may cross the wire in (both ends compute in float32, see :mod:`shared.wire`).
+WIRE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,9 @@ class FederationConfig:
         Simulation only: folder with ``hospital-K/`` sites, chosen by a SuperNode's ``partition-id``.
     secure_aggregation : bool
         Masked aggregation: the server learns only the sum of the hospitals' updates (default False).
+    wire_dtype : str
+        Dtype of the adaptor arrays on the wire, both ways: ``float16`` (default; half the bytes of ``float32``,
+        decoded to float32 before training and aggregation) or ``float32``.
     """
 
     stages: int = 2
@@ -264,11 +269,14 @@ class FederationConfig:
     run_dir: str = "runs/federation"
     sim_dir: str = ""
     secure_aggregation: bool = False
+    wire_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         problems = [why for bad, why in (
             (self.strategy not in STRATEGIES, f"unknown strategy {self.strategy!r}: choose {', '.join(STRATEGIES)}"),
             (self.scenario not in SCENARIOS, f"unknown scenario {self.scenario!r}: choose {', '.join(SCENARIOS)}"),
+            (self.wire_dtype not in WIRE_DTYPES,
+             f"unknown wire-dtype {self.wire_dtype!r}: choose {', '.join(WIRE_DTYPES)}"),
             (self.scenario == "joint" and self.stages != 1,
              f"the joint scenario trains on everything at once: it has 1 stage, not {self.stages} (stages = 1)"),
             (self.stages < 1 or self.rounds_per_stage < 1 or self.local_epochs < 1,

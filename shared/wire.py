@@ -42,14 +42,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from shared.config import WIRE_DTYPES
 from shared.errors import RetuneError
 from shared.identity import MAX_SIGNATURE_BYTES
 from shared.model import RetuneModel
 from shared.secagg import CIPHERTEXT_BYTES, COMMITMENT_BYTES, EXTRAS, KEY_BYTES, MAX_PARTICIPANTS, SHARE_BYTES
 
 ARRAYS = "arrays"
+#: ConfigRecord key of every message with global adaptors: their :func:`shared.signing.arrays_digest` (hex). A
+#: message to a hospital that holds those adaptors goes without ``arrays`` (see :class:`server.messaging.HeldArrays`).
+ARRAYS_DIGEST = "arrays-digest"
+#: The error reason of a hospital asked to use global adaptors it does not hold (it then gets them in full).
+ARRAYS_NOT_HELD = "global adaptors not held at the hospital: send them"
 CONFIG = "config"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
@@ -95,15 +101,38 @@ def adaptor_spec(model: RetuneModel) -> dict[str, ArraySpec]:
             for name, t in model.state_dict().items()}
 
 
-def to_record(model: RetuneModel) -> ArrayRecord:
-    """The model's adaptor weights as an ArrayRecord (CPU, float32)."""
-    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+def wire_spec(spec: dict[str, ArraySpec], dtype: str) -> dict[str, ArraySpec]:
+    """``spec`` as it crosses the wire in ``dtype`` (one of :data:`shared.config.WIRE_DTYPES`)."""
+    return {name: ArraySpec(s.shape, dtype) for name, s in spec.items()}
+
+
+def record_dtype(record: ArrayRecord) -> str:
+    """The one wire dtype all arrays of ``record`` share; anything else is a :class:`WireError`."""
+    dtypes = {array.dtype for array in record.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in WIRE_DTYPES:
+        raise WireError(f"adaptor arrays are {sorted(dtypes)}: they must all be one of {', '.join(WIRE_DTYPES)}")
+    return next(iter(dtypes))
+
+
+def encoded(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """Adaptor arrays as they cross the wire: cast to ``dtype`` (round to nearest)."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(array.numpy(), dtype=dtype)) for name, array in record.items()})
+
+
+def decoded(record: ArrayRecord) -> ArrayRecord:
+    """Adaptor arrays off the wire, as float32: what training and aggregation compute with."""
+    return encoded(record, "float32")
+
+
+def to_record(model: RetuneModel, dtype: str = "float32") -> ArrayRecord:
+    """The model's adaptor weights as an ArrayRecord (CPU), in ``dtype``."""
+    return encoded(ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}), dtype)
 
 
 def load_record(model: RetuneModel, record: ArrayRecord) -> RetuneModel:
-    """Load adaptor weights from an ArrayRecord, refusing any mismatch."""
-    check_arrays(record, adaptor_spec(model))
-    model.load_state_dict({k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()},
+    """Load adaptor weights from an ArrayRecord in a wire dtype (decoded to float32), refusing any mismatch."""
+    check_arrays(record, wire_spec(adaptor_spec(model), record_dtype(record)))
+    model.load_state_dict({k: torch.from_numpy(a.numpy().astype(np.float32)) for k, a in record.items()},
                           assign=any(p.is_meta for p in model.parameters()))
     return model
 

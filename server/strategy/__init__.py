@@ -18,8 +18,9 @@ from shared.wire import ArraySpec
 def make_strategy(config: FederationConfig, spec: dict[str, ArraySpec]) -> AdaptorStrategy:
     """The strategy named by ``config.strategy`` (validated by the config), sampling every connected hospital each
     round and containing each reply by the config's :class:`UpdateLimits`."""
-    common = dict(spec=spec, limits=UpdateLimits.of(config), min_train_nodes=config.min_hospitals,
-                  min_evaluate_nodes=config.min_hospitals, min_available_nodes=config.min_hospitals)
+    common = dict(spec=spec, limits=UpdateLimits.of(config), wire_dtype=config.wire_dtype,
+                  min_train_nodes=config.min_hospitals, min_evaluate_nodes=config.min_hospitals,
+                  min_available_nodes=config.min_hospitals)
     byzantine = dict(num_malicious_nodes=max(0, config.byzantine_hospitals),
                      auto_byzantine=config.byzantine_hospitals == -1)
     builders = {

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from shared.config import FederationConfig
-from shared.wire import ARRAYS, METRICS, NUM_EXAMPLES, ArraySpec, WireError, check_reply, site_of
+from shared.wire import ARRAYS, METRICS, NUM_EXAMPLES, ArraySpec, WireError, check_reply, decoded, site_of, wire_spec
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +84,19 @@ class AdaptorStrategy:
     Parameters
     ----------
     spec : dict[str, ArraySpec]
-        Names, shapes and dtypes of the adaptor arrays a hospital may send.
+        Names, shapes and dtypes of the adaptor arrays (the global ones, and what aggregation returns).
     limits : UpdateLimits
         Containment of one hospital's reply.
+    wire_dtype : str
+        The dtype replies carry the arrays in; they are decoded to float32 before anything else looks at them.
     """
 
-    def __init__(self, *args, spec: dict[str, ArraySpec], limits: UpdateLimits, **kwargs) -> None:
+    def __init__(self, *args, spec: dict[str, ArraySpec], limits: UpdateLimits, wire_dtype: str = "float32",
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.spec = spec
         self.limits = limits
+        self.wire_dtype = wire_dtype
         self.refused: list[tuple[int, str]] = []
         self.current: ArrayRecord | None = None
 
@@ -107,10 +111,11 @@ class AdaptorStrategy:
             if msg.has_error():
                 continue
             try:
-                check_reply(msg.content, self.spec)
+                check_reply(msg.content, wire_spec(self.spec, self.wire_dtype))
+                arrays = decoded(msg.content[ARRAYS])
                 examples = _examples(msg.content[METRICS])
                 problem = "num-examples must be a positive whole number" if examples is None else \
-                    update_problem(msg.content[ARRAYS], self.current, self.limits)
+                    update_problem(arrays, self.current, self.limits)
             except WireError as exc:
                 problem, examples = str(exc), None
             if problem is not None:
@@ -118,23 +123,22 @@ class AdaptorStrategy:
                             problem)
                 self.refused.append((msg.metadata.src_node_id, problem))
                 continue
-            screened.append((msg, int(examples)))
+            screened.append((msg, arrays, int(examples)))
         if not screened:
             return None, None
-        cap = self.limits.max_weight_ratio * float(np.median([n for _, n in screened])) \
+        cap = self.limits.max_weight_ratio * float(np.median([n for *_, n in screened])) \
             if self.limits.max_weight_ratio else math.inf
-        weights = [max(1, int(min(n, cap))) for _, n in screened]
-        # fresh records: some parents (FedMedian, Bulyan) pop the arrays out of what they aggregate
-        uniform = [Message(RecordDict({ARRAYS: ArrayRecord(dict(msg.content[ARRAYS].items())),
-                                       METRICS: MetricRecord({NUM_EXAMPLES: w})}),
-                           reply_to=_request(msg)) for (msg, _), w in zip(screened, weights)]
-        arrays, _ = self.aggregate_checked(server_round, uniform)
-        losses = [(float(msg.content[METRICS]["train-loss"]), w) for (msg, _), w in zip(screened, weights)
+        weights = [max(1, int(min(n, cap))) for *_, n in screened]
+        # decoded, fresh records: some parents (FedMedian, Bulyan) pop the arrays out of what they aggregate
+        uniform = [Message(RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: w})}),
+                           reply_to=_request(msg)) for (msg, arrays, _), w in zip(screened, weights)]
+        aggregate, _ = self.aggregate_checked(server_round, uniform)
+        losses = [(float(msg.content[METRICS]["train-loss"]), w) for (msg, *_), w in zip(screened, weights)
                   if "train-loss" in msg.content[METRICS]]
         metrics = {NUM_EXAMPLES: sum(weights)}
         if losses:
             metrics["train-loss"] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses)
-        return arrays, MetricRecord(metrics)
+        return aggregate, MetricRecord(metrics)
 
     def aggregate_checked(self, server_round: int, replies: Iterable[Message]
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -21,8 +21,8 @@ from client.guard import (APP_FAILED, DECLINED_BUDGET, PUBLIC_REASONS, ROUND_REF
 from shared.errors import RetuneError
 from shared.secagg import SecAggError
 from shared.model import RetuneModel
-from shared.signing import ARRAYS_SIGNATURE, RoundBinding, generate_keys, sign_round
-from shared.wire import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, site_record, to_record
+from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, generate_keys, sign_round
+from shared.wire import ARRAYS, ARRAYS_DIGEST, ARRAYS_NOT_HELD, CONFIG, METRICS, NUM_EXAMPLES, SITE, site_record, to_record
 
 GLOBAL = to_record(RetuneModel(8))
 SITE_RECORD = site_record("hospital-0", "0f" * 32)
@@ -308,3 +308,50 @@ def test_hospital_mods_from_node_config(tmp_path, consortium):
     assert verify_log(audit).ok
     # no security keys in the node config: only the allow-list applies
     assert app(_message("train"), _context()).has_content()
+
+
+def _naming(message: Message) -> Message:
+    """``message`` as the server sends it to a hospital that holds its adaptors: their digest instead of them."""
+    content = RecordDict({CONFIG: ConfigRecord({**dict(message.content[CONFIG].items()),
+                                                ARRAYS_DIGEST: arrays_digest(message.content[ARRAYS]).hex()})})
+    return Message(metadata=message.metadata, content=content)
+
+
+def test_adaptors_named_by_digest_are_the_held_ones_and_verified_as_if_sent(tmp_path, consortium):
+    """A hospital keeps the last adaptors it verified; a message may name them instead of carrying them. What it
+    names is verified exactly as if it had come: a signature for other adaptors, run or kind is refused, and
+    adaptors it does not hold are asked for (with a fixed reason), never made up."""
+    private, public = consortium
+    audit = tmp_path / "audit.jsonl"
+    seen: list[ArrayRecord] = []
+
+    def train_reply(msg: Message) -> RecordDict:
+        seen.append(msg.content[ARRAYS])
+        if msg.metadata.message_type == "evaluate":
+            return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 12}), SITE: SITE_RECORD})
+        return _train_reply(msg)
+
+    app = _app(hospital_mods(lambda context: RUN, audit, public), train_reply)
+    context = _context()
+    first = app(_signed(private, "evaluate", stage=1, round_=2), context)
+    assert first.has_content()
+    light = _naming(_signed(private, "train", stage=1, round_=3))
+    assert ARRAYS not in light.content
+    reply = app(light, context)
+    assert reply.has_content() and arrays_digest(seen[-1]) == arrays_digest(GLOBAL)
+    assert arrays_digest(reply.content[ARRAYS]) == arrays_digest(GLOBAL)  # the reply is checked against them too
+    other = ArrayRecord({k: Array(np.array(a.numpy()) + 1) for k, a in GLOBAL.items()})
+    calls = len(seen)
+    for bad in (_naming(_signed(private, "train", arrays=other, stage=1, round_=4)),  # not held
+                _naming(_signed(private, "train", stage=1, round_=4, signed_kind="evaluate")),  # other kind
+                _naming(_signed(private, "train", stage=1, round_=4, signed_run_id=8))):  # other run
+        refused = app(bad, context)
+        assert refused.has_error() and refused.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    fresh = app(_naming(_signed(private, "train", stage=1, round_=3)), _context())  # a fresh hospital holds nothing
+    assert fresh.has_error() and fresh.error.reason == ARRAYS_NOT_HELD
+    assert len(seen) == calls  # the app never ran on any of them
+    reasons = [e["reason"] for e in _entries(audit) if e["event"] == "error"]
+    assert reasons[0] == f"the message names global adaptors {arrays_digest(other).hex()[:12]}… that this " \
+                         "hospital does not hold"  # the detail stays in the audit log
+    assert reasons[1].startswith(UNSIGNED) and reasons[2].startswith(UNSIGNED)
+    assert verify_log(audit).ok

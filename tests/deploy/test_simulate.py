@@ -96,18 +96,20 @@ def _embed_dim(report: dict) -> int:
 def test_bytes_up_per_hospital_is_the_adaptor_payload(finished):
     out, report, _ = finished
     config = _config(out)
-    payload = payload_bytes(to_record(initial_model(config, _embed_dim(report))))
-    for record in report["rounds"]:
+    payload = payload_bytes(to_record(initial_model(config, _embed_dim(report)), config.wire_dtype))
+    assert config.wire_dtype == "float16"
+    for k, record in enumerate(report["rounds"]):
         assert record["bytes_up_per_hospital"] == {f"hospital-{k}": payload for k in range(HOSPITALS)}
         assert record["bytes_up"] == HOSPITALS * payload
-        assert record["bytes_down"] == 2 * HOSPITALS * payload  # train and evaluate messages carry the adaptors
+        # train and evaluate messages carry the adaptors; after round 1 a train message carries only their digest
+        assert record["bytes_down"] == (2 if k == 0 else 1) * HOSPITALS * payload
 
 
 def test_hospitals_send_only_adaptor_arrays_and_scalars(finished):
     out, report, replies = finished
     model = initial_model(_config(out), _embed_dim(report))
     sidecar = json.loads((Path(report["checkpoint"]) / "adaptors.json").read_text())
-    spec = {k: [list(t.shape), "float32"] for k, t in model.state_dict().items()}
+    spec = {k: [list(t.shape), "float16"] for k, t in model.state_dict().items()}  # the wire dtype
     assert len(replies) == 2 * STAGES * ROUNDS * HOSPITALS
     for entry in replies:
         records = entry["records"]

@@ -41,6 +41,10 @@ class _Nodes:
         return [11, 22, 33]
 
 
+#: The dtype replies cross the wire in (the strategies decode them to float32).
+WIRE = FederationConfig().wire_dtype
+
+
 def _random_record(seed: int) -> ArrayRecord:
     """Seeded random global adaptors (a fresh model is the identity map, mostly zeros)."""
     with torch.random.fork_rng(devices=[]):
@@ -50,7 +54,7 @@ def _random_record(seed: int) -> ArrayRecord:
 
 def _train_round(strategy, server_round: int, current: ArrayRecord, seed: int
                  ) -> tuple[ArrayRecord | None, MetricRecord | None, list[dict[str, np.ndarray]]]:
-    """Configure a train round on ``current``, answer it from three hospitals (float32 updates near ``current``,
+    """Configure a train round on ``current``, answer it from three hospitals (updates near ``current``, in the wire dtype,
     COUNTS examples), aggregate; returns (arrays, metrics, the hospitals' arrays)."""
     messages = list(strategy.configure_train(server_round, current, ConfigRecord({"stage": 0, "round": server_round}),
                                              _Nodes()))
@@ -62,10 +66,10 @@ def _train_round(strategy, server_round: int, current: ArrayRecord, seed: int
                         message_type="train")
         incoming = Message(metadata=meta, content=msg.content)
         received = incoming.content[ARRAYS]  # noise drawn in name order: a reloaded record may list them otherwise
-        arrays = {name: (received[name].numpy() + 0.05 * rng.standard_normal(received[name].shape)).astype(np.float32)
-                  for name in sorted(received.keys())}
+        arrays = {name: (received[name].numpy() + 0.05 * rng.standard_normal(received[name].shape))
+                  .astype(WIRE).astype(np.float32) for name in sorted(received.keys())}  # what the wire carries
         updates.append(arrays)
-        content = RecordDict({ARRAYS: ArrayRecord({name: Array(v) for name, v in arrays.items()}),
+        content = RecordDict({ARRAYS: ArrayRecord({name: Array(v.astype(WIRE)) for name, v in arrays.items()}),
                               METRICS: MetricRecord({NUM_EXAMPLES: COUNTS[k], "train-loss": 0.1 * (k + 1)}),
                               SITE: site_record(f"hospital-{k}", BACKBONE)})
         replies.append(Message(content, reply_to=incoming))

@@ -11,14 +11,15 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
+from client.guard import HELD_KEY, restore_held
 from server.federation import run_federation, wait_for_hospitals
 from server.hospitals import FederationError, Hospitals
 from server.state import STATE, RunState
 from shared.config import FederationConfig
-from shared.wire import ARRAYS, METRICS, NUM_EXAMPLES, SITE, site_record
+from shared.wire import ARRAYS, ARRAYS_NOT_HELD, METRICS, NUM_EXAMPLES, SITE, encoded, payload_bytes, site_record
 
 DIM = 8
 BACKBONE, OTHER = "aa" * 32, "bb" * 32
@@ -40,7 +41,7 @@ def honest(name: str, backbone: str = BACKBONE, scale: float = 1.0) -> Behaviour
         metrics = {NUM_EXAMPLES: 10, "train-loss": 0.5}
         content = RecordDict({METRICS: MetricRecord(metrics), SITE: site_record(name, backbone)})
         if msg.metadata.message_type == "train":
-            content[ARRAYS] = ArrayRecord({k: Array((a.numpy() * scale).astype(np.float32))
+            content[ARRAYS] = ArrayRecord({k: Array((a.numpy() * scale).astype(a.dtype))  # as it came
                                            for k, a in msg.content[ARRAYS].items()})
         else:
             content[METRICS] = MetricRecord({NUM_EXAMPLES: 10, "auroc/all/Edema": 0.7, "pos/all/Edema": 3,
@@ -60,12 +61,17 @@ def silent(msg: Message, _round: int) -> None:
 
 
 class Grid:
-    """Delivers each message to its hospital's behaviour at once; ``connected`` can be changed by a test."""
+    """Delivers each message to its hospital's behaviour at once; ``connected`` can be changed by a test. Each
+    hospital keeps the adaptors of the last message it answered, as the hospital's guard does, and ``sent`` counts
+    the messages that carried adaptors."""
 
     def __init__(self, hospitals: dict[int, Behaviour]) -> None:
         self.hospitals, self.connected = hospitals, set(hospitals)
         self.outbox: dict[str, Message] = {}
         self.trains = 0
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+                         for node in hospitals}
+        self.sent = 0
 
     def get_node_ids(self):
         return sorted(self.connected)
@@ -81,8 +87,15 @@ class Grid:
             meta = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=node,
                             reply_to_message_id="", group_id=msg.metadata.group_id, created_at=time.time(),
                             ttl=600.0, message_type=msg.metadata.message_type)
-            incoming = Message(metadata=meta, content=msg.content)
-            reply = self.hospitals[node](incoming, self.trains)
+            incoming = Message(metadata=meta, content=RecordDict(dict(msg.content.items())))
+            self.sent += ARRAYS in incoming.content
+            if (missing := restore_held(incoming, self.contexts[node])) is not None:
+                reply = Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, f"{ARRAYS_NOT_HELD}: {missing}"),
+                                reply_to=incoming)
+            else:
+                reply = self.hospitals[node](incoming, self.trains)
+            if reply is not None and not reply.has_error():
+                self.contexts[node].state[HELD_KEY] = incoming.content[ARRAYS]
             if reply is not None:
                 self.outbox[meta.message_id] = reply
             ids.append(meta.message_id)
@@ -204,3 +217,37 @@ def test_a_malformed_evaluate_reply_is_refused_by_name_and_the_run_goes_on(tmp_p
         assert [(e["hospital"], e["phase"]) for e in record["refused"]] == [("mallory", "evaluate")]
         assert reason in record["refused"][0]["reason"]
         assert record["macro_auroc"] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("wire_dtype, itemsize", [("float16", 2), ("float32", 4)])
+def test_adaptors_cross_in_the_wire_dtype_and_never_twice_to_a_hospital(tmp_path, wire_dtype, itemsize):
+    """Round r's evaluate message and round r+1's train message hold the same global adaptors: a hospital that
+    answered the first gets the second without them. Every byte count is the wire dtype's."""
+    grid = Grid({1: honest("h-a", scale=1.5), 2: honest("h-b", scale=0.75)})  # every round moves the adaptors
+    state = run_federation(grid, _config(tmp_path, rounds_per_stage=3, wire_dtype=wire_dtype), DIM)
+    assert grid.sent == 2 * 4  # train and evaluate of round 1, evaluate of rounds 2 and 3: 4 per hospital, not 6
+    size = payload_bytes(encoded(state.arrays, wire_dtype))  # npy bytes, headers included
+    assert size == sum(a.numpy().size for a in state.arrays.values()) * itemsize + 128 * len(state.arrays)
+    assert [r["bytes_down"] for r in state.history] == [4 * size, 2 * size, 2 * size]
+    assert all(r["bytes_up_per_hospital"] == {"h-a": size, "h-b": size} for r in state.history)
+    assert all(a.dtype == "float32" for a in state.arrays.values())  # decoded before aggregation, kept in float32
+
+
+def test_a_hospital_that_lost_its_adaptors_asks_and_gets_them_in_the_same_round(tmp_path):
+    grid = Grid({1: honest("h-a", scale=1.5), 2: honest("h-b", scale=0.75)})
+    original, trains = grid.push_messages, []
+
+    def push(messages):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            trains.append(messages)
+            if len(trains) == 2:  # hospital h-b's SuperNode restarted before round 2: what it held is gone
+                grid.contexts[2].state = RecordDict()
+        return original(messages)
+
+    grid.push_messages = push
+    state = run_federation(grid, _config(tmp_path, rounds_per_stage=2), DIM)
+    assert [r["clients"] for r in state.history] == [2, 2] and not state.history[1]["declined"]
+    size = payload_bytes(encoded(state.arrays, "float16"))
+    assert state.history[1]["bytes_down"] == 3 * size  # h-b's train message again, in full; both evaluates
+    assert [len(m) for m in trains] == [2, 2, 1] and ARRAYS not in trains[1][1].content  # asked, then sent

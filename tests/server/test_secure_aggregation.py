@@ -351,7 +351,7 @@ def test_secure_train_feeds_the_strategy_one_weighted_reply():
     for name in ("fedavg", "fedprox", "fedadam"):
         # updates of up to 10 × N(0, 1) per coordinate: no containment, which the secure sum cannot apply either
         config = FederationConfig(strategy=name, min_hospitals=3, server_lr=0.05, max_update_norm=0,
-                                  max_weight_ratio=0)
+                                  max_weight_ratio=0, wire_dtype="float32")  # the same numbers on both paths
         secure, plain = make_strategy(config, SPEC), make_strategy(config, SPEC)
         grid = LocalGrid(hospital_app(), hospitals=3)
         train_msgs = list(secure.configure_train(1, GLOBAL, ConfigRecord({"stage": 0, "round": 1}), grid))

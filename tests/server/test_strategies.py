@@ -27,6 +27,10 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, field, value)
 
 
+#: The dtype replies cross the wire in (the strategies decode them to float32).
+WIRE = FederationConfig().wire_dtype
+
+
 def global_arrays(seed: int = 0) -> ArrayRecord:
     rng = np.random.default_rng(seed)
     return ArrayRecord({k: Array(rng.standard_normal(s.shape).astype(np.float32)) for k, s in SPEC.items()})
@@ -35,13 +39,14 @@ def global_arrays(seed: int = 0) -> ArrayRecord:
 def honest_update(base: ArrayRecord, k: int) -> dict[str, np.ndarray]:
     """Hospital k's adaptors: the global ones plus a small, hospital-specific step."""
     rng = np.random.default_rng(100 + k)
-    return {n: (a.numpy() + 0.05 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in base.items()}
+    return {n: (a.numpy() + 0.05 * rng.standard_normal(a.shape)).astype(WIRE).astype(np.float32)
+            for n, a in base.items()}  # values the wire carries exactly
 
 
 def reply(k: int, arrays: dict[str, np.ndarray], **metrics) -> Message:
     request = Message(RecordDict(), dst_node_id=1000 + k, message_type="train", group_id="1")
     values = {NUM_EXAMPLES: 100 + k, "train-loss": 0.5, **metrics}
-    return Message(RecordDict({ARRAYS: ArrayRecord({n: Array(v) for n, v in arrays.items()}),
+    return Message(RecordDict({ARRAYS: ArrayRecord({n: Array(np.asarray(v, dtype=WIRE)) for n, v in arrays.items()}),
                                METRICS: MetricRecord(values), SITE: site_record(f"hospital-{k}", BACKBONE)}),
                    reply_to=request)
 
@@ -141,7 +146,7 @@ def test_a_non_positive_or_fractional_example_count_is_refused_not_fatal(claim):
 
 def test_a_huge_example_claim_is_capped_at_the_ratio_to_the_median():
     base = global_arrays()
-    liar = {n: v + 1.0 for n, v in honest_update(base, 0).items()}
+    liar = {n: (v + 1.0).astype(WIRE).astype(np.float32) for n, v in honest_update(base, 0).items()}
     replies = [reply(0, liar, **{NUM_EXAMPLES: 10**9})] + [reply(k, honest_update(base, k)) for k in range(1, HOSPITALS)]
     arrays, metrics, refused = aggregate("fedavg", replies, base, max_update_norm=0)
     assert not refused
