@@ -86,7 +86,7 @@ def simulation(root: Path, hospitals: int, images: int) -> dict:
     return measured(str(root), job)
 
 
-def deployment(root: Path, hospitals: int, images: int) -> dict:
+def deployment(root: Path, hospitals: int, images: int, rounds_per_stage: int = 2) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from deploy.federation import CONNECTION, Layout, down, up
     from server.state import STATE
@@ -95,7 +95,7 @@ def deployment(root: Path, hospitals: int, images: int) -> dict:
     layout = Layout(fed.resolve())
     env = {**os.environ, "FLWR_HOME": str(layout.flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    run = {"stages": 1, "rounds-per-stage": 2, "local-epochs": 1, "min-hospitals": hospitals, "run-dir": "runs/load",
+    run = {"stages": 1, "rounds-per-stage": rounds_per_stage, "local-epochs": 1, "min-hospitals": hospitals, "run-dir": "runs/load",
            "join-timeout": 300.0}
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in run.items())
 
@@ -111,6 +111,7 @@ def deployment(root: Path, hospitals: int, images: int) -> dict:
             return {"hospitals": hospitals, "up_s": round(up_s, 1), "run_s": round(time.perf_counter() - start - up_s, 1),
                     "returncode": proc.returncode, "rounds": len(state["history"]),
                     "hospitals_per_round": [r["clients"] for r in state["history"]],
+                    "round_s": [round(r["wall_s"], 2) for r in state["history"]],
                     "final_macro_auroc": state["history"][-1]["macro_auroc"] if state["history"] else None,
                     "error": proc.stdout[-1500:] if proc.returncode else ""}
         finally:

@@ -6,6 +6,12 @@ Hospital → server (train):    ``arrays`` (its adaptors: exactly the expected n
                               + ``site``
 Hospital → server (evaluate): ``metrics`` + ``site``
 
+Adaptor arrays cross in one wire dtype both ways (run config ``wire-dtype``: ``float16`` by default, half the bytes
+of ``float32``); both ends decode them to float32 before computing (:func:`decoded`). A message's ``config`` names
+its adaptors' digest (:data:`ARRAYS_DIGEST`); to a hospital that holds them (it answered the previous message,
+whose adaptors were the same: round r's evaluate and round r+1's train) the message goes without ``arrays``, and the
+hospital's guard puts back the ones it verified before (or answers :data:`ARRAYS_NOT_HELD` and gets them in full).
+
 ``site`` (ConfigRecord) holds exactly two strings of fixed form: ``name``, the hospital's name from its node config
 (letters, digits, ``.``, ``_``, ``-``; at most 64), by which reports name it, and ``backbone``, the 64-hex identity
 of its frozen backbone (weights hash + preprocessing), so the server never averages adaptors trained on different
