@@ -12,9 +12,10 @@
 
 Which app package a hospital serves at all is decided before any of this, by its runtime (:mod:`client.runtime`).
 
-**Expected spec.** A train reply must hold exactly the arrays the server sent in the train message (same names,
-shapes, dtypes: :func:`incoming_spec`), so the guard needs no model or backbone and a reply is never larger than
-what came in. Pass ``spec_fn`` to pin the spec to a model instead (``lambda msg: adaptor_spec(model)``).
+**Expected spec.** A train reply must hold exactly the arrays of the train message (same names, shapes, dtypes:
+:func:`incoming_spec`; adaptors the message named by digest count as in it), so the guard needs no model or backbone
+and a reply is never larger than the adaptors the hospital was given. Pass ``spec_fn`` to pin the spec to a model
+instead (``lambda msg: wire_spec(adaptor_spec(model), "float16")``).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None 
 
         missing = restore_held(msg, context)
         if missing is not None:
+            log.warning("asked the server for the adaptors of a %s message: %s", msg.metadata.message_type, missing)
             return record(ERROR, _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, ARRAYS_NOT_HELD),
                           error_code=ErrorCode.MOD_FAILED_PRECONDITION, reason=missing)
         try:

@@ -4,7 +4,8 @@
 process. The apps are the ones a deployment runs, entered through Flower's own ``ServerApp``/``ClientApp`` call
 (mods included); every message and reply crosses as Flower's protobuf bytes, what a SuperLink would carry, so
 what cannot cross a real link fails here too. A node handles one message at a time, as a SuperNode
-does; a reply that misses ``send_and_receive``'s timeout is dropped (its node stays busy until its app returns), and an
+does; a reply that misses ``send_and_receive``'s timeout is dropped (its node stays busy until its app returns; one
+that a caller pulling on its own stops waiting for stays until pulled, as on a SuperLink until its TTL), and an
 exception in an app becomes an error reply naming it. What this leaves out is process isolation between hospitals,
 which a simulation on synthetic data has no use for: Flower's simulation engine starts Ray and a worker pool for it
 (≈ 30 s before the first round on 2 cores) and carries each message through an actor.

@@ -19,7 +19,7 @@ from flwr.clientapp.typing import Mod
 from shared.errors import RetuneError
 from shared.wire import ARRAYS
 
-POISONS = {"scale": lambda v: v * np.float32(100), "flip": lambda v: -v, "nan": lambda v: np.full_like(v, np.nan)}
+POISONS = {"scale": lambda v: v * v.dtype.type(100), "flip": lambda v: -v, "nan": lambda v: np.full_like(v, np.nan)}
 
 
 @dataclass(frozen=True)

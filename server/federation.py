@@ -31,7 +31,7 @@ from shared.labels import resolve_schema
 from shared.model import RetuneModel
 from shared.scenarios import disease_groups
 from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, sign_round
-from shared.wire import ARRAYS, ARRAYS_DIGEST, CONFIG, METRICS, adaptor_spec, encoded, payload_bytes, to_record
+from shared.wire import ARRAYS, ARRAYS_DIGEST, CONFIG, METRICS, adaptor_spec, decoded, encoded, payload_bytes, to_record
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict, RunState], None]
@@ -117,9 +117,11 @@ def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy,
     """Send the global adaptors to every connected hospital (in the wire dtype; not to those that hold them) and
     aggregate the admitted replies."""
     binding = RoundBinding(run_id, run_identity(config.to_run_config()), state.stage, state.round, "train")
-    sent = encoded(state.arrays, config.wire_dtype)
+    # secure aggregation masks float32 updates (its vectors are 64-bit whatever the wire dtype): no rounding there
+    sent = encoded(state.arrays, "float32" if config.secure_aggregation else config.wire_dtype)
+    # updates are measured from what the hospitals start from (FedAdam's pseudo-gradient, the containment norm)
     train_msgs = _outgoing(strategy.configure_train(
-        server_round, state.arrays, round_config(binding, sent, signing_key), grid), sent)
+        server_round, decoded(sent), round_config(binding, sent, signing_key), grid), sent)
     if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
         arrays, metrics, secure = secure_train(grid, strategy, server_round, train_msgs, config.round_timeout,
                                                hospitals.admit)

@@ -49,9 +49,9 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) -> 
 class HeldArrays:
     """Which global adaptors (by digest) each hospital holds: those of the last message it answered without an
     error, which it verified and kept (:func:`client.guard.round_mod`). A message whose adaptors the hospital holds
-    goes without them (its config names their digest, :data:`shared.wire.ARRAYS_DIGEST`, which the signature
-    covers); a hospital that no longer holds them answers :data:`shared.wire.ARRAYS_NOT_HELD` and gets them in full
-    (:meth:`resend`)."""
+    goes without them (its config names their digest, :data:`shared.wire.ARRAYS_DIGEST`; the hospital verifies the
+    message's signature over the adaptors it puts back); a hospital that no longer holds them answers
+    :data:`shared.wire.ARRAYS_NOT_HELD` and gets them in full (:meth:`resend`, after the first exchange)."""
 
     def __init__(self) -> None:
         self._held: dict[int, str] = {}

@@ -11,6 +11,7 @@ of ``float32``); both ends decode them to float32 before computing (:func:`decod
 its adaptors' digest (:data:`ARRAYS_DIGEST`); to a hospital that holds them (it answered the previous message,
 whose adaptors were the same: round r's evaluate and round r+1's train) the message goes without ``arrays``, and the
 hospital's guard puts back the ones it verified before (or answers :data:`ARRAYS_NOT_HELD` and gets them in full).
+Secure aggregation's train messages carry float32 adaptors: its masked vectors are 64-bit whatever the wire dtype.
 
 ``site`` (ConfigRecord) holds exactly two strings of fixed form: ``name``, the hospital's name from its node config
 (letters, digits, ``.``, ``_``, ``-``; at most 64), by which reports name it, and ``backbone``, the 64-hex identity

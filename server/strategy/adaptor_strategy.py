@@ -3,7 +3,8 @@ can do to the aggregate, consistent metrics, float32 results and a deterministic
 
 **Containment** (:class:`UpdateLimits`), before any aggregation, of each train reply:
 
-- it must pass the wire format (names, shapes, dtypes of the global adaptors);
+- it must pass the wire format (names and shapes of the global adaptors, in the run's wire dtype); it is then
+  decoded to float32;
 - every value must be finite (one NaN would make the whole average NaN);
 - its update ``w_i − w_global`` must be at most ``max_update_norm`` × ‖w_global‖ (an update ×100 is refused);
 - its claimed ``num-examples`` must be a positive integer, and counts at most ``max_weight_ratio`` × the round's
@@ -12,7 +13,7 @@ can do to the aggregate, consistent metrics, float32 results and a deterministic
 Refused replies are named with the reason (:attr:`AdaptorStrategy.refused`), never aggregated, never fatal. The
 replies that pass reach Flower's aggregation with metrics of the same keys (``num-examples``, capped), so hospitals
 with and without DP federate together; the mean train loss is taken over the hospitals that report one. Whatever
-the parent computes (FedAdam's float64 included) goes out in the adaptors' own dtype.
+the parent computes (FedAdam's float64 included) comes out in the adaptors' own dtype (float32).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from server.strategy import make_strategy
 from shared.config import STRATEGIES, FederationConfig
@@ -190,3 +190,19 @@ def test_bulyan_with_fewer_replies_than_it_needs_does_not_aggregate():
     strategy = configured(FederationConfig(strategy="bulyan", min_hospitals=7, byzantine_hospitals=1), base)
     arrays, _ = strategy.aggregate_train(1, [reply(k, honest_update(base, k)) for k in range(5)])
     assert arrays is None
+
+
+@pytest.mark.parametrize("kind", ["scale", "flip", "nan"])
+def test_a_poisoned_reply_keeps_the_wire_dtype_so_containment_not_the_wire_check_judges_it(kind):
+    """``--poison`` must alter values only: a reply it promoted to float32 would be refused for its dtype, and the
+    poisoning benchmark's "containment off" runs would measure nothing."""
+    from research.poison import Poison
+
+    base = global_arrays()
+    honest = reply(1, honest_update(base, 1))
+    poisoned = Poison(kind, 0).mod()(honest, Context(run_id=1, node_id=1, node_config={"partition-id": 0},
+                                                     state=RecordDict(), run_config={}), lambda m, c: honest)
+    assert {a.dtype for a in poisoned.content[ARRAYS].values()} == {WIRE}
+    _, _, refused = aggregate("fedavg", [poisoned] + [reply(k, honest_update(base, k)) for k in range(1, HOSPITALS)],
+                              base, max_update_norm=0)
+    assert (kind == "nan") == bool(refused)  # with the norm bound off, only non-finite values are refused
