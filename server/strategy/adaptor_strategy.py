@@ -53,17 +53,24 @@ class UpdateLimits:
         return cls(config.max_update_norm, config.max_weight_ratio)
 
 
-def update_problem(arrays: ArrayRecord, current: ArrayRecord | None, limits: UpdateLimits) -> str | None:
-    """Why these adaptors may not be aggregated against the ``current`` global ones (None: they may)."""
+def _flat(arrays: ArrayRecord, names: Iterable[str]) -> np.ndarray:
+    """The arrays ``names`` of ``arrays`` as one float64 vector."""
+    return np.concatenate([arrays[name].numpy().ravel() for name in names]).astype(np.float64)
+
+
+def update_problem(arrays: ArrayRecord, current: ArrayRecord | None, limits: UpdateLimits,
+                   base: np.ndarray | None = None) -> str | None:
+    """Why these adaptors may not be aggregated against the ``current`` global ones (None: they may). ``base``:
+    ``current`` as :func:`_flat` gives it, when the caller has it already."""
     values = {name: array.numpy() for name, array in arrays.items()}
     bad = sorted(name for name, v in values.items() if not np.isfinite(v).all())
     if bad:
         return f"non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more arrays" if len(bad) > 1 else "")
     if current is None or not limits.max_update_norm:
         return None
-    base = {name: array.numpy().astype(np.float64) for name, array in current.items()}
-    global_norm = math.sqrt(sum(float(np.square(v).sum()) for v in base.values()))
-    step = math.sqrt(sum(float(np.square(values[n].astype(np.float64) - base[n]).sum()) for n in base))
+    base = _flat(current, current.keys()) if base is None else base
+    global_norm = float(np.linalg.norm(base))
+    step = float(np.linalg.norm(_flat(arrays, current.keys()) - base))
     if step > limits.max_update_norm * max(global_norm, 1.0):
         return (f"update norm {step:.3g} exceeds {limits.max_update_norm:g} × the global adaptors' norm "
                 f"{global_norm:.3g}")
@@ -100,9 +107,11 @@ class AdaptorStrategy:
         self.wire_dtype = wire_dtype
         self.refused: list[tuple[int, str]] = []
         self.current: ArrayRecord | None = None
+        self._base: np.ndarray | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):  # type: ignore[no-untyped-def]
         self.current = arrays  # what updates are measured against
+        self._base = _flat(arrays, arrays.keys())
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -116,7 +125,7 @@ class AdaptorStrategy:
                 arrays = decoded(msg.content[ARRAYS])
                 examples = _examples(msg.content[METRICS])
                 problem = "num-examples must be a positive whole number" if examples is None else \
-                    update_problem(arrays, self.current, self.limits)
+                    update_problem(arrays, self.current, self.limits, self._base)
             except WireError as exc:
                 problem, examples = str(exc), None
             if problem is not None:
