@@ -133,7 +133,8 @@ def decoded(record: ArrayRecord) -> ArrayRecord:
 
 def to_record(model: RetuneModel, dtype: str = "float32") -> ArrayRecord:
     """The model's adaptor weights as an ArrayRecord (CPU), in ``dtype``."""
-    return encoded(ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()}), dtype)
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy(), dtype=dtype))
+                        for k, v in model.state_dict().items()})
 
 
 def load_record(model: RetuneModel, record: ArrayRecord) -> RetuneModel:

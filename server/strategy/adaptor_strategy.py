@@ -53,24 +53,29 @@ class UpdateLimits:
         return cls(config.max_update_norm, config.max_weight_ratio)
 
 
-def _flat(arrays: ArrayRecord, names: Iterable[str]) -> np.ndarray:
-    """The arrays ``names`` of ``arrays`` as one float64 vector."""
-    return np.concatenate([arrays[name].numpy().ravel() for name in names]).astype(np.float64)
+def _flat(values: dict[str, np.ndarray], names: Iterable[str]) -> np.ndarray:
+    """The arrays ``names`` of ``values`` as one float64 vector."""
+    return np.concatenate([values[name].ravel() for name in names]).astype(np.float64)
+
+
+def _values(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Each array of ``arrays`` as numpy (read off its bytes once)."""
+    return {name: array.numpy() for name, array in arrays.items()}
 
 
 def update_problem(arrays: ArrayRecord, current: ArrayRecord | None, limits: UpdateLimits,
                    base: np.ndarray | None = None) -> str | None:
     """Why these adaptors may not be aggregated against the ``current`` global ones (None: they may). ``base``:
     ``current`` as :func:`_flat` gives it, when the caller has it already."""
-    values = {name: array.numpy() for name, array in arrays.items()}
+    values = _values(arrays)
     bad = sorted(name for name, v in values.items() if not np.isfinite(v).all())
     if bad:
         return f"non-finite values in {bad[0]}" + (f" and {len(bad) - 1} more arrays" if len(bad) > 1 else "")
     if current is None or not limits.max_update_norm:
         return None
-    base = _flat(current, current.keys()) if base is None else base
+    base = _flat(_values(current), current.keys()) if base is None else base
     global_norm = float(np.linalg.norm(base))
-    step = float(np.linalg.norm(_flat(arrays, current.keys()) - base))
+    step = float(np.linalg.norm(_flat(values, current.keys()) - base))
     if step > limits.max_update_norm * max(global_norm, 1.0):
         return (f"update norm {step:.3g} exceeds {limits.max_update_norm:g} × the global adaptors' norm "
                 f"{global_norm:.3g}")
@@ -111,7 +116,7 @@ class AdaptorStrategy:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):  # type: ignore[no-untyped-def]
         self.current = arrays  # what updates are measured against
-        self._base = _flat(arrays, arrays.keys())
+        self._base = _flat(_values(arrays), arrays.keys())
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
