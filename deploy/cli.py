@@ -165,13 +165,14 @@ def evaluate(
     from client.incremental import Split
     from client.local_data import prompt_embeddings, require_rows
     from client.trainer import predict_logits
+    from deploy.inference import check_backbone, open_checkpoint
     from shared.metrics import classification_metrics
 
-    model, bank, sidecar = _open_checkpoint(checkpoint, public_key)
+    model, bank, sidecar = open_checkpoint(checkpoint, public_key, console)
     _, bb, store, splits, _, _ = _load_data(data, fmt, ",".join(bank.diseases), uncertain, image_root,
                                             sidecar["backbone"]["spec"], cache, on_bad_file, max_pixels,
                                             allow_outside_paths)
-    _check_backbone(bb.identity, sidecar)
+    check_backbone(bb.identity, sidecar)
     if split == "all":
         import numpy as np
         splits["all"] = Split(np.concatenate([s.embeddings for s in splits.values()]),
@@ -185,24 +186,6 @@ def evaluate(
     print(json.dumps(metrics, indent=2))
 
 
-def _open_checkpoint(folder: Path, public_key: Path | None):
-    """Load a checkpoint, after verifying the consortium's signature when a public key is given."""
-    from shared.checkpoint import load_checkpoint
-    from shared.signing import verify_checkpoint
-
-    if public_key is not None:
-        verify_checkpoint(folder, public_key)
-    else:
-        console.print("[yellow]checkpoint signature not checked: pass --public-key consortium.pub to verify it")
-    return load_checkpoint(folder)
-
-
-def _check_backbone(identity: str, sidecar: dict) -> None:
-    if sidecar["backbone"]["identity"] != identity:
-        raise RetuneError("the checkpoint's adaptors were trained on a different backbone (weights or "
-                          f"preprocessing differ from {sidecar['backbone']['spec']!r}); use the same backbone")
-
-
 @app.command()
 def predict(
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG/DICOM files.")],
@@ -211,28 +194,16 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Per-disease probabilities for each image."""
-    import torch
+    from deploy.inference import score_images
 
-    from client.local_data import prompt_embeddings
-    from client.trainer import predict_logits
-    from shared.backbone import load_backbone
-    from shared.cache import EmbeddingCache
-    from shared.data.problems import BadFiles, print_bad_files
-
-    model, bank, sidecar = _open_checkpoint(checkpoint, public_key)
-    bb = load_backbone(sidecar["backbone"]["spec"])
-    _check_backbone(bb.identity, sidecar)
-    store = EmbeddingCache(cache, bb)
-    bad = BadFiles("skip")
-    embeddings, ok = store.images([str(p) for p in images], bad, show_progress=len(images) > 50)
-    print_bad_files(bad, console)
-    probs = torch.sigmoid(torch.as_tensor(predict_logits(model, embeddings, prompt_embeddings(store, bank)))).numpy()
+    scored = score_images(checkpoint, images, cache, public_key, console)
+    bank, probs, ok = scored.bank, scored.probabilities, scored.ok
     result = {str(p): dict(zip(bank.diseases, map(float, row))) if good else None
               for p, row, good in zip(images, probs, ok)}
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=f"probabilities ({bb.label})")
+    table = Table(title=f"probabilities ({scored.backbone_label})")
     table.add_column("image")
     for disease in bank.diseases:
         table.add_column(disease, justify="right")
