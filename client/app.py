@@ -22,9 +22,9 @@ from client.dp_trainer import release_dp_round
 from client.guard import AUDIT_LOG_KEY, DECLINED_BUDGET, hospital_mods
 from client.privacy import BudgetExhausted, HospitalPrivacy, released_key
 from client.secagg import register_secure_handlers
-from client.site import Site, load_site, node_values, site_metrics, site_settings
+from client.site import Site, load_site, node_values, site_metrics, site_model, site_settings
 from client.trainer import train_adaptors
-from shared.config import AdaptorConfig, FederationConfig, TrainConfig, run_identity
+from shared.config import FederationConfig, TrainConfig, run_identity
 from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.scenarios import supervise
@@ -46,9 +46,7 @@ def _context(msg: Message, context: Context, config: FederationConfig | None) ->
 
 
 def _global_model(msg: Message, config: FederationConfig, site: Site) -> RetuneModel:
-    with torch.device("meta"):  # no initialisation to throw away: the weights are the message's
-        model = RetuneModel(site.embed_dim, AdaptorConfig(kind=config.adaptor))
-    return load_record(model, msg.content[ARRAYS])
+    return load_record(site_model(config, site), msg.content[ARRAYS])
 
 
 def _site(site: Site):
@@ -94,7 +92,7 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                                    lr=cfg.lr if site.settings.dp is None else cfg.dp_lr,
                                    seed=local_seed(cfg, site, stage, round_))
-        embeddings = site.train.embeddings[task.train_rows]
+        embeddings = site.train.inputs(model)[task.train_rows]
         examples = int((~torch.isnan(torch.as_tensor(labels))).any(dim=1).sum())
         if site.settings.dp is not None:  # nothing un-noised leaves: no train loss, ε and δ only
             audit = context.node_config.get(AUDIT_LOG_KEY)

@@ -6,6 +6,10 @@ batch × parameters is built, and the gradients are summed from per-sample facto
 
 - Image adaptor: each Linear sees one input row x_i per sample, so with its output gradient e_i (from one
   backward pass over activations only) ‖g_i‖² = ‖e_i‖²·(‖x_i‖² + 1), and the clipped sum is (clip ⊙ e)ᵀ·[x, 1].
+- LoRA in the image tower (``lora``/``both`` kinds): each sample's embedding depends on its own image only, so
+  backpropagating the per-sample gradients of the embeddings (rows of dL/d emb) through the tower gives, in opacus'
+  grad-sample hooks (:class:`opacus.GradSampleModule` on the tower's LoRA layers), each sample's gradient of the
+  LoRA matrices exactly; their squared norms join the adaptors' before clipping.
 - Text adaptor: all samples share its R prompt rows, so it runs once per batch. Sample i's loss sees it only
   through the disease means M = A·text [2C, d] (A averages the prompts), and dL_i/dM has a closed form: row k is
   a_ik·(img_i − cos_ik·n_k), with n_k = M_k/‖M_k‖ and a_ik = ±s·(dL_i/dlogit of disease k // 2)/‖M_k‖. Through
@@ -17,15 +21,18 @@ batch × parameters is built, and the gradients are summed from per-sample facto
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from opacus import GradSampleModule
 from torch import nn
 
 from client.trainer import Prompts
+from shared.errors import RetuneError
 from shared.model import RetuneModel, masked_bce
 
 Call = tuple[nn.Linear, torch.Tensor, torch.Tensor]  # a Linear, its input and its output
@@ -36,41 +43,83 @@ class PerSampleRetune(nn.Module):
 
     def __init__(self, model: RetuneModel, prompts: Prompts) -> None:
         super().__init__()
+        if model.text_tower is not None:
+            raise RetuneError("DP-SGD with LoRA in the text tower is not supported: every sample's loss goes through "
+                              "all the prompts, so its per-sample gradients would need one text-tower pass per "
+                              "sample; use --lora-towers image (or no DP)")
         self.image_adaptor, self.text_adaptor = model.image_adaptor, model.text_adaptor
+        self.tower = None if model.image_tower is None else GradSampleModule(
+            model.image_tower, batch_first=True, loss_reduction="sum")
         self.scale = model.config.logit_scale
         self.register_buffer("rows", prompts.embeddings.float())
         self.register_buffer("averaging", prompts.averaging.float())
         # logit c = s·(cos with mean 2c − cos with mean 2c + 1): polarity[2c, c] = 1, polarity[2c + 1, c] = −1
         self.register_buffer("polarity", torch.kron(torch.eye(len(self.averaging) // 2), torch.tensor([[1.0], [-1.0]])))
 
-    def forward(self, image_emb: torch.Tensor) -> torch.Tensor:
-        return self.score(F.normalize(self.image_adaptor(image_emb), dim=-1), self.text_adaptor(self.rows))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.score(F.normalize(self.image_adaptor(self._embed(images)), dim=-1), self.text_adaptor(self.rows))
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.tower is None else self.tower(images)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters DP-SGD trains (adaptors and LoRA matrices)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def close(self) -> None:
+        """Remove opacus' hooks from the image tower (the model goes on without them)."""
+        if self.tower is not None:
+            self.tower.remove_hooks()
 
     def score(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Logits [B, C] of L2-normalised adapted images against adapted prompt rows [R, d]."""
         return self.scale * (image @ F.normalize(self.averaging @ text, dim=-1).T @ self.polarity)
 
-    def clipped_backward(self, image_emb: torch.Tensor, labels: torch.Tensor, max_grad_norm: float
+    def clipped_backward(self, images: torch.Tensor, labels: torch.Tensor, max_grad_norm: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Set each parameter's ``.grad`` to the sum over samples of its clipped per-sample gradient of masked BCE;
-        returns (per-sample losses, per-sample gradient norms over both adaptors before clipping)."""
+        returns (per-sample losses, per-sample gradient norms over everything that trains, before clipping).
+        ``images`` are cached embeddings, or preprocessed images when LoRA adapts the image tower."""
+        embedded = self._embed(images)
         with _recording(self.image_adaptor) as image_calls:
-            image = F.normalize(self.image_adaptor(image_emb), dim=-1)
+            image = F.normalize(self.image_adaptor(embedded), dim=-1)
         with torch.no_grad(), _recording(self.text_adaptor) as text_calls:  # its gradients come from _TextBranch
             text = self.text_adaptor(self.rows)
         logits = self.score(image, text)
         losses = masked_bce(logits, labels, "none")
-        *errors, dlogits = torch.autograd.grad(losses.sum(), [out for _, _, out in image_calls] + [logits])
+        wrt = [out for _, _, out in image_calls] + [logits] + ([embedded] if self.tower is not None else [])
+        grads = list(torch.autograd.grad(losses.sum(), wrt, retain_graph=self.tower is not None))
+        lora = self._lora_samples(embedded, grads.pop()) if self.tower is not None else []
+        *errors, dlogits = grads
         with torch.no_grad():
             branch = _TextBranch(self, text_calls, text, image, dlogits)
             squares = branch.squares() + sum(e.square().sum(1) * (x.square().sum(1) + 1)
                                              for (_, x, _), e in zip(image_calls, errors))
+            squares = squares + sum(g.flatten(1).square().sum(1) for _, g in lora)
             norms = squares.clamp(min=0).sqrt()
             clip = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
             for (layer, x, _), e in zip(image_calls, errors):
                 layer.weight.grad, layer.bias.grad = (clip[:, None] * e).T @ x, clip @ e
             branch.clipped(clip)
+            for p, g in lora:
+                p.grad = torch.einsum("n,n...->...", clip, g)
         return losses.detach(), norms
+
+    def _lora_samples(self, embedded: torch.Tensor, grad: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Per-sample gradients [B, ...] of each LoRA matrix, from opacus' hooks, given dL/d embedded [B, d]."""
+        with warnings.catch_warnings():  # the frozen layers under the LoRA ones take no gradient, as intended
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            embedded.backward(grad)
+        out = []
+        for name, p in self.tower.named_parameters():
+            if p.requires_grad:
+                if getattr(p, "grad_sample", None) is None:
+                    raise RetuneError(f"opacus has no per-sample gradient of LoRA parameter {name} (a LoRA layer "
+                                      "that is not called as a module, such as one in a MultiheadAttention): DP-SGD "
+                                      "needs LoRA on Linear layers (--lora-targets)")
+                out.append((p, p.grad_sample))
+                p.grad_sample = None
+        return out
 
 
 @dataclass(frozen=True)
@@ -94,7 +143,7 @@ class _TextBranch:
         mean = module.averaging @ text
         length = mean.norm(dim=-1).clamp(min=1e-12)  # as F.normalize
         unit = mean / length[:, None]
-        alpha = adaptor.alpha if adaptor.kind == "residual" else 1.0
+        alpha = adaptor.alpha if getattr(adaptor, "kind", None) == "residual" else 1.0
         self.spread = (module.scale * alpha / length)[:, None] * module.polarity  # a = dlogits @ spreadᵀ
         self.dlogits, self.a, self.cos = dlogits, dlogits @ self.spread.T, image @ unit.T
         self.averaging = module.averaging

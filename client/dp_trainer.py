@@ -58,8 +58,9 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
         entry = spend(noise, sample_rate, steps, *where, key=key)
         ledger.check(entry)
         rng = SecureRandom()
-        module = PerSampleRetune(model, prompts).train()
-        optimizer = dp_optimizer(module, torch.optim.Adam(module.parameters(), lr=config.lr,
+        module = PerSampleRetune(model, prompts)
+        model.train()
+        optimizer = dp_optimizer(module, torch.optim.Adam(module.trainable(), lr=config.lr,
                                                           weight_decay=config.weight_decay),
                                  noise, privacy.config, max(1, round(sample_rate * len(x))), rng)
         history = []
@@ -70,11 +71,12 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
                     losses, _ = module.clipped_backward(x[rows], y[rows], optimizer.max_grad_norm)
                     total, seen = total + float(losses.sum()), seen + len(rows)
                 else:  # an empty batch: the step still adds noise
-                    for p in module.parameters():
+                    for p in module.trainable():
                         p.grad = torch.zeros_like(p)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             history.append(total / max(seen, 1))
+        module.close()
         model.eval()
         return history, ledger.commit(entry)
 

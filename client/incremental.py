@@ -9,6 +9,7 @@ import torch
 
 from client.trainer import Prompts, predict_logits, train_adaptors
 from shared.config import TrainConfig
+from shared.errors import RetuneError
 from shared.metrics import forgetting, macro, per_class_auroc
 from shared.model import RetuneModel
 from shared.scenarios import Task, supervise
@@ -16,10 +17,24 @@ from shared.scenarios import Task, supervise
 
 @dataclass
 class Split:
-    """Cached embeddings [N, d] and labels [N, C] (NaN = not labelled) of one data split."""
+    """Cached embeddings [N, d] and labels [N, C] (NaN = not labelled) of one data split, and its preprocessed
+    images [N, 3, H, W] where LoRA adapts the image tower (whose embeddings cannot be cached)."""
 
     embeddings: np.ndarray
     labels: np.ndarray
+    pixels: np.ndarray | None = None
+
+    def inputs(self, model: RetuneModel) -> np.ndarray:
+        """What ``model`` takes for these images: cached embeddings, or preprocessed images for an adapted tower."""
+        if model.image_tower is None:
+            return self.embeddings
+        if self.pixels is None:
+            raise RetuneError("LoRA adapts the image tower, but these images were loaded as cached embeddings only")
+        return self.pixels
+
+    def rows(self, rows: np.ndarray) -> Split:
+        """The split restricted to ``rows``."""
+        return Split(self.embeddings[rows], self.labels[rows], None if self.pixels is None else self.pixels[rows])
 
 
 @dataclass
@@ -47,8 +62,8 @@ def run_scenario(model: RetuneModel, tasks: list[Task], train: Split, test: Spli
     result = ScenarioResult(tasks=[t.name for t in tasks])
     for i, task in enumerate(tasks):
         labels = supervise(train.labels[task.train_rows], diseases, task.supervised)
-        result.losses.append(train_adaptors(model, train.embeddings[task.train_rows], labels, prompts, config, device))
-        logits = predict_logits(model, test.embeddings, prompts, device)
+        result.losses.append(train_adaptors(model, train.inputs(model)[task.train_rows], labels, prompts, config, device))
+        logits = predict_logits(model, test.inputs(model), prompts, device)
         result.task_matrix.append([task_auroc(logits, test, t, diseases) for t in tasks])
         if on_task_done is not None:
             on_task_done(i, task)

@@ -12,16 +12,22 @@ from shared.errors import RetuneError
 from shared.prompts import PromptBank
 
 
-def embed_splits(table: LabelTable, cache: EmbeddingCache, bad: BadFiles, show_progress: bool = True
-                 ) -> dict[str, Split]:
+def embed_splits(table: LabelTable, cache: EmbeddingCache, bad: BadFiles, show_progress: bool = True,
+                 pixels: bool = False) -> dict[str, Split]:
     """Embed every image of ``table`` through ``cache``; unreadable images go to ``bad`` and are left out. A table
-    that lists an image in two splits is refused before anything is embedded."""
+    that lists an image in two splits is refused before anything is embedded. With ``pixels`` each split also
+    holds its preprocessed images (for LoRA in the image tower)."""
     require_disjoint_splits(table)
-    embeddings, ok = cache.images(list(table.frame["image"]), bad, show_progress)
+    refs = list(table.frame["image"])
+    embeddings, ok = cache.images(refs, bad, show_progress)
     labels = table.labels()
     split = table.frame["split"].to_numpy()
-    return {name: Split(embeddings[ok & (split == name)], labels[ok & (split == name)])
-            for name in ("train", "val", "test")}
+    out = {}
+    for name in ("train", "val", "test"):
+        rows = ok & (split == name)
+        images = cache.pixels([r for r, keep in zip(refs, rows) if keep]) if pixels else None
+        out[name] = Split(embeddings[rows], labels[rows], images)
+    return out
 
 
 def require_rows(splits: dict[str, Split], *names: str) -> None:
@@ -32,6 +38,8 @@ def require_rows(splits: dict[str, Split], *names: str) -> None:
                               "or check the image paths (retune data check shows what was found)")
 
 
-def prompt_embeddings(cache: EmbeddingCache, bank: PromptBank) -> Prompts:
-    """Embed (through the cache) every prompt of ``bank``."""
-    return Prompts(cache.texts(bank.texts()), bank.averaging_matrix())
+def prompt_embeddings(cache: EmbeddingCache, bank: PromptBank, tokens: bool = False) -> Prompts:
+    """Embed (through the cache) every prompt of ``bank``; with ``tokens``, keep their token ids too (for LoRA in
+    the text tower)."""
+    ids = cache.backbone.tokenizer(bank.texts()) if tokens else None
+    return Prompts(cache.texts(bank.texts()), bank.averaging_matrix(), ids)

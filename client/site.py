@@ -30,12 +30,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from client.incremental import Split
 from client.local_data import embed_splits, prompt_embeddings, require_rows
 from client.privacy import DPConfig
 from client.trainer import Prompts, predict_logits
-from shared.backbone import Backbone, load_backbone
+from shared.backbone import cached_backbone
 from shared.cache import EmbeddingCache
 from shared.config import OFFLINE_DEFAULT, EmbedConfig, FederationConfig, default_cache_dir
 from shared.data.names import did_you_mean
@@ -44,7 +45,7 @@ from shared.data.readers import read_labels
 from shared.errors import RetuneError
 from shared.labels import resolve_schema
 from shared.metrics import per_class_auroc
-from shared.model import RetuneModel
+from shared.model import RetuneModel, federation_model
 from shared.prompts import PromptBank
 from shared.scenarios import Task, make_tasks
 from shared.wire import SITE_NAME
@@ -155,11 +156,6 @@ def align_labels(labels: np.ndarray, have: tuple[str, ...], want: tuple[str, ...
     return out
 
 
-@lru_cache(maxsize=2)
-def _backbone(spec: str) -> Backbone:
-    return load_backbone(spec)
-
-
 def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
     """Read, embed (through the cache) and split a site's data; memoised while its label file is unchanged, so a
     long-lived hospital runtime keeps it loaded between messages and sees data that arrive later. Any problem
@@ -180,17 +176,19 @@ def _load_site(config: FederationConfig, settings: SiteSettings, _stamp: tuple[i
     diseases = resolve_schema(config.diseases).diseases
     table = read_labels(settings.manifest, allow_outside_paths=settings.allow_outside_paths)
     _check_labelled(settings.labelled or (), table.diseases)
-    backbone = _backbone(settings.backbone)
+    backbone = cached_backbone(settings.backbone)
+    lora = config.lora_config()
     cache = EmbeddingCache(Path(settings.cache), backbone, EmbedConfig(max_pixels=settings.max_pixels))
     bad = BadFiles("skip")
-    splits = embed_splits(table, cache, bad, show_progress=False)
+    splits = embed_splits(table, cache, bad, show_progress=False, pixels=lora is not None and "image" in lora.towers)
     print_bad_files(bad)
     require_rows(splits, "train", "test")
-    aligned = {name: Split(split.embeddings, align_labels(split.labels, table.diseases, diseases, settings.labelled))
-               for name, split in splits.items()}
+    aligned = {name: Split(split.embeddings, align_labels(split.labels, table.diseases, diseases, settings.labelled),
+                           split.pixels) for name, split in splits.items()}
     train, test = aligned["train"], aligned["test"]
     tasks = make_tasks(config.scenario, train.labels, len(test.labels), diseases, config.stages, config.seed)
-    return Site(settings, diseases, train, test, tasks, prompt_embeddings(cache, PromptBank(diseases)),
+    prompts = prompt_embeddings(cache, PromptBank(diseases), tokens=lora is not None and "text" in lora.towers)
+    return Site(settings, diseases, train, test, tasks, prompts,
                 backbone.embed_dim, backbone.identity)
 
 
@@ -200,6 +198,14 @@ def _check_labelled(labelled: tuple[str, ...], have: tuple[str, ...]) -> None:
         if disease not in have:
             raise RetuneError(f"node config 'diseases' names {disease!r}{did_you_mean(disease, have)}, which its "
                               f"label file has no column for; its diseases: {', '.join(have)}")
+
+
+def site_model(config: FederationConfig, site: Site) -> RetuneModel:
+    """An untrained model of the federation's adaptor kind for this site (the global weights go into it)."""
+    if config.adaptor_kind == "retune":
+        with torch.device("meta"):  # no initialisation to throw away: the weights are the message's
+            return federation_model(config, site.embed_dim)
+    return federation_model(config, site.embed_dim, cached_backbone(site.settings.backbone).model)
 
 
 def stage_test_rows(site: Site, stage: int) -> np.ndarray:
@@ -215,7 +221,7 @@ def site_metrics(model: RetuneModel | None, site: Site, stage: int, logits: np.n
     ``logits`` may be given instead of a model (e.g. the zero-shot baseline).
     """
     if logits is None:
-        logits = predict_logits(model, site.test.embeddings, site.prompts)
+        logits = predict_logits(model, site.test.inputs(model), site.prompts)
     parts = {f"s{j}": site.tasks[j].test_rows for j in range(stage + 1)}
     parts["all"] = stage_test_rows(site, stage)
     metrics: dict[str, float] = {"num-examples": len(parts["all"])}

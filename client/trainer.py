@@ -8,15 +8,26 @@ import numpy as np
 import torch
 
 from shared.config import TrainConfig
+from shared.errors import RetuneError
 from shared.model import RetuneModel, masked_bce
 
 
 @dataclass(frozen=True)
 class Prompts:
-    """Prompt embeddings [T, d] and the [2C, T] matrix that averages them per disease and polarity."""
+    """Prompt embeddings [T, d] and the [2C, T] matrix that averages them per disease and polarity; the prompts'
+    token ids [T, L] where LoRA adapts the text tower (whose embeddings cannot be cached)."""
 
     embeddings: torch.Tensor
     averaging: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+    def inputs(self, model: RetuneModel) -> torch.Tensor:
+        """What ``model`` takes for the prompts: cached embeddings, or token ids for an adapted text tower."""
+        if model.text_tower is None:
+            return self.embeddings
+        if self.tokens is None:
+            raise RetuneError("LoRA adapts the text tower, but the prompts were loaded as cached embeddings only")
+        return self.tokens
 
 
 def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
@@ -29,20 +40,21 @@ def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarra
     keep = ~np.isnan(labels).all(axis=1)
     x = torch.as_tensor(embeddings[keep], dtype=torch.float32, device=device)
     y = torch.as_tensor(labels[keep], dtype=torch.float32, device=device)
-    text, averaging = prompts.embeddings.to(device), prompts.averaging.to(device)
+    text, averaging = prompts.inputs(model).to(device), prompts.averaging.to(device)
     model.to(device).train()
     if len(x) == 0:
         return []
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    params = model.trainable()
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     history = []
     for _ in range(config.epochs):
         total = 0.0
         for rows in torch.randperm(len(x), generator=generator).split(config.batch_size):
             rows = rows.to(device)
             loss = masked_bce(model(x[rows], text, averaging), y[rows])
-            objective = loss + proximal_mu / 2 * sum((p - a).square().sum() for p, a in zip(model.parameters(), anchor))
+            objective = loss + proximal_mu / 2 * sum((p - a).square().sum() for p, a in zip(params, anchor))
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
@@ -55,9 +67,13 @@ def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarra
 @torch.inference_mode()
 def predict_logits(model: RetuneModel, embeddings: np.ndarray, prompts: Prompts,
                    device: torch.device | str = "cpu", batch_size: int = 8192) -> np.ndarray:
-    """Logits [N, C] of cached image embeddings."""
+    """Logits [N, C] of cached image embeddings (or preprocessed images, when LoRA adapts the image tower)."""
     model.to(device).eval()
-    text, averaging = prompts.embeddings.to(device), prompts.averaging.to(device)
+    averaging = prompts.averaging.to(device)
+    text = model.prompt_embeddings(prompts.inputs(model).to(device))  # once, not once per chunk
+    if model.image_tower is not None:
+        batch_size = min(batch_size, 256)  # images through the tower, not cached vectors
     x = torch.as_tensor(embeddings, dtype=torch.float32)
-    out = [model(chunk.to(device), text, averaging).cpu() for chunk in x.split(batch_size)]
+    out = [model.score(model.image_embeddings(chunk.to(device)), text, averaging).cpu() for chunk in x.split(batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, averaging.shape[0] // 2), dtype=np.float32)
+

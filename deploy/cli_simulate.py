@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from deploy.cli_lora import (AdaptorKindOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt,
+                             LoraTowersOpt, lora_fields, lora_settings)
 from shared.config import STRATEGIES, FederationConfig, SimulationPlan
 from shared.errors import RetuneError
 
@@ -42,6 +44,9 @@ def simulate(
     dp_lr: Annotated[float, typer.Option(help="Local learning rate of hospitals under DP-SGD.")] = _F.dp_lr,
     secure_aggregation: Annotated[bool, typer.Option(help="Masked aggregation: the server sees only the sum.")] = False,
     poison: Annotated[str, typer.Option(help="TESTING ONLY. KIND:K, hospital K sends poisoned adaptors; KIND scale|flip|nan.")] = "",
+    adaptor_kind: AdaptorKindOpt = _F.adaptor_kind, lora_preset: LoraPresetOpt = "pefomed",
+    lora_rank: LoraRankOpt = None, lora_alpha: LoraAlphaOpt = None, lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None, lora_towers: LoraTowersOpt = _F.lora_towers,
 ) -> None:
     """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
     from deploy.simulate import SimulationInterrupted, run_simulation, simulation_config
@@ -52,7 +57,9 @@ def simulate(
                                stages=stages, rounds_per_stage=rounds_per_stage, local_epochs=local_epochs, scenario=scenario, strategy=strategy,
                                max_update_norm=max_update_norm, max_weight_ratio=max_weight_ratio,
                                trim_fraction=trim_fraction, byzantine_hospitals=byzantine_hospitals,
-                               backbone=backbone, seed=seed, dp_lr=dp_lr, secure_aggregation=secure_aggregation)
+                               backbone=backbone, seed=seed, dp_lr=dp_lr, secure_aggregation=secure_aggregation,
+                               adaptor_kind=adaptor_kind, **lora_fields(lora_settings(
+                                   lora_preset, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_towers)))
     console = Console(stderr=True)
     try:
         report = run_simulation(config, plan, console)

@@ -62,8 +62,11 @@ class Scored:
 
     @torch.inference_mode()
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        """Adapted, L2-normalised features [len(texts), d] of any texts (embedded once through the cache)."""
-        return F.normalize(self.model.text_adaptor(self.store.texts(texts)), dim=-1)
+        """Adapted, L2-normalised features [len(texts), d] of any texts (through the cache, or through the adapted
+        text tower when LoRA adapts it)."""
+        model = self.model
+        inputs = self.store.texts(texts) if model.text_tower is None else self.store.backbone.tokenizer(texts)
+        return F.normalize(model.text_adaptor(model.prompt_embeddings(inputs)), dim=-1)
 
 
 @torch.inference_mode()
@@ -72,17 +75,25 @@ def score_images(checkpoint: Path, images: list[Path], cache: Path, public_key: 
     """Score ``images`` with the checkpoint in ``checkpoint`` (unreadable images are reported and marked)."""
     from client.local_data import prompt_embeddings
     from client.trainer import predict_logits
-    from shared.backbone import load_backbone
+    from shared.backbone import cached_backbone
     from shared.cache import EmbeddingCache
     from shared.data.problems import BadFiles, print_bad_files
 
     model, bank, sidecar = open_checkpoint(checkpoint, public_key, console)
-    bb = load_backbone(sidecar["backbone"]["spec"])
+    bb = cached_backbone(sidecar["backbone"]["spec"])
     check_backbone(bb.identity, sidecar)
     store = EmbeddingCache(cache, bb)
     bad = BadFiles("skip")
-    embeddings, ok = store.images([str(p) for p in images], bad, show_progress=len(images) > 50)
+    refs = [str(p) for p in images]
+    inputs, ok = store.images(refs, bad, show_progress=len(images) > 50)
     print_bad_files(bad, console)
-    logits = predict_logits(model, embeddings, prompt_embeddings(store, bank))
-    features = F.normalize(model.image_adaptor(torch.as_tensor(embeddings, dtype=torch.float32)), dim=-1)
+    if model.image_tower is not None:  # LoRA adapts the image tower: it runs on the preprocessed images
+        if not ok.any():
+            raise RetuneError("none of the images could be read")
+        pixels = store.pixels([r for r, good in zip(refs, ok) if good])
+        inputs = np.zeros((len(refs), *pixels.shape[1:]), dtype=pixels.dtype)
+        inputs[ok] = pixels
+    logits = predict_logits(model, inputs, prompt_embeddings(store, bank, tokens=model.text_tower is not None))
+    features = F.normalize(model.image_adaptor(model.image_embeddings(torch.as_tensor(inputs, dtype=torch.float32))),
+                           dim=-1)
     return Scored(bank, bb.label, logits, np.asarray(ok, dtype=bool), features, model, store)

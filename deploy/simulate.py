@@ -116,11 +116,11 @@ def centralized_baseline(sites: list[Site], config: FederationConfig) -> dict:
     train_config = TrainConfig(epochs=config.rounds_per_stage * config.local_epochs, batch_size=config.batch_size,
                                lr=config.lr, seed=config.seed)
     for stage in range(config.stages):
-        x = np.concatenate([s.train.embeddings[s.tasks[stage].train_rows] for s in sites])
+        x = np.concatenate([s.train.inputs(model)[s.tasks[stage].train_rows] for s in sites])
         y = np.concatenate([supervise(s.train.labels[s.tasks[stage].train_rows], s.diseases,
                                       s.tasks[stage].supervised) for s in sites])
         train_adaptors(model, x, y, sites[0].prompts, train_config)
-    return evaluate_sites(sites, config, lambda s: predict_logits(model, s.test.embeddings, s.prompts))
+    return evaluate_sites(sites, config, lambda s: predict_logits(model, s.test.inputs(model), s.prompts))
 
 
 def _progress_table(config: FederationConfig, history: list[dict], baselines: dict) -> Table:

@@ -26,9 +26,10 @@ from server.secagg import secure_train
 from server.state import RunState
 from server.strategy import make_strategy
 from server.strategy.adaptor_strategy import AdaptorStrategy, reply_order
-from shared.config import AdaptorConfig, FederationConfig, run_identity
+from shared.config import FederationConfig, run_identity
 from shared.labels import resolve_schema
-from shared.model import RetuneModel
+from shared.backbone import cached_backbone
+from shared.model import RetuneModel, federation_model
 from shared.scenarios import disease_groups
 from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, sign_round
 from shared.wire import ARRAYS, ARRAYS_DIGEST, CONFIG, METRICS, adaptor_spec, decoded, encoded, payload_bytes, to_record
@@ -44,10 +45,11 @@ def stage_diseases(config: FederationConfig) -> list[tuple[str, ...]]:
 
 
 def initial_model(config: FederationConfig, embed_dim: int) -> RetuneModel:
-    """Fresh adaptors, seeded by ``config.seed`` (what round 1 sends)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        return RetuneModel(embed_dim, AdaptorConfig(kind=config.adaptor))
+    """Fresh adaptors (and LoRA matrices), seeded by ``config.seed`` (what round 1 sends). LoRA's matrices take
+    their shapes from the backbone's towers, so for the ``lora`` and ``both`` kinds the server loads the backbone
+    named by run config ``backbone`` (its weights are never sent)."""
+    clip = cached_backbone(config.backbone).model if config.adaptor_kind != "retune" else None
+    return federation_model(config, embed_dim, clip)
 
 
 def round_config(binding: RoundBinding, arrays: ArrayRecord, signing_key: Ed25519PrivateKey | None) -> ConfigRecord:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -166,6 +167,12 @@ def _identity_name(name: str) -> str:
         if digest is not None:
             return f"retune-artifact:{digest}"
     return name
+
+
+@lru_cache(maxsize=2)
+def cached_backbone(spec: str) -> Backbone:
+    """:func:`load_backbone` once per process (a hospital runtime, a simulation, a server building LoRA towers)."""
+    return load_backbone(spec)
 
 
 def load_backbone(spec: str = OFFLINE_DEFAULT, device: torch.device | str | None = None) -> Backbone:

@@ -185,6 +185,15 @@ class EmbeddingCache:
             yield pending
             pending = nxt
 
+    def pixels(self, refs: list[str]) -> np.ndarray:
+        """Preprocessed images [N, 3, H, W] (float16) for a tower adapted with LoRA, whose embeddings change as it
+        trains and so cannot be cached; ``refs`` must be readable (as :meth:`images` found them)."""
+        with ThreadPoolExecutor(self.config.loader_threads) as pool:
+            tensors = list(pool.map(self._prepare, refs))
+        if not tensors:
+            return np.zeros((0, 3, 1, 1), dtype=np.float16)
+        return torch.stack(tensors).to(torch.float16).numpy()
+
     def images(self, refs: list[str], bad: BadFiles, show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings [N, d] for ``refs`` and a mask of the ones that could be read (bad ones go to ``bad``)."""
         keys: list[str | None] = []

@@ -7,12 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from shared import __version__
-from shared.config import AdaptorConfig
+from shared.config import AdaptorConfig, LoraConfig
 from shared.errors import RetuneError
-from shared.model import RetuneModel
+from shared.model import RetuneModel, build_model
 from shared.prompts import PromptBank
 
 WEIGHTS = "adaptors.safetensors"
@@ -35,21 +37,39 @@ def save_checkpoint(folder: Path, model: RetuneModel, prompts: PromptBank, backb
         "diseases": list(prompts.diseases),
         "prompts": prompts.to_dict(),
         "adaptor": asdict(model.config),
+        "adaptor_kind": model.kind,
+        **({"lora": asdict(model.lora)} if model.lora is not None else {}),
         **({"run": run} if run is not None else {}),
     }
     (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2))
     return folder
 
 
-def load_checkpoint(folder: Path) -> tuple[RetuneModel, PromptBank, dict[str, Any]]:
-    """Read a checkpoint folder back: model (eval mode), prompt bank and the sidecar."""
+def read_sidecar(folder: Path) -> dict[str, Any]:
+    """A checkpoint's sidecar (what its weights belong to), checked to be a checkpoint of this format."""
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file() or not (folder / SIDECAR).is_file():
         raise RetuneError(f"{folder} is not a checkpoint: expected {WEIGHTS} and {SIDECAR} in it")
     sidecar = json.loads((folder / SIDECAR).read_text())
     if sidecar.get("format_version") != FORMAT_VERSION:
         raise RetuneError(f"{folder}: checkpoint format {sidecar.get('format_version')} is not {FORMAT_VERSION}")
-    model = RetuneModel(int(sidecar["embed_dim"]), AdaptorConfig(**sidecar["adaptor"]))
+    return sidecar
+
+
+def load_checkpoint(folder: Path, clip: nn.Module | None = None) -> tuple[RetuneModel, PromptBank, dict[str, Any]]:
+    """Read a checkpoint folder back: model (eval mode), prompt bank and the sidecar. A checkpoint with LoRA needs
+    the frozen open_clip model ``clip`` it adapts (loaded from the sidecar's backbone when not given)."""
+    folder = Path(folder)
+    sidecar = read_sidecar(folder)
+    kind = sidecar.get("adaptor_kind", "retune")
+    if kind != "retune" and clip is None:
+        from shared.backbone import cached_backbone
+
+        clip = cached_backbone(sidecar["backbone"]["spec"]).model
+    lora = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in sidecar["lora"].items()}) \
+        if "lora" in sidecar else None
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(int(sidecar["embed_dim"]), AdaptorConfig(**sidecar["adaptor"]), kind, lora, clip)
     try:
         model.load_state_dict(load_file(folder / WEIGHTS))
     except RuntimeError as exc:

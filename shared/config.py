@@ -16,6 +16,12 @@ AdaptorKind = Literal["mlp", "linear", "residual"]
 Scenario = Literal["joint", "class", "label", "data"]
 UncertainPolicy = Literal["ignore", "ones", "zeros"]
 
+#: What a hospital trains: RE-tune's adaptors on the frozen embeddings (``retune``), LoRA inside the frozen
+#: backbone's towers (``lora``), or both (see :mod:`shared.lora`).
+AdaptorFamily = Literal["retune", "lora", "both"]
+ADAPTOR_KINDS: tuple[str, ...] = AdaptorFamily.__args__  # type: ignore[attr-defined]
+LORA_TOWERS = ("image", "text")
+
 #: The offline default backbone: a small CLIP on the real MiniLM text tower, aligned on phantom chest X-rays.
 OFFLINE_DEFAULT = "retune-minilm-phantom"
 
@@ -46,6 +52,50 @@ class AdaptorConfig:
     residual_alpha: float = 0.5
     logit_scale: float = 10.0
     init: AdaptorInit = "identity"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adaptation (peft LoRA) of the frozen backbone's attention; the defaults are PeFoMed's
+    (:data:`LORA_PRESETS` ``pefomed``).
+
+    Parameters
+    ----------
+    rank : int
+        Rank r of each update B·A (default 64).
+    alpha : float
+        Scale: the update is (alpha / r)·B·A (default 16).
+    dropout : float
+        Dropout on the LoRA branch's input while training (default 0.05).
+    targets : tuple[str, ...]
+        Modules adapted, by name ending (default ``("q_proj", "v_proj")``, the attention's query and value
+        projections). A tower without such modules uses its own names for them (``query``/``value`` in BERT, the
+        fused ``qkv`` of a timm ViT, a ``MultiheadAttention``); see :func:`shared.lora.resolve_targets`.
+    towers : tuple[str, ...]
+        Towers adapted: ``image`` (default) and/or ``text``. An adapted tower cannot use the embedding cache.
+    """
+
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    towers: tuple[str, ...] = ("image",)
+
+    def __post_init__(self) -> None:
+        problems = [why for bad, why in (
+            (self.rank < 1, "lora-rank must be at least 1"),
+            (self.alpha <= 0, "lora-alpha must be positive"),
+            (not 0 <= self.dropout < 1, "lora-dropout must be in [0, 1)"),
+            (not self.targets, "lora-targets names no module"),
+            (not self.towers or any(t not in LORA_TOWERS for t in self.towers),
+             f"lora-towers {','.join(self.towers)!r}: choose one or both of {', '.join(LORA_TOWERS)}"),
+        ) if bad]
+        if problems:
+            raise RetuneError("; ".join(problems))
+
+
+#: Named LoRA settings: PeFoMed's (r 64, alpha 16, dropout 0.05, query and value projections) is the default.
+LORA_PRESETS: dict[str, LoraConfig] = {"pefomed": LoraConfig()}
 
 
 @dataclass(frozen=True)
@@ -155,6 +205,11 @@ def _coerce(default, value):
     return type(default)(value)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """``"a, b"`` → ``("a", "b")``."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def default_cache_dir() -> Path:
     """Where embeddings are cached unless ``--cache`` says otherwise: ``$RETUNE_CACHE`` or ``~/.cache/retune-fl``."""
     return Path(os.environ.get("RETUNE_CACHE", "~/.cache/retune-fl")).expanduser()
@@ -240,6 +295,12 @@ class FederationConfig:
     wire_dtype : str
         Dtype of the adaptor arrays on the wire, both ways: ``float16`` (default; half the bytes of ``float32``,
         decoded to float32 before training and aggregation) or ``float32``.
+    adaptor_kind : {"retune", "lora", "both"}
+        What the hospitals train and the server aggregates (default "retune"; see :data:`ADAPTOR_KINDS`).
+    lora_rank, lora_alpha, lora_dropout : int, float, float
+        LoRA settings (defaults as :class:`LoraConfig`), used when ``adaptor_kind`` is ``lora`` or ``both``.
+    lora_targets, lora_towers : str
+        Comma-separated :attr:`LoraConfig.targets` and :attr:`LoraConfig.towers`.
     """
 
     stages: int = 2
@@ -270,6 +331,12 @@ class FederationConfig:
     sim_dir: str = ""
     secure_aggregation: bool = False
     wire_dtype: str = "float16"
+    adaptor_kind: AdaptorFamily = "retune"
+    lora_rank: int = LoraConfig.rank
+    lora_alpha: float = LoraConfig.alpha
+    lora_dropout: float = LoraConfig.dropout
+    lora_targets: str = ",".join(LoraConfig.targets)
+    lora_towers: str = ",".join(LoraConfig.towers)
 
     def __post_init__(self) -> None:
         problems = [why for bad, why in (
@@ -277,6 +344,8 @@ class FederationConfig:
             (self.scenario not in SCENARIOS, f"unknown scenario {self.scenario!r}: choose {', '.join(SCENARIOS)}"),
             (self.wire_dtype not in WIRE_DTYPES,
              f"unknown wire-dtype {self.wire_dtype!r}: choose {', '.join(WIRE_DTYPES)}"),
+            (self.adaptor_kind not in ADAPTOR_KINDS,
+             f"unknown adaptor-kind {self.adaptor_kind!r}: choose {', '.join(ADAPTOR_KINDS)}"),
             (self.scenario == "joint" and self.stages != 1,
              f"the joint scenario trains on everything at once: it has 1 stage, not {self.stages} (stages = 1)"),
             (self.stages < 1 or self.rounds_per_stage < 1 or self.local_epochs < 1,
@@ -297,6 +366,14 @@ class FederationConfig:
         ) if bad]
         if problems:
             raise RetuneError("; ".join(problems))
+        self.lora_config()  # refuses bad LoRA settings up front
+
+    def lora_config(self) -> LoraConfig | None:
+        """The LoRA settings, or None for ``adaptor_kind = "retune"``."""
+        if self.adaptor_kind == "retune":
+            return None
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=_names(self.lora_targets), towers=_names(self.lora_towers))
 
     def _replies_needed(self, byzantine: int) -> int:
         return 4 * byzantine + 3 if self.strategy == "bulyan" else 2 * byzantine + 3

@@ -1,7 +1,10 @@
 """RE-tune adaptors and scoring: logit_d = s · (cos(img, pos_d) − cos(img, neg_d)), trained with masked BCE.
 
-The backbone is frozen and lives elsewhere; this model sees cached embeddings only. Its parameters are the image
-adaptor and the text adaptor, whatever the number of diseases.
+The backbone is frozen and lives elsewhere; with the ``retune`` adaptor kind this model sees cached embeddings only,
+and its parameters are the image adaptor and the text adaptor, whatever the number of diseases. With ``lora`` or
+``both`` (:func:`build_model`) it also holds LoRA-adapted copies of backbone towers (:mod:`shared.lora`), which take
+preprocessed images or prompt tokens instead of cached embeddings; ``lora`` has no adaptors (identity maps). Either
+way its ``state_dict`` is what trains and crosses the wire: adaptors and LoRA matrices, never frozen weights.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.config import AdaptorConfig
+from shared.config import AdaptorConfig, FederationConfig, LoraConfig
 
 
 class Adaptor(nn.Module):
@@ -56,26 +59,117 @@ class Adaptor(nn.Module):
         return self.alpha * out + (1.0 - self.alpha) * x if self.kind == "residual" else out
 
 
-class RetuneModel(nn.Module):
-    """Image and text adaptors over frozen embeddings of size ``dim``."""
+def _frozen(name: str) -> bool:
+    """A backbone weight inside an adapted tower (not a LoRA matrix): never saved, sent or loaded."""
+    return "_tower." in name and ".lora_" not in name
 
-    def __init__(self, dim: int, config: AdaptorConfig = AdaptorConfig()) -> None:
+
+class RetuneModel(nn.Module):
+    """Image and text adaptors over frozen embeddings of size ``dim``; optionally LoRA-adapted towers before them.
+
+    ``adaptors=False`` replaces both adaptors by the identity (the ``lora`` kind). ``image_tower`` maps the image
+    inputs (then preprocessed images) to embeddings, ``text_tower`` the prompt inputs (then token ids).
+    """
+
+    def __init__(self, dim: int, config: AdaptorConfig = AdaptorConfig(), *, adaptors: bool = True,
+                 image_tower: nn.Module | None = None, text_tower: nn.Module | None = None,
+                 lora: LoraConfig | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.config = config
-        self.image_adaptor = Adaptor(dim, config)
-        self.text_adaptor = Adaptor(dim, config)
+        self.lora = lora
+        self.image_adaptor: nn.Module = Adaptor(dim, config) if adaptors else nn.Identity()
+        self.text_adaptor: nn.Module = Adaptor(dim, config) if adaptors else nn.Identity()
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+
+    @property
+    def kind(self) -> str:
+        """The adaptor kind: ``retune``, ``lora`` or ``both``."""
+        if self.image_tower is None and self.text_tower is None:
+            return "retune"
+        return "both" if isinstance(self.image_adaptor, Adaptor) else "lora"
 
     def disease_embeddings(self, prompt_emb: torch.Tensor, averaging: torch.Tensor) -> torch.Tensor:
         """Adapt every prompt [T, d], average per disease and polarity with ``averaging`` [2C, T] -> [C, 2, d]."""
         mean = averaging @ self.text_adaptor(prompt_emb)
         return F.normalize(mean, dim=-1).view(-1, 2, self.dim)
 
-    def forward(self, image_emb: torch.Tensor, prompt_emb: torch.Tensor, averaging: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C] for cached image embeddings [B, d] and prompt embeddings [T, d]."""
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, d] of the image inputs: cached embeddings as they are, or through the adapted tower."""
+        return images if self.image_tower is None else self.image_tower(images)
+
+    def prompt_embeddings(self, prompts: torch.Tensor) -> torch.Tensor:
+        """Embeddings [T, d] of the prompt inputs: cached embeddings as they are, or through the adapted tower."""
+        return prompts if self.text_tower is None else self.text_tower(prompts)
+
+    def forward(self, images: torch.Tensor, prompts: torch.Tensor, averaging: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] for image inputs [B, ...] (cached embeddings [B, d] unless the image tower is adapted) and
+        prompt inputs [T, ...] (cached embeddings [T, d] unless the text tower is adapted)."""
+        return self.score(self.image_embeddings(images), self.prompt_embeddings(prompts), averaging)
+
+    def score(self, image_emb: torch.Tensor, prompt_emb: torch.Tensor, averaging: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of image embeddings [B, d] against prompt embeddings [T, d], through the adaptors."""
         image = F.normalize(self.image_adaptor(image_emb), dim=-1)
         diseases = self.disease_embeddings(prompt_emb, averaging)
         return self.config.logit_scale * (image @ diseases[:, 0].T - image @ diseases[:, 1].T)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters that train: adaptors and LoRA matrices."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> RetuneModel:
+        """As :meth:`nn.Module.train`, but an adapted tower's frozen layers stay in eval mode (batch-norm
+        statistics never move); only its LoRA layers (and their dropout) follow ``mode``."""
+        super().train(mode)
+        for tower in (self.image_tower, self.text_tower):
+            if tower is not None:
+                tower.eval()
+                for name, module in tower.named_modules():
+                    if ".lora_" in f".{name}":
+                        module.train(mode)
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        """Adaptors and LoRA matrices only (an adapted tower's frozen weights are the backbone's)."""
+        state = super().state_dict(*args, **kwargs)
+        for name in [n for n in state if _frozen(n)]:
+            del state[name]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load adaptors and LoRA matrices; with ``strict``, exactly those must be given."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [n for n in result.missing_keys if not _frozen(n)]
+        unexpected = list(result.unexpected_keys)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for RetuneModel: missing keys {missing}, "
+                               f"unexpected keys {unexpected}")
+        return result
+
+
+def build_model(dim: int, adaptor: AdaptorConfig = AdaptorConfig(), kind: str = "retune",
+                lora: LoraConfig | None = None, clip: nn.Module | None = None, seed: int = 0) -> RetuneModel:
+    """The model of an adaptor kind: ``retune`` (adaptors on cached embeddings), ``lora`` (LoRA in the towers
+    ``lora.towers`` of the frozen open_clip model ``clip``, no adaptors) or ``both``."""
+    if kind == "retune":
+        return RetuneModel(dim, adaptor)
+    if lora is None or clip is None:
+        raise ValueError(f"adaptor kind {kind!r} needs LoRA settings and the backbone's model")
+    from shared.lora import adapted_tower
+
+    towers = {t: adapted_tower(clip, t, lora, seed) for t in lora.towers}
+    return RetuneModel(dim, adaptor, adaptors=kind == "both", image_tower=towers.get("image"),
+                       text_tower=towers.get("text"), lora=lora)
+
+
+def federation_model(config: FederationConfig, dim: int, clip: nn.Module | None = None) -> RetuneModel:
+    """The model a federation with ``config`` trains, initialised from ``config.seed`` (the server's round-1
+    adaptors); ``clip``, the frozen open_clip model, is needed for the ``lora`` and ``both`` kinds."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return build_model(dim, AdaptorConfig(kind=config.adaptor), config.adaptor_kind, config.lora_config(), clip,
+                           config.seed)
 
 
 def zero_shot_logits(image_emb: torch.Tensor, prompt_emb: torch.Tensor, averaging: torch.Tensor) -> torch.Tensor:

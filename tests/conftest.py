@@ -20,6 +20,21 @@ def tiny_backbone() -> Backbone:
     return load_backbone("retune-tiny-random", device="cpu")
 
 
+def tiny_resnet_clip():
+    """A tiny, randomly initialised open_clip CLIP with a ResNet image tower (its attention pool has q_proj and
+    v_proj, as the offline default's has) and a transformer text tower: frozen, in eval mode."""
+    import open_clip
+    import torch
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip = open_clip.model.CLIP(
+            embed_dim=16, vision_cfg=CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=32, head_width=16),
+            text_cfg=CLIPTextCfg(context_length=16, vocab_size=100, width=32, heads=2, layers=1))
+    return clip.eval().requires_grad_(False)
+
+
 @pytest.fixture
 def png_files(tmp_path):
     """Six small 8-bit greyscale PNGs with different content; returns their paths as strings."""

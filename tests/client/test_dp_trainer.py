@@ -41,12 +41,13 @@ def per_sample_grads(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: t
 def dp_gradient(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.Tensor, bound: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_i clip(g_i) as the DP optimizer has it before the update with noise 0, the per-sample norms)."""
-    module = PerSampleRetune(model, prompts).train()
-    optimizer = dp_optimizer(module, torch.optim.SGD(module.parameters(), lr=0.0), 0.0,
+    module = PerSampleRetune(model, prompts)
+    model.train()
+    optimizer = dp_optimizer(module, torch.optim.SGD(module.trainable(), lr=0.0), 0.0,
                              DPConfig(max_epsilon=1.0, max_grad_norm=bound), len(x), SecureRandom())
     _, norms = module.clipped_backward(x, y, optimizer.max_grad_norm)
     optimizer.pre_step()  # adds the noise (σ = 0) and divides by the expected batch size
-    return torch.cat([p.grad.flatten() for p in model.parameters()]) * optimizer.expected_batch_size, norms
+    return torch.cat([p.grad.flatten() for p in model.trainable()]) * optimizer.expected_batch_size, norms
 
 
 def clipped_sum(grads: torch.Tensor, norms: torch.Tensor, bound: float) -> torch.Tensor:
@@ -87,3 +88,51 @@ def test_opacus_adds_gaussian_noise_of_sigma_times_the_bound():
     # σ·C = 1: bounds at 5 standard errors (the noise comes from a CSPRNG, so every run draws anew)
     assert len(noise) > 1000 and abs(float(noise.std()) - 2.0 * 0.5) < 5 / (2 * len(noise)) ** 0.5
     assert abs(float(noise.mean())) < 5 / len(noise) ** 0.5
+
+
+@pytest.mark.parametrize("kind", ["lora", "both"])
+def test_dp_gradient_with_lora_is_exact_per_sample_clipping_over_lora_and_adaptors(kind):
+    """LoRA in the image tower: opacus' grad-sample hooks give each sample's LoRA gradient, clipped jointly with
+    the adaptors' (one sample at a time with plain autograd as the reference)."""
+    from shared.config import LoraConfig
+    from shared.model import build_model
+    from tests.conftest import tiny_resnet_clip
+
+    _, prompts, _, y = setup("mlp")
+    prompts = Prompts(torch.nn.functional.normalize(torch.randn(len(prompts.embeddings), 16), dim=-1),
+                      prompts.averaging)  # the tiny CLIP's embedding size
+    model = build_model(16, AdaptorConfig(), kind, LoraConfig(rank=4, alpha=8, dropout=0.0), tiny_resnet_clip())
+    torch.manual_seed(1)
+    for p in model.trainable():  # B = 0 at the start would make A's gradient zero
+        p.data.normal_(0, 0.1)
+    images = torch.randn(BATCH, 3, 32, 32)
+    rows = []
+    for i in range(BATCH):
+        model.zero_grad()
+        masked_bce(model(images[i:i + 1], prompts.embeddings, prompts.averaging), y[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.trainable()]))
+    grads = torch.stack(rows)
+    norms = grads.norm(dim=1)
+    bound = float(norms.median())
+    expected = clipped_sum(grads, norms, bound)
+    model.zero_grad()
+    actual, dp_norms = dp_gradient(model, prompts, images, y, bound)
+    torch.testing.assert_close(dp_norms, norms, rtol=1e-5, atol=0)
+    lora = torch.cat([torch.full((p.numel(),), ".lora_" in n) for n, p in model.named_parameters() if p.requires_grad])
+    for part in (slice(None), lora):
+        assert (actual[part] - expected[part]).norm() <= 1e-5 * expected[part].norm()
+    # LoRA's gradient is clipped: its unclipped sum is another gradient.
+    unclipped = grads[:, lora].sum(0)
+    assert (actual[lora] - unclipped).norm() > 1e-2 * expected[lora].norm()
+
+
+def test_dp_refuses_lora_in_the_text_tower():
+    from shared.config import LoraConfig
+    from shared.errors import RetuneError
+    from shared.model import build_model
+    from tests.conftest import tiny_resnet_clip
+
+    _, prompts, _, _ = setup("mlp")
+    model = build_model(16, AdaptorConfig(), "lora", LoraConfig(rank=2, towers=("text",)), tiny_resnet_clip())
+    with pytest.raises(RetuneError, match="DP-SGD with LoRA in the text tower is not supported"):
+        PerSampleRetune(model, prompts)
