@@ -67,6 +67,9 @@ def simulate(
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(130) from None
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    adaptors = report["adaptors"]
+    console.print(f"trained {adaptors['kind']}: {adaptors['trainable_parameters']:,} parameters, "
+                  f"{adaptors['payload_bytes']:,} bytes per hospital per round")
     console.print(f"final macro AUROC [bold]{fmt(report['final']['macro_auroc'])}[/] · zero-shot "
                   f"{fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized "
                   f"{fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting "

@@ -59,6 +59,21 @@ def robustness(config) -> dict:
     return summary
 
 
+def adaptors_summary(config, embed_dim: int) -> dict:
+    """What the hospitals trained: kind, LoRA settings, trainable parameters and the bytes of one copy of them on
+    the wire (what each hospital sends per round)."""
+    from server.federation import initial_model
+    from shared.wire import payload_bytes, to_record
+
+    model = initial_model(config, embed_dim)
+    lora = config.lora_config()
+    return {"kind": config.adaptor_kind, "lora": None if lora is None else asdict(lora),
+            "trainable_parameters": sum(p.numel() for p in model.trainable()),
+            "payload_bytes": payload_bytes(to_record(model, config.wire_dtype)),
+            "embedding_cache": "image and text" if lora is None else
+            " and ".join(t for t in ("image", "text") if t not in lora.towers) or "none (both towers adapted)"}
+
+
 def build_report(config, plan, state, sites, baselines: dict, timing: dict, checkpoint: Path) -> dict:
     """Everything a researcher needs to judge the run, as plain JSON."""
     matrix = auroc_matrix(state.history, config.stages)
@@ -70,6 +85,7 @@ def build_report(config, plan, state, sites, baselines: dict, timing: dict, chec
         poison = {"kind": spec.kind, "hospital": hospital, "note": POISON_NOTE.format(kind=spec.kind, hospital=hospital)}
     return {
         "config": {**config.to_run_config(), **asdict(plan)},
+        "adaptors": adaptors_summary(config, sites[0].embed_dim),
         "robustness": robustness(config),
         "poison": poison,
         "refused": refusals(state.history, state.hospitals),
@@ -141,6 +157,17 @@ def _figures(report: dict) -> list[str]:
     return tags
 
 
+def _adaptors_line(report: dict) -> str:
+    adaptors = report["adaptors"]
+    lora = adaptors["lora"]
+    what = {"retune": "RE-tune adaptors", "lora": "LoRA in the backbone", "both": "RE-tune adaptors and LoRA"}
+    settings = "" if lora is None else (f" (r {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, "
+                                        f"{', '.join(lora['targets'])} in the {' and '.join(lora['towers'])} tower)")
+    return html.escape(f"trained: {what[adaptors['kind']]}{settings} · {adaptors['trainable_parameters']:,} "
+                       f"parameters · {adaptors['payload_bytes']:,} bytes per hospital per round · embedding cache "
+                       f"used for: {adaptors['embedding_cache']}")
+
+
 def _privacy_line(report: dict) -> str:
     privacy = report.get("privacy")
     if not privacy:
@@ -185,6 +212,7 @@ td:first-child{{text-align:left}}.note{{color:#666;font-size:90%}}</style></head
 {fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized
 {fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting {fmt(report['stages']['forgetting'])} ·
 {report['timing']['seconds_per_round']:.1f} s per round{_privacy_line(report)}</p>
+<p>{_adaptors_line(report)}</p>
 <p class="note">Not for clinical use. Phantom data. {html.escape(report['metric_note'])}</p>
 {_poison_banner(report)}
 {''.join(_figures(report))}
