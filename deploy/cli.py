@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from deploy.cli_approve import approve
+from deploy.cli_ask import ask, vqa_app
 from deploy.cli_audit import audit_app
 from deploy.cli_backbone import build_backbone
 from deploy.cli_certs import certs
@@ -28,8 +29,10 @@ from deploy.cli_keys import keys
 from deploy.cli_phantom import phantom
 from deploy.cli_roster import roster
 from deploy.cli_simulate import simulate
-from shared.config import (OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig,
-                           TrainConfig, default_cache_dir)
+from deploy.cli_lora import (AdaptorKindOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt,
+                             LoraTowersOpt, lora_settings)
+from shared.config import (ADAPTOR_KINDS, OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, LoraConfig, TrainConfig,
+                           default_cache_dir)
 from shared.errors import RetuneError
 
 app = typer.Typer(help="Federated RE-tune fine-tuning of chest X-ray vision-language models.",
@@ -38,6 +41,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit")
 app.add_typer(hospital_app, name="hospital")
 app.add_typer(federation_app, name="federation")
+app.add_typer(vqa_app, name="vqa")
+app.command()(ask)
 app.command()(gateway)
 app.command()(roster)
 app.command()(simulate)
@@ -63,10 +68,12 @@ OutsideOpt = Annotated[bool, typer.Option(help="Accept image paths that lead out
 
 
 def _load_data(data: Path, fmt: str, diseases: str | None, uncertain: str, image_root: Path | None,
-               backbone: str, cache: Path, on_bad_file: str, max_pixels: int, allow_outside_paths: bool):
-    """Read labels, load the backbone and embed every image through the cache."""
+               backbone: str, cache: Path, on_bad_file: str, max_pixels: int, allow_outside_paths: bool,
+               pixels: bool = False):
+    """Read labels, load the backbone and embed every image through the cache (``pixels``: keep the preprocessed
+    images too, for LoRA in the image tower)."""
     from client.local_data import embed_splits
-    from shared.backbone import load_backbone
+    from shared.backbone import cached_backbone
     from shared.cache import EmbeddingCache
     from shared.data.problems import BadFiles, print_bad_files
     from shared.data.readers import read_labels
@@ -74,12 +81,12 @@ def _load_data(data: Path, fmt: str, diseases: str | None, uncertain: str, image
 
     table = read_labels(data, format=fmt, diseases=resolve_schema(diseases).diseases if diseases else None,
                         uncertain=uncertain, image_root=image_root, allow_outside_paths=allow_outside_paths)
-    bb = load_backbone(backbone)
+    bb = cached_backbone(backbone)
     console.print(f"backbone: [bold]{bb.label}[/] (embedding size {bb.embed_dim})")
     store = EmbeddingCache(cache, bb, EmbedConfig(max_pixels=max_pixels))
     bad = BadFiles(on_bad_file)  # type: ignore[arg-type]
     start = time.perf_counter()
-    splits = embed_splits(table, store, bad)
+    splits = embed_splits(table, store, bad, pixels=pixels)
     embed_s = time.perf_counter() - start
     print_bad_files(bad, console)
     return table, bb, store, splits, bad, embed_s
@@ -118,27 +125,36 @@ def train(
     tasks: Annotated[Optional[int], typer.Option(help="Number of tasks (default: 5 data chunks; one disease per class/label task).")] = None,
     epochs: int = _T.epochs, batch_size: int = _T.batch_size, lr: float = _T.lr, seed: int = _T.seed,
     adaptor: Annotated[str, typer.Option(help="mlp|linear|residual")] = _A.kind,
+    adaptor_kind: AdaptorKindOpt = "retune", lora_preset: LoraPresetOpt = "pefomed",
+    lora_rank: LoraRankOpt = None, lora_alpha: LoraAlphaOpt = None, lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None, lora_towers: LoraTowersOpt = ",".join(LoraConfig.towers),
     cache: CacheOpt = default_cache_dir(), fmt: FormatOpt = "auto", diseases: DiseasesOpt = None,
     uncertain: UncertainOpt = "ignore", image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip",
     max_pixels: MaxPixelsOpt = EmbedConfig.max_pixels, allow_outside_paths: OutsideOpt = False,
 ) -> None:
-    """Train RE-tune adaptors centrally on cached embeddings and score them against zero-shot."""
+    """Train RE-tune adaptors (or LoRA in the backbone, --adaptor-kind) centrally and score them against zero-shot."""
     from client.centralized import train_centralized
     from client.local_data import prompt_embeddings, require_rows
     from deploy.plots import plot_training
     from shared.checkpoint import save_checkpoint
     from shared.prompts import PromptBank
 
+    if adaptor_kind not in ADAPTOR_KINDS:
+        raise RetuneError(f"unknown --adaptor-kind {adaptor_kind!r}: choose {', '.join(ADAPTOR_KINDS)}")
+    lora = None if adaptor_kind == "retune" else lora_settings(lora_preset, lora_rank, lora_alpha, lora_dropout,
+                                                               lora_targets, lora_towers)
     table, bb, store, splits, bad, embed_s = _load_data(data, fmt, diseases, uncertain, image_root, backbone,
-                                                        cache, on_bad_file, max_pixels, allow_outside_paths)
+                                                        cache, on_bad_file, max_pixels, allow_outside_paths,
+                                                        pixels=lora is not None and "image" in lora.towers)
     require_rows(splits, "train", "test")
     bank = PromptBank(table.diseases)
-    prompts = prompt_embeddings(store, bank)
+    prompts = prompt_embeddings(store, bank, tokens=lora is not None and "text" in lora.towers)
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     adaptor_config = AdaptorConfig(kind=adaptor)  # type: ignore[arg-type]
     with console.status(f"training adaptors ({scenario})"):
         run = train_centralized(splits["train"], splits["test"], prompts, table.diseases, scenario,  # type: ignore[arg-type]
-                                train_config, adaptor_config, tasks, bb.device)
+                                train_config, adaptor_config, tasks, bb.device, kind=adaptor_kind, lora=lora,
+                                clip=bb.model)
     metrics = {**run.metrics, "backbone": bb.describe(), "embed_s": embed_s, "embed_precision": store.precision,
                "train_config": {f.name: getattr(train_config, f.name) for f in fields(train_config)},
                "data": {"source": str(data), "format": table.format, "diseases": list(table.diseases),
@@ -171,16 +187,17 @@ def evaluate(
     model, bank, sidecar = open_checkpoint(checkpoint, public_key, console)
     _, bb, store, splits, _, _ = _load_data(data, fmt, ",".join(bank.diseases), uncertain, image_root,
                                             sidecar["backbone"]["spec"], cache, on_bad_file, max_pixels,
-                                            allow_outside_paths)
+                                            allow_outside_paths, pixels=model.image_tower is not None)
     check_backbone(bb.identity, sidecar)
     if split == "all":
         import numpy as np
-        splits["all"] = Split(np.concatenate([s.embeddings for s in splits.values()]),
-                              np.concatenate([s.labels for s in splits.values()]))
+        parts = list(splits.values())
+        splits["all"] = Split(np.concatenate([s.embeddings for s in parts]), np.concatenate([s.labels for s in parts]),
+                              None if model.image_tower is None else np.concatenate([s.pixels for s in parts]))
     require_rows(splits, split)
-    prompts = prompt_embeddings(store, bank)
+    prompts = prompt_embeddings(store, bank, tokens=model.text_tower is not None)
     part = splits[split]
-    metrics = classification_metrics(predict_logits(model, part.embeddings, prompts), part.labels, bank.diseases)
+    metrics = classification_metrics(predict_logits(model, part.inputs(model), prompts), part.labels, bank.diseases)
     metrics["zero_shot"] = zero_shot_metrics(part, prompts, bank.diseases)
     console.print(_auroc_table(f"{checkpoint} on {split} ({len(part.labels)} images)", metrics))
     print(json.dumps(metrics, indent=2))
@@ -192,25 +209,48 @@ def predict(
     checkpoint: Annotated[Path, typer.Option(help="Folder holding adaptors.safetensors and adaptors.json.")],
     cache: CacheOpt = default_cache_dir(), public_key: PublicKeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Also draft a FINDINGS/IMPRESSION report per image by "
+                                         "retrieval from a sentence bank (not for clinical use).")] = False,
+    bank: Annotated[str, typer.Option(help="Sentence bank for --report: phantom (the offline default backbone's "
+                                      "own phrasing) or iu (Indiana University reports, CC BY-NC-ND 4.0: "
+                                      "non-commercial use only; needs torchxrayvision).")] = "phantom",
 ) -> None:
-    """Per-disease probabilities for each image."""
+    """Per-disease probabilities for each image (and, with --report, a drafted report)."""
     from deploy.inference import score_images
 
     scored = score_images(checkpoint, images, cache, public_key, console)
-    bank, probs, ok = scored.bank, scored.probabilities, scored.ok
-    result = {str(p): dict(zip(bank.diseases, map(float, row))) if good else None
+    diseases, probs, ok = scored.bank.diseases, scored.probabilities, scored.ok
+    result = {str(p): dict(zip(diseases, map(float, row))) if good else None
               for p, row, good in zip(images, probs, ok)}
+    drafts = {}
+    if report:
+        from deploy.drafts import draft_reports, load_bank
+
+        sentences = load_bank(bank)
+        with console.status(f"drafting reports from {len(sentences)} {bank} sentences"):
+            drafts = dict(zip(result, draft_reports(scored, sentences)))
+        console.print(f"report sentences: {sentences.source['title']}; licence: {sentences.source['licence']}",
+                      soft_wrap=True)
     if as_json:
-        print(json.dumps(result, indent=2))
+        if report:
+            print(json.dumps({"bank": sentences.describe(), "images": {
+                path: None if row is None else {"probabilities": row, "report": drafts[path].to_dict()}  # type: ignore[union-attr]
+                for path, row in result.items()}}, indent=2))
+        else:
+            print(json.dumps(result, indent=2))
         return
     table = Table(title=f"probabilities ({scored.backbone_label})")
     table.add_column("image")
-    for disease in bank.diseases:
+    for disease in diseases:
         table.add_column(disease, justify="right")
     for path, row in result.items():
-        table.add_row(path, *(["unreadable"] + [""] * (len(bank.diseases) - 1) if row is None
+        table.add_row(path, *(["unreadable"] + [""] * (len(diseases) - 1) if row is None
                               else [f"{p:.2f}" for p in row.values()]))
-    Console().print(table)
+    out = Console()
+    out.print(table)
+    for path, draft in drafts.items():
+        if draft is not None:
+            out.print(f"[bold]{escape(path)}[/]\n{escape(draft.text)}\n", soft_wrap=True)
 
 
 def main() -> None:

@@ -78,8 +78,8 @@ def test_lora_starts_at_zero_shot_and_learns_while_the_backbone_stays_frozen():
                                 prompt_emb, prompts.averaging)
     np.testing.assert_allclose(predict_logits(model, pixels, prompts), 10.0 * zero.numpy(), atol=1e-4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = train_adaptors(model, pixels, labels, prompts, TrainConfig(epochs=10, batch_size=64, lr=3e-2))
-    assert losses[-1] < 0.9 * losses[0]
+    losses = train_adaptors(model, pixels, labels, prompts, TrainConfig(epochs=15, batch_size=64, lr=5e-3))
+    assert np.mean(losses[-3:]) < 0.75 * losses[0]
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items() if "lora_B" in k)
     for key, value in clip.state_dict().items():  # weights and batch-norm statistics of the backbone
         assert torch.equal(value, frozen[key]), key
