@@ -10,6 +10,10 @@ A SuperNode's ``node_config`` says where the hospital's data are:
 - ``name``: the name reports give it (default: the manifest's folder name);
 - ``max-pixels``: the largest image it embeds, width × height (default :attr:`EmbedConfig.max_pixels`); larger
   ones are skipped and reported;
+- ``adaptor-kinds``: what the hospital agrees to train and send, comma-separated among ``retune``, ``lora`` and
+  ``both`` (default ``retune``: the RE-tune adaptors only); a run asking for another kind is refused. LoRA trains
+  inside the hospital's copy of the backbone and sends its LoRA matrices;
+- ``max-lora-rank``: the largest LoRA rank it accepts (default 64, PeFoMed's);
 - ``allow-outside-paths``: ``true`` lets its label file name images outside the label file's folder (default
   ``false``: such a file is refused);
 - ``dp-max-epsilon`` (turns DP-SGD on), ``dp-delta``, ``dp-target-epsilon``, ``dp-noise``, ``dp-max-grad-norm``,
@@ -38,7 +42,8 @@ from client.privacy import DPConfig
 from client.trainer import Prompts, predict_logits
 from shared.backbone import cached_backbone
 from shared.cache import EmbeddingCache
-from shared.config import OFFLINE_DEFAULT, EmbedConfig, FederationConfig, default_cache_dir
+from shared.config import (ADAPTOR_KINDS, OFFLINE_DEFAULT, EmbedConfig, FederationConfig, LoraConfig,
+                           default_cache_dir)
 from shared.data.names import did_you_mean
 from shared.data.problems import BadFiles, print_bad_files
 from shared.data.readers import read_labels
@@ -66,6 +71,17 @@ class SiteSettings:
     ledger: str = ""
     max_pixels: int = EmbedConfig.max_pixels
     allow_outside_paths: bool = False
+    adaptor_kinds: tuple[str, ...] = ("retune",)
+    max_lora_rank: int = LoraConfig.rank
+
+    def check_run(self, config: FederationConfig) -> None:
+        """Refuse a run whose adaptor kind or LoRA rank this hospital's node config does not accept."""
+        if config.adaptor_kind not in self.adaptor_kinds:
+            raise RetuneError(f"this hospital trains only {', '.join(self.adaptor_kinds)} (node config "
+                              f"adaptor-kinds), not adaptor-kind {config.adaptor_kind!r}")
+        if config.adaptor_kind != "retune" and config.lora_rank > self.max_lora_rank:
+            raise RetuneError(f"LoRA rank {config.lora_rank} is above this hospital's max-lora-rank "
+                              f"{self.max_lora_rank}")
 
 
 @dataclass
@@ -113,7 +129,18 @@ def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
         ledger=str(values.get("privacy-ledger") or Path(values["manifest"]).parent / "privacy-ledger.json"),
         max_pixels=_positive_int(values, "max-pixels", EmbedConfig.max_pixels),
         allow_outside_paths=_flag(values, "allow-outside-paths"),
+        adaptor_kinds=_kinds(values),
+        max_lora_rank=_positive_int(values, "max-lora-rank", LoraConfig.rank),
     )
+
+
+def _kinds(values: dict) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in str(values.get("adaptor-kinds", "retune")).split(",") if k.strip())
+    unknown = [k for k in kinds if k not in ADAPTOR_KINDS]
+    if unknown or not kinds:
+        raise RetuneError(f"node config adaptor-kinds={values.get('adaptor-kinds')!r}: use one or more of "
+                          f"{', '.join(ADAPTOR_KINDS)}, comma-separated")
+    return kinds
 
 
 def _positive_int(values: dict, key: str, default: int) -> int:
@@ -165,6 +192,7 @@ def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
     except OSError as exc:
         raise RetuneError(f"site {settings.name}: cannot read its label file {settings.manifest}: "
                           f"{exc.strerror}") from None
+    settings.check_run(config)  # before anything is loaded for it
     try:
         return _load_site(config, settings, (stat.st_mtime_ns, stat.st_size))
     except RetuneError as exc:

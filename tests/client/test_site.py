@@ -107,3 +107,21 @@ def test_a_site_skips_images_over_its_max_pixels_and_needs_train_and_test_images
     assert len(_load(tmp_path, manifest, name="h", **small).train.labels) == 8  # 64 x 64 skipped
     with pytest.raises(RetuneError, match="site h: no usable images in the 'train' split"):
         _load(tmp_path, manifest, name="h", **{"max-pixels": 100, "cache": str(tmp_path / "cache-100")})
+
+
+def test_the_hospital_not_the_run_decides_whether_lora_trains_and_up_to_which_rank(tmp_path):
+    """A malicious or careless run config asking for LoRA (or a huge rank) is refused before any data is read,
+    unless the hospital's node config accepts it."""
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("image,Edema\n")  # never read: the refusal comes first
+    lora_run = FederationConfig(adaptor_kind="lora")
+    default = site_settings(lora_run, {"manifest": str(manifest)})
+    assert default.adaptor_kinds == ("retune",)
+    with pytest.raises(RetuneError, match="trains only retune .*not adaptor-kind 'lora'"):
+        load_site(lora_run, default)
+    accepting = site_settings(lora_run, {"manifest": str(manifest), "adaptor-kinds": "retune,lora"})
+    accepting.check_run(lora_run)
+    with pytest.raises(RetuneError, match="LoRA rank 4096 is above this hospital's max-lora-rank 64"):
+        load_site(FederationConfig(adaptor_kind="lora", lora_rank=4096), accepting)
+    with pytest.raises(RetuneError, match="adaptor-kinds='loar'"):
+        site_settings(lora_run, {"manifest": str(manifest), "adaptor-kinds": "loar"})
