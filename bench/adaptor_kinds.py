@@ -35,7 +35,10 @@ HOSPITALS = 5
 def run(root: Path, kind: str, seed: int, dp_epsilon: float | None) -> dict:
     out = root / f"{kind}-seed-{seed}-{'dp' if dp_epsilon else 'plain'}"
     config = simulation_config(out, HOSPITALS, seed=seed, adaptor_kind=kind)
-    config = dataclasses.replace(config, sim_dir=str(root / f"seed-{seed}" / HOSPITALS_DIR))  # same images
+    # The same images for every kind; DP runs get hospitals of their own, whose ε ledgers start empty (a ledger
+    # spans all runs at a hospital: a second DP run there would find the budget spent).
+    hospitals = f"seed-{seed}" if not dp_epsilon else f"dp-{kind}-seed-{seed}"
+    config = dataclasses.replace(config, sim_dir=str(root / hospitals / HOSPITALS_DIR))
     plan = SimulationPlan(hospitals=HOSPITALS, cache_dir=str(root / "cache"), dp_epsilon=dp_epsilon)
     start = time.perf_counter()
     report = run_simulation(config, plan, Console(stderr=True, quiet=True))
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/adaptor_kinds.json"))
     args = parser.parse_args()
     result: dict = {"hospitals": HOSPITALS, "seeds": args.seeds, "kinds": {}}
+    if args.out.exists():  # other kinds measured before (--kinds runs some of them)
+        result["kinds"] = json.loads(args.out.read_text())["kinds"]
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds:
             runs = [run(Path(tmp), kind, seed, None) for seed in args.seeds]
