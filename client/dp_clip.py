@@ -47,6 +47,11 @@ class PerSampleRetune(nn.Module):
             raise RetuneError("DP-SGD with LoRA in the text tower is not supported: every sample's loss goes through "
                               "all the prompts, so its per-sample gradients would need one text-tower pass per "
                               "sample; use --lora-towers image (or no DP)")
+        tower = model.image_tower or nn.Module()
+        wrapped = [n for n, m in tower.named_modules() if isinstance(getattr(m, "base_layer", None), nn.MultiheadAttention)]
+        if wrapped:
+            raise RetuneError(f"DP-SGD needs LoRA on Linear projections, but {wrapped[0]} is a MultiheadAttention, "
+                              "whose LoRA layers opacus cannot see per sample: train it without DP")
         self.image_adaptor, self.text_adaptor = model.image_adaptor, model.text_adaptor
         self.tower = None if model.image_tower is None else GradSampleModule(
             model.image_tower, batch_first=True, loss_reduction="sum")

@@ -46,7 +46,7 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
     when the round would exceed the budget. ``config.seed`` is not used: DP randomness is never seeded.
     """
     keep = ~np.isnan(labels).all(axis=1)
-    x = torch.as_tensor(embeddings[keep], dtype=torch.float32)
+    x = torch.as_tensor(embeddings[keep])  # preprocessed images stay float16 until their batch
     y = torch.as_tensor(labels[keep], dtype=torch.float32)
     if len(x) == 0:
         return [], privacy.epsilon()
@@ -64,20 +64,22 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
                                                           weight_decay=config.weight_decay),
                                  noise, privacy.config, max(1, round(sample_rate * len(x))), rng)
         history = []
-        for _ in range(config.epochs):
-            total, seen = 0.0, 0
-            for rows in poisson_batches(len(x), sample_rate, per_epoch, rng):
-                if len(rows):
-                    losses, _ = module.clipped_backward(x[rows], y[rows], optimizer.max_grad_norm)
-                    total, seen = total + float(losses.sum()), seen + len(rows)
-                else:  # an empty batch: the step still adds noise
-                    for p in module.trainable():
-                        p.grad = torch.zeros_like(p)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            history.append(total / max(seen, 1))
-        module.close()
-        model.eval()
+        try:
+            for _ in range(config.epochs):
+                total, seen = 0.0, 0
+                for rows in poisson_batches(len(x), sample_rate, per_epoch, rng):
+                    if len(rows):
+                        losses, _ = module.clipped_backward(x[rows].float(), y[rows], optimizer.max_grad_norm)
+                        total, seen = total + float(losses.sum()), seen + len(rows)
+                    else:  # an empty batch: the step still adds noise
+                        for p in module.trainable():
+                            p.grad = torch.zeros_like(p)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                history.append(total / max(seen, 1))
+        finally:
+            module.close()
+            model.eval()
         return history, ledger.commit(entry)
 
 

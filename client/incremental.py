@@ -32,10 +32,6 @@ class Split:
             raise RetuneError("LoRA adapts the image tower, but these images were loaded as cached embeddings only")
         return self.pixels
 
-    def rows(self, rows: np.ndarray) -> Split:
-        """The split restricted to ``rows``."""
-        return Split(self.embeddings[rows], self.labels[rows], None if self.pixels is None else self.pixels[rows])
-
 
 @dataclass
 class ScenarioResult:

@@ -14,6 +14,7 @@ A SuperNode's ``node_config`` says where the hospital's data are:
   ``both`` (default ``retune``: the RE-tune adaptors only); a run asking for another kind is refused. LoRA trains
   inside the hospital's copy of the backbone and sends its LoRA matrices;
 - ``max-lora-rank``: the largest LoRA rank it accepts (default 64, PeFoMed's);
+- ``lora-towers``: the towers it lets LoRA adapt (default ``image``; ``image,text`` adds the text tower);
 - ``allow-outside-paths``: ``true`` lets its label file name images outside the label file's folder (default
   ``false``: such a file is refused);
 - ``dp-max-epsilon`` (turns DP-SGD on), ``dp-delta``, ``dp-target-epsilon``, ``dp-noise``, ``dp-max-grad-norm``,
@@ -42,8 +43,8 @@ from client.privacy import DPConfig
 from client.trainer import Prompts, predict_logits
 from shared.backbone import cached_backbone
 from shared.cache import EmbeddingCache
-from shared.config import (ADAPTOR_KINDS, OFFLINE_DEFAULT, EmbedConfig, FederationConfig, LoraConfig,
-                           default_cache_dir)
+from shared.config import (ADAPTOR_KINDS, LORA_TOWERS, OFFLINE_DEFAULT, EmbedConfig, FederationConfig, LoraConfig,
+                           default_cache_dir, split_names)
 from shared.data.names import did_you_mean
 from shared.data.problems import BadFiles, print_bad_files
 from shared.data.readers import read_labels
@@ -73,15 +74,23 @@ class SiteSettings:
     allow_outside_paths: bool = False
     adaptor_kinds: tuple[str, ...] = ("retune",)
     max_lora_rank: int = LoraConfig.rank
+    lora_towers: tuple[str, ...] = LoraConfig.towers
 
     def check_run(self, config: FederationConfig) -> None:
-        """Refuse a run whose adaptor kind or LoRA rank this hospital's node config does not accept."""
+        """Refuse a run whose adaptor kind, LoRA rank or LoRA towers this hospital's node config does not accept
+        (LoRA's targets are limited to attention projections by :func:`shared.lora.resolve_targets`)."""
         if config.adaptor_kind not in self.adaptor_kinds:
             raise RetuneError(f"this hospital trains only {', '.join(self.adaptor_kinds)} (node config "
                               f"adaptor-kinds), not adaptor-kind {config.adaptor_kind!r}")
-        if config.adaptor_kind != "retune" and config.lora_rank > self.max_lora_rank:
-            raise RetuneError(f"LoRA rank {config.lora_rank} is above this hospital's max-lora-rank "
-                              f"{self.max_lora_rank}")
+        lora = config.lora_config()
+        if lora is None:
+            return
+        if lora.rank > self.max_lora_rank:
+            raise RetuneError(f"LoRA rank {lora.rank} is above this hospital's max-lora-rank {self.max_lora_rank}")
+        refused = [t for t in lora.towers if t not in self.lora_towers]
+        if refused:
+            raise RetuneError(f"this hospital adapts only its {', '.join(self.lora_towers)} tower with LoRA (node "
+                              f"config lora-towers), not its {', '.join(refused)} tower")
 
 
 @dataclass
@@ -131,11 +140,19 @@ def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
         allow_outside_paths=_flag(values, "allow-outside-paths"),
         adaptor_kinds=_kinds(values),
         max_lora_rank=_positive_int(values, "max-lora-rank", LoraConfig.rank),
+        lora_towers=_towers(values),
     )
 
 
+def _towers(values: dict) -> tuple[str, ...]:
+    towers = split_names(str(values.get("lora-towers", ",".join(LoraConfig.towers))))
+    if not towers or any(t not in LORA_TOWERS for t in towers):
+        raise RetuneError(f"node config lora-towers={values.get('lora-towers')!r}: use image, text or image,text")
+    return towers
+
+
 def _kinds(values: dict) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in str(values.get("adaptor-kinds", "retune")).split(",") if k.strip())
+    kinds = split_names(str(values.get("adaptor-kinds", "retune")))
     unknown = [k for k in kinds if k not in ADAPTOR_KINDS]
     if unknown or not kinds:
         raise RetuneError(f"node config adaptor-kinds={values.get('adaptor-kinds')!r}: use one or more of "
@@ -193,29 +210,44 @@ def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
         raise RetuneError(f"site {settings.name}: cannot read its label file {settings.manifest}: "
                           f"{exc.strerror}") from None
     settings.check_run(config)  # before anything is loaded for it
+    lora = config.lora_config()
+    towers = () if lora is None else lora.towers
     try:
-        return _load_site(config, settings, (stat.st_mtime_ns, stat.st_size))
+        return _load_site(SiteData(config.diseases, config.scenario, config.stages, config.seed, "image" in towers,
+                                   "text" in towers), settings, (stat.st_mtime_ns, stat.st_size))
     except RetuneError as exc:
         raise RetuneError(f"site {settings.name}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class SiteData:
+    """What of a run config shapes a site's loaded data (and nothing else, so that runs differing in anything
+    else share one loaded copy)."""
+
+    diseases: str
+    scenario: str
+    stages: int
+    seed: int
+    pixels: bool
+    tokens: bool
+
+
 @lru_cache(maxsize=256)  # a simulation keeps every hospital loaded; a deployed runtime has one
-def _load_site(config: FederationConfig, settings: SiteSettings, _stamp: tuple[int, int]) -> Site:
-    diseases = resolve_schema(config.diseases).diseases
+def _load_site(data: SiteData, settings: SiteSettings, _stamp: tuple[int, int]) -> Site:
+    diseases = resolve_schema(data.diseases).diseases
     table = read_labels(settings.manifest, allow_outside_paths=settings.allow_outside_paths)
     _check_labelled(settings.labelled or (), table.diseases)
     backbone = cached_backbone(settings.backbone)
-    lora = config.lora_config()
     cache = EmbeddingCache(Path(settings.cache), backbone, EmbedConfig(max_pixels=settings.max_pixels))
     bad = BadFiles("skip")
-    splits = embed_splits(table, cache, bad, show_progress=False, pixels=lora is not None and "image" in lora.towers)
+    splits = embed_splits(table, cache, bad, show_progress=False, pixels=data.pixels)
     print_bad_files(bad)
     require_rows(splits, "train", "test")
     aligned = {name: Split(split.embeddings, align_labels(split.labels, table.diseases, diseases, settings.labelled),
                            split.pixels) for name, split in splits.items()}
     train, test = aligned["train"], aligned["test"]
-    tasks = make_tasks(config.scenario, train.labels, len(test.labels), diseases, config.stages, config.seed)
-    prompts = prompt_embeddings(cache, PromptBank(diseases), tokens=lora is not None and "text" in lora.towers)
+    tasks = make_tasks(data.scenario, train.labels, len(test.labels), diseases, data.stages, data.seed)
+    prompts = prompt_embeddings(cache, PromptBank(diseases), tokens=data.tokens)
     return Site(settings, diseases, train, test, tasks, prompts,
                 backbone.embed_dim, backbone.identity)
 

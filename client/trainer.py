@@ -38,7 +38,7 @@ def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarra
     ``mu/2 · ||w − w_start||²`` towards the weights the model started from (the received global adaptors).
     """
     keep = ~np.isnan(labels).all(axis=1)
-    x = torch.as_tensor(embeddings[keep], dtype=torch.float32, device=device)
+    x = torch.as_tensor(embeddings[keep])  # preprocessed images stay float16 (and here) until their batch
     y = torch.as_tensor(labels[keep], dtype=torch.float32, device=device)
     text, averaging = prompts.inputs(model).to(device), prompts.averaging.to(device)
     model.to(device).train()
@@ -52,8 +52,7 @@ def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarra
     for _ in range(config.epochs):
         total = 0.0
         for rows in torch.randperm(len(x), generator=generator).split(config.batch_size):
-            rows = rows.to(device)
-            loss = masked_bce(model(x[rows], text, averaging), y[rows])
+            loss = masked_bce(model(x[rows].to(device, torch.float32), text, averaging), y[rows.to(device)])
             objective = loss + proximal_mu / 2 * sum((p - a).square().sum() for p, a in zip(params, anchor))
             optimizer.zero_grad(set_to_none=True)
             objective.backward()

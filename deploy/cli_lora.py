@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from shared.config import ADAPTOR_KINDS, LORA_PRESETS, LORA_TOWERS, LoraConfig
+from shared.config import ADAPTOR_KINDS, LORA_PRESETS, LORA_TOWERS, LoraConfig, split_names
 from shared.errors import RetuneError
 
 AdaptorKindOpt = Annotated[str, typer.Option(
@@ -29,8 +29,7 @@ def lora_settings(preset: str, rank: int | None, alpha: float | None, dropout: f
     base = LORA_PRESETS[preset]
     return LoraConfig(rank=base.rank if rank is None else rank, alpha=base.alpha if alpha is None else alpha,
                       dropout=base.dropout if dropout is None else dropout,
-                      targets=base.targets if targets is None else tuple(t.strip() for t in targets.split(",") if t.strip()),
-                      towers=tuple(t.strip() for t in towers.split(",") if t.strip()))
+                      targets=base.targets if targets is None else split_names(targets), towers=split_names(towers))
 
 
 def lora_fields(lora: LoraConfig) -> dict:

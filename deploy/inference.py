@@ -39,6 +39,10 @@ def check_backbone(identity: str, sidecar: dict) -> None:
                           f"preprocessing differ from {sidecar['backbone']['spec']!r}); use the same backbone")
 
 
+#: Texts embedded per pass (a report bank holds thousands of sentences).
+TEXT_BATCH = 256
+
+
 @dataclass
 class Scored:
     """Images scored by a checkpoint.
@@ -64,9 +68,12 @@ class Scored:
     def text_features(self, texts: list[str]) -> torch.Tensor:
         """Adapted, L2-normalised features [len(texts), d] of any texts (through the cache, or through the adapted
         text tower when LoRA adapts it)."""
-        model = self.model
-        inputs = self.store.texts(texts) if model.text_tower is None else self.store.backbone.tokenizer(texts)
-        return F.normalize(model.text_adaptor(model.prompt_embeddings(inputs)), dim=-1)
+        model, out = self.model, []
+        for start in range(0, len(texts), TEXT_BATCH):
+            chunk = texts[start:start + TEXT_BATCH]
+            inputs = self.store.texts(chunk) if model.text_tower is None else self.store.backbone.tokenizer(chunk)
+            out.append(F.normalize(model.text_adaptor(model.prompt_embeddings(inputs)), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, model.dim)
 
 
 @torch.inference_mode()
@@ -74,7 +81,6 @@ def score_images(checkpoint: Path, images: list[Path], cache: Path, public_key: 
                  console: Console) -> Scored:
     """Score ``images`` with the checkpoint in ``checkpoint`` (unreadable images are reported and marked)."""
     from client.local_data import prompt_embeddings
-    from client.trainer import predict_logits
     from shared.backbone import cached_backbone
     from shared.cache import EmbeddingCache
     from shared.data.problems import BadFiles, print_bad_files
@@ -93,7 +99,9 @@ def score_images(checkpoint: Path, images: list[Path], cache: Path, public_key: 
         pixels = store.pixels([r for r, good in zip(refs, ok) if good])
         inputs = np.zeros((len(refs), *pixels.shape[1:]), dtype=pixels.dtype)
         inputs[ok] = pixels
-    logits = predict_logits(model, inputs, prompt_embeddings(store, bank, tokens=model.text_tower is not None))
-    features = F.normalize(model.image_adaptor(model.image_embeddings(torch.as_tensor(inputs, dtype=torch.float32))),
-                           dim=-1)
+    prompts = prompt_embeddings(store, bank, tokens=model.text_tower is not None)
+    text = model.prompt_embeddings(prompts.inputs(model))
+    embedded = torch.cat([model.image_embeddings(chunk.float()) for chunk in torch.as_tensor(inputs).split(256)])
+    logits = model.score(embedded, text, prompts.averaging).numpy()
+    features = F.normalize(model.image_adaptor(embedded), dim=-1)
     return Scored(bank, bb.label, logits, np.asarray(ok, dtype=bool), features, model, store)

@@ -68,6 +68,7 @@ def adaptors_summary(config, embed_dim: int) -> dict:
     model = initial_model(config, embed_dim)
     lora = config.lora_config()
     return {"kind": config.adaptor_kind, "lora": None if lora is None else asdict(lora),
+            "lora_modules": model.adapted_modules,
             "trainable_parameters": sum(p.numel() for p in model.trainable()),
             "payload_bytes": payload_bytes(to_record(model, config.wire_dtype)),
             "embedding_cache": "image and text" if lora is None else

@@ -35,7 +35,7 @@ from server.app import CHECKPOINT, make_server_app
 from server.evaluation import federated_metrics
 from server.federation import initial_model, stage_diseases
 from server.state import RunState
-from shared.config import ADAPTOR_KINDS, FederationConfig, SimulationPlan, TrainConfig
+from shared.config import ADAPTOR_KINDS, LORA_TOWERS, FederationConfig, SimulationPlan, TrainConfig
 from shared.errors import RetuneError
 from shared.identity import Roster
 from shared.labels import CHEXPERT5
@@ -86,7 +86,8 @@ def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: C
         (folder / SIM_SITE_FILE).write_text(json.dumps({
             "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
             "cache": str(Path(plan.cache_dir or Path(config.run_dir) / "cache").resolve()), "backbone": config.backbone,
-            "diseases": ",".join(labelled_diseases(k)), "adaptor-kinds": ",".join(ADAPTOR_KINDS), **privacy,
+            "diseases": ",".join(labelled_diseases(k)), "adaptor-kinds": ",".join(ADAPTOR_KINDS),
+            "lora-towers": ",".join(LORA_TOWERS), **privacy,
             "audit-log": str((folder / "audit.jsonl").resolve()),
             "secagg-key": str((folder / "identity" / "auth.key").resolve()), "roster": str(roster.resolve()),
             "consortium-key": str((Path(config.run_dir) / KEYS_DIR / PUBLIC_KEY).resolve())}, indent=2))

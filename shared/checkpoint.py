@@ -38,7 +38,7 @@ def save_checkpoint(folder: Path, model: RetuneModel, prompts: PromptBank, backb
         "prompts": prompts.to_dict(),
         "adaptor": asdict(model.config),
         "adaptor_kind": model.kind,
-        **({"lora": asdict(model.lora)} if model.lora is not None else {}),
+        **({"lora": asdict(model.lora), "lora_modules": model.adapted_modules} if model.lora is not None else {}),
         **({"run": run} if run is not None else {}),
     }
     (folder / SIDECAR).write_text(json.dumps(sidecar, indent=2))

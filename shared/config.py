@@ -205,7 +205,7 @@ def _coerce(default, value):
     return type(default)(value)
 
 
-def _names(text: str) -> tuple[str, ...]:
+def split_names(text: str) -> tuple[str, ...]:
     """``"a, b"`` → ``("a", "b")``."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -373,7 +373,7 @@ class FederationConfig:
         if self.adaptor_kind == "retune":
             return None
         return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-                          targets=_names(self.lora_targets), towers=_names(self.lora_towers))
+                          targets=split_names(self.lora_targets), towers=split_names(self.lora_towers))
 
     def _replies_needed(self, byzantine: int) -> int:
         return 4 * byzantine + 3 if self.strategy == "bulyan" else 2 * byzantine + 3

@@ -23,30 +23,37 @@ from torch import nn
 from shared.config import LoraConfig
 from shared.errors import RetuneError
 
-#: A tower's own names for the attention projections the targets name (BERT's ``query``/``value``, a timm ViT's
-#: fused ``qkv``); a ``MultiheadAttention`` module (open_clip's ViT) is adapted whole for any of them.
+#: What LoRA may adapt: the attention's query, key and value projections, by these names or, in a tower without
+#: them, by the tower's own (BERT's ``query``/``key``/``value``, a timm ViT's fused ``qkv``; open_clip's ViT has a
+#: ``MultiheadAttention``, adapted whole: q, k, v and its output projection). Nothing else (a stem convolution that
+#: sees raw pixel patches, an embedding, an MLP) is ever adapted, whatever a run config asks.
 EQUIVALENTS: dict[str, tuple[str, ...]] = {"q_proj": ("query", "qkv"), "k_proj": ("key", "qkv"),
                                            "v_proj": ("value", "qkv")}
 
 
 def resolve_targets(tower: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Full names of the modules of ``tower`` that LoRA adapts for ``targets``.
+    """Full names of the modules of ``tower`` that LoRA adapts for ``targets`` (attention projections only).
 
-    A target matches modules whose name ends with it; where none does, the tower's equivalent (:data:`EQUIVALENTS`)
-    or its ``MultiheadAttention`` modules. A target that matches nothing is an error naming what the tower has.
+    A target matches Linear modules whose name ends with it; where none does, the tower's equivalent
+    (:data:`EQUIVALENTS`) or its ``MultiheadAttention`` modules. A target that is not an attention projection, or
+    matches nothing, is an error.
     """
+    allowed = set(EQUIVALENTS) | {alias for aliases in EQUIVALENTS.values() for alias in aliases}
     modules = dict(tower.named_modules())
     chosen: list[str] = []
     for target in targets:
-        found = [n for n in modules if n == target or n.endswith(f".{target}")]
+        if target not in allowed:
+            raise RetuneError(f"LoRA target {target!r}: LoRA adapts the attention's projections only "
+                              f"({', '.join(sorted(allowed))})")
+        linear = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
+        found = [n for n in linear if n.endswith(f".{target}")]
         for alias in EQUIVALENTS.get(target, ()):
-            found = found or [n for n in modules if n.endswith(f".{alias}")]
+            found = found or [n for n in linear if n.endswith(f".{alias}")]
         if not found and target in EQUIVALENTS:
             found = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
         if not found:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)})
-            raise RetuneError(f"LoRA target {target!r} matches no module of the {type(tower).__name__} tower; its "
-                              f"Linear layers end in: {', '.join(linear)} (set --lora-targets)")
+            raise RetuneError(f"LoRA target {target!r} matches no attention projection of the {type(tower).__name__} "
+                              "tower (set --lora-targets)")
         chosen.extend(n for n in found if n not in chosen)
     return chosen
 
@@ -74,22 +81,26 @@ def _call_pool_projections(tower: nn.Module) -> None:
 
 
 class ImageTower(nn.Module):
-    """The backbone's image encoder, adapted: preprocessed images [B, 3, H, W] → L2-normalised embeddings [B, d]."""
+    """The backbone's image encoder, adapted: preprocessed images [B, 3, H, W] → L2-normalised embeddings [B, d].
+    ``adapted`` names the modules LoRA adapts."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, adapted: tuple[str, ...]) -> None:
         super().__init__()
         self.visual = visual
+        self.adapted = adapted
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.visual(pixels.float()).float(), dim=-1)
 
 
 class TextTower(nn.Module):
-    """The backbone's text encoder, adapted: token ids [T, L] → L2-normalised embeddings [T, d]."""
+    """The backbone's text encoder, adapted: token ids [T, L] → L2-normalised embeddings [T, d]. ``adapted`` names
+    the modules LoRA adapts."""
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, clip: nn.Module, adapted: tuple[str, ...]) -> None:
         super().__init__()
         self.clip = clip
+        self.adapted = adapted
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
@@ -103,12 +114,12 @@ def _text_part(clip: nn.Module) -> nn.Module:
 
 
 def adapted_tower(clip: nn.Module, tower: str, config: LoraConfig, seed: int = 0) -> ImageTower | TextTower:
-    """A copy of ``clip``'s ``tower`` ("image" or "text") with peft LoRA on ``config.targets``; only the LoRA
-    matrices train. Their initialisation is seeded (A as peft draws it, B zero)."""
+    """A copy of ``clip``'s ``tower`` ("image" or "text"), on the CPU, with peft LoRA on ``config.targets``; only
+    the LoRA matrices train. Their initialisation is seeded (A as peft draws it, B zero)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
-    part = copy.deepcopy(clip.visual) if tower == "image" else _text_part(clip)
+    part = (copy.deepcopy(clip.visual) if tower == "image" else _text_part(clip)).cpu()
     if tower == "image":
         _call_pool_projections(part)
     part.requires_grad_(False)
@@ -119,5 +130,5 @@ def adapted_tower(clip: nn.Module, tower: str, config: LoraConfig, seed: int = 0
         torch.manual_seed(seed)
         inject_adapter_in_model(peft_config, part)
     part.eval()
-    return ImageTower(part) if tower == "image" else TextTower(part)
+    return ImageTower(part, tuple(names)) if tower == "image" else TextTower(part, tuple(names))
 

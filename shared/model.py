@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.config import AdaptorConfig, FederationConfig, LoraConfig
+from shared.config import ADAPTOR_KINDS, AdaptorConfig, FederationConfig, LoraConfig
+from shared.errors import RetuneError
 
 
 class Adaptor(nn.Module):
@@ -130,15 +131,20 @@ class RetuneModel(nn.Module):
                         module.train(mode)
         return self
 
-    def state_dict(self, *args, **kwargs):
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Adaptors and LoRA matrices only (an adapted tower's frozen weights are the backbone's)."""
-        state = super().state_dict(*args, **kwargs)
-        for name in [n for n in state if _frozen(n)]:
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name in [n for n in state if n.startswith(prefix) and _frozen(n[len(prefix):])]:
             del state[name]
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load adaptors and LoRA matrices; with ``strict``, exactly those must be given."""
+        """Load adaptors and LoRA matrices; with ``strict``, exactly those must be given. Frozen backbone weights
+        are never loaded: a state holding any is refused whatever ``strict`` says."""
+        frozen = [n for n in state_dict if _frozen(n)]
+        if frozen:
+            raise RuntimeError(f"Error(s) in loading state_dict for RetuneModel: frozen backbone weights "
+                               f"{frozen[:3]} are not adaptors or LoRA matrices")
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [n for n in result.missing_keys if not _frozen(n)]
         unexpected = list(result.unexpected_keys)
@@ -147,6 +153,12 @@ class RetuneModel(nn.Module):
                                f"unexpected keys {unexpected}")
         return result
 
+    @property
+    def adapted_modules(self) -> dict[str, list[str]]:
+        """The modules LoRA adapts in each adapted tower (empty for the ``retune`` kind)."""
+        return {name: list(tower.adapted) for name, tower in (("image", self.image_tower), ("text", self.text_tower))
+                if tower is not None}
+
 
 def build_model(dim: int, adaptor: AdaptorConfig = AdaptorConfig(), kind: str = "retune",
                 lora: LoraConfig | None = None, clip: nn.Module | None = None, seed: int = 0) -> RetuneModel:
@@ -154,8 +166,10 @@ def build_model(dim: int, adaptor: AdaptorConfig = AdaptorConfig(), kind: str = 
     ``lora.towers`` of the frozen open_clip model ``clip``, no adaptors) or ``both``."""
     if kind == "retune":
         return RetuneModel(dim, adaptor)
+    if kind not in ADAPTOR_KINDS:
+        raise RetuneError(f"unknown adaptor kind {kind!r}: choose {', '.join(ADAPTOR_KINDS)}")
     if lora is None or clip is None:
-        raise ValueError(f"adaptor kind {kind!r} needs LoRA settings and the backbone's model")
+        raise RetuneError(f"adaptor kind {kind!r} needs LoRA settings and the backbone's model")
     from shared.lora import adapted_tower
 
     towers = {t: adapted_tower(clip, t, lora, seed) for t in lora.towers}

@@ -126,6 +126,18 @@ def test_dp_gradient_with_lora_is_exact_per_sample_clipping_over_lora_and_adapto
     assert (actual[lora] - unclipped).norm() > 1e-2 * expected[lora].norm()
 
 
+def test_dp_refuses_lora_on_a_multihead_attention(tiny_backbone):
+    """open_clip's ViT: peft adapts a MultiheadAttention by merging weights, which opacus' hooks cannot see."""
+    from shared.config import LoraConfig
+    from shared.errors import RetuneError
+    from shared.model import build_model
+
+    _, prompts, _, _ = setup("mlp")
+    model = build_model(tiny_backbone.embed_dim, AdaptorConfig(), "lora", LoraConfig(rank=2), tiny_backbone.model)
+    with pytest.raises(RetuneError, match="is a MultiheadAttention, whose LoRA layers opacus cannot see"):
+        PerSampleRetune(model, prompts)
+
+
 def test_dp_refuses_lora_in_the_text_tower():
     from shared.config import LoraConfig
     from shared.errors import RetuneError

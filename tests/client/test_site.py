@@ -123,5 +123,10 @@ def test_the_hospital_not_the_run_decides_whether_lora_trains_and_up_to_which_ra
     accepting.check_run(lora_run)
     with pytest.raises(RetuneError, match="LoRA rank 4096 is above this hospital's max-lora-rank 64"):
         load_site(FederationConfig(adaptor_kind="lora", lora_rank=4096), accepting)
+    text_run = FederationConfig(adaptor_kind="lora", lora_towers="image,text")
+    with pytest.raises(RetuneError, match="adapts only its image tower with LoRA .*not its text tower"):
+        load_site(text_run, accepting)
+    site_settings(text_run, {"manifest": str(manifest), "adaptor-kinds": "lora", "lora-towers": "image,text"}
+                  ).check_run(text_run)
     with pytest.raises(RetuneError, match="adaptor-kinds='loar'"):
         site_settings(lora_run, {"manifest": str(manifest), "adaptor-kinds": "loar"})

@@ -34,8 +34,13 @@ def test_targets_resolve_to_each_towers_own_names_and_a_wrong_one_is_named():
     assert resolve_targets(clip.visual, ("q_proj", "v_proj")) == ["attnpool.q_proj", "attnpool.v_proj"]
     text = [n for n in resolve_targets(clip.transformer, ("q_proj", "v_proj"))]
     assert text == ["resblocks.0.attn"]  # open_clip's text transformer: a MultiheadAttention
-    with pytest.raises(RetuneError, match="'qq_proj' matches no module.*c_proj"):
-        resolve_targets(clip.visual, ("qq_proj",))
+    # Only attention projections: a run config cannot put LoRA on the stem convolution (which sees raw pixel
+    # patches), an MLP or an embedding.
+    for target in ("conv1", "c_proj", "qq_proj", "token_embedding"):
+        with pytest.raises(RetuneError, match=f"LoRA target '{target}': LoRA adapts the attention's projections only"):
+            resolve_targets(clip.visual, (target,))
+    with pytest.raises(RetuneError, match="'query' matches no attention projection"):
+        resolve_targets(clip.visual, ("query",))
 
 
 @pytest.mark.parametrize("kind", ["lora", "both"])
@@ -61,6 +66,13 @@ def test_only_lora_matrices_and_adaptors_train_are_saved_and_cross_the_wire(kind
     assert not torch.equal(received.state_dict()[next(iter(lora))], model.state_dict()[next(iter(lora))])
     with pytest.raises(RuntimeError, match="missing keys"):
         model.load_state_dict({k: v for k, v in sender.state_dict().items() if "lora_B" not in k})
+    # A checkpoint or message smuggling backbone weights in is refused, strict or not: the tower stays frozen.
+    stem = "image_tower.visual.conv1.weight"
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="frozen backbone weights"):
+            model.load_state_dict({**sender.state_dict(), stem: torch.zeros(8, 3, 3, 3)}, strict=strict)
+    assert torch.equal(model.image_tower.visual.conv1.weight, clip.visual.conv1.weight)
+    assert model.adapted_modules == {"image": ["attnpool.q_proj", "attnpool.v_proj"]}
 
 
 def test_lora_starts_at_zero_shot_and_learns_while_the_backbone_stays_frozen():
