@@ -19,11 +19,11 @@ from flwr.clientapp.typing import Mod
 
 from client.audit import AuditLog
 from client.dp_trainer import release_dp_round
-from client.guard import AUDIT_LOG_KEY, DECLINED_BUDGET, hospital_mods
+from client.guard import AUDIT_LOG_KEY, DECLINED_BUDGET, NOTHING_TO_TRAIN, hospital_mods
 from client.privacy import BudgetExhausted, HospitalPrivacy, released_key
 from client.secagg import register_secure_handlers
 from client.site import Site, load_site, node_values, site_metrics, site_model, site_settings
-from client.trainer import train_adaptors
+from client.trainer import stage_targets, train_adaptors
 from shared.config import FederationConfig, TrainConfig, run_identity
 from shared.errors import RetuneError
 from shared.model import RetuneModel
@@ -93,7 +93,11 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
                                    lr=cfg.lr if site.settings.dp is None else cfg.dp_lr,
                                    seed=local_seed(cfg, site, stage, round_))
         embeddings = site.train.inputs(model)[task.train_rows]
-        examples = int((~torch.isnan(torch.as_tensor(labels))).any(dim=1).sum())
+        targets = stage_targets(model, embeddings, labels, site.prompts, site.diseases, site.tasks, stage,
+                                cfg.continual_method, cfg.lwf_weight)  # the received global model distils
+        examples = int((~torch.isnan(torch.as_tensor(targets.labels))).any(dim=1).sum())
+        if examples == 0:  # e.g. a class-incremental stage of a disease this hospital does not label
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=NOTHING_TO_TRAIN), reply_to=msg)
         if site.settings.dp is not None:  # nothing un-noised leaves: no train loss, ε and δ only
             audit = context.node_config.get(AUDIT_LOG_KEY)
             ledger = HospitalPrivacy(Path(site.settings.ledger), site.settings.dp, AuditLog(audit) if audit else None)
@@ -101,15 +105,15 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
             run = run_identity(cfg.to_run_config())
             key = released_key(run, stage, round_, arrays_digest(msg.content[ARRAYS]).hex())
             try:
-                epsilon, _ = release_dp_round(model, embeddings, labels, site.prompts, train_config, ledger,
-                                              rounds_left, (run, stage, round_), key)
+                epsilon, _ = release_dp_round(model, embeddings, targets.labels, site.prompts, train_config, ledger,
+                                              rounds_left, (run, stage, round_), key, targets.weights)
             except BudgetExhausted as exc:  # a deliberate decline: the server learns that, the detail stays here
                 return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{DECLINED_BUDGET}: {exc}"),
                                reply_to=msg)
             metrics = {NUM_EXAMPLES: examples, "epsilon": epsilon, "delta": site.settings.dp.delta}
         else:
-            losses = train_adaptors(model, embeddings, labels, site.prompts, train_config,
-                                    proximal_mu=float(settings.get("proximal-mu", 0.0)))
+            losses = train_adaptors(model, embeddings, targets.labels, site.prompts, train_config,
+                                    proximal_mu=float(settings.get("proximal-mu", 0.0)), weights=targets.weights)
             metrics = {NUM_EXAMPLES: examples, "train-loss": losses[-1] if losses else 0.0}
         metrics.update(_identity(context))
         dtype = record_dtype(msg.content[ARRAYS])  # the reply crosses the wire as the global adaptors came

@@ -80,18 +80,19 @@ class PerSampleRetune(nn.Module):
         """Logits [B, C] of L2-normalised adapted images against adapted prompt rows [R, d]."""
         return self.scale * (image @ F.normalize(self.averaging @ text, dim=-1).T @ self.polarity)
 
-    def clipped_backward(self, images: torch.Tensor, labels: torch.Tensor, max_grad_norm: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def clipped_backward(self, images: torch.Tensor, labels: torch.Tensor, max_grad_norm: float,
+                         weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Set each parameter's ``.grad`` to the sum over samples of its clipped per-sample gradient of masked BCE;
         returns (per-sample losses, per-sample gradient norms over everything that trains, before clipping).
-        ``images`` are cached embeddings, or preprocessed images when LoRA adapts the image tower."""
+        ``images`` are cached embeddings, or preprocessed images when LoRA adapts the image tower; ``weights``
+        weigh each label entry of a sample's own loss (distilled ones, :mod:`shared.continual`)."""
         embedded = self._embed(images)
         with _recording(self.image_adaptor) as image_calls:
             image = F.normalize(self.image_adaptor(embedded), dim=-1)
         with torch.no_grad(), _recording(self.text_adaptor) as text_calls:  # its gradients come from _TextBranch
             text = self.text_adaptor(self.rows)
         logits = self.score(image, text)
-        losses = masked_bce(logits, labels, "none")
+        losses = masked_bce(logits, labels, "none", weights)
         wrt = [out for _, _, out in image_calls] + [logits] + ([embedded] if self.tower is not None else [])
         grads = list(torch.autograd.grad(losses.sum(), wrt, retain_graph=self.tower is not None))
         lora = self._lora_samples(embedded, grads.pop()) if self.tower is not None else []

@@ -38,7 +38,7 @@ def dp_optimizer(module: PerSampleRetune, optimizer: torch.optim.Optimizer, nois
 
 def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
                       config: TrainConfig, privacy: HospitalPrivacy, rounds_left: int, where: tuple[str, int, int],
-                      key: str = "") -> tuple[list[float], float]:
+                      key: str = "", weights: np.ndarray | None = None) -> tuple[list[float], float]:
     """Train ``model`` in place with DP-SGD; returns (mean loss per epoch, ε spent so far after this round).
 
     The ledger is held exclusively from the budget check to the commit (see :meth:`HospitalPrivacy.round`), so
@@ -48,6 +48,7 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
     keep = ~np.isnan(labels).all(axis=1)
     x = torch.as_tensor(embeddings[keep])  # preprocessed images stay float16 until their batch
     y = torch.as_tensor(labels[keep], dtype=torch.float32)
+    w = None if weights is None else torch.as_tensor(weights[keep], dtype=torch.float32)
     if len(x) == 0:
         return [], privacy.epsilon()
     sample_rate = min(1.0, config.batch_size / len(x))
@@ -69,7 +70,8 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
                 total, seen = 0.0, 0
                 for rows in poisson_batches(len(x), sample_rate, per_epoch, rng):
                     if len(rows):
-                        losses, _ = module.clipped_backward(x[rows].float(), y[rows], optimizer.max_grad_norm)
+                        losses, _ = module.clipped_backward(x[rows].float(), y[rows], optimizer.max_grad_norm,
+                                                            None if w is None else w[rows])
                         total, seen = total + float(losses.sum()), seen + len(rows)
                     else:  # an empty batch: the step still adds noise
                         for p in module.trainable():
@@ -85,7 +87,7 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
 
 def release_dp_round(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
                      config: TrainConfig, privacy: HospitalPrivacy, rounds_left: int, where: tuple[str, int, int],
-                     key: str) -> tuple[float, bool]:
+                     key: str, weights: np.ndarray | None = None) -> tuple[float, bool]:
     """Set ``model`` to this round's noisy adaptors; returns (ε so far, whether they were sent before).
 
     A round is trained and charged once: asked again for the same round with the same global adaptors (``key``,
@@ -95,6 +97,7 @@ def release_dp_round(model: RetuneModel, embeddings: np.ndarray, labels: np.ndar
     if kept is not None:
         model.load_state_dict({name: torch.from_numpy(array) for name, array in kept.items()})
         return privacy.epsilon(), True
-    _, epsilon = train_adaptors_dp(model, embeddings, labels, prompts, config, privacy, rounds_left, where, key)
+    _, epsilon = train_adaptors_dp(model, embeddings, labels, prompts, config, privacy, rounds_left, where, key,
+                                   weights)
     privacy.keep_released(key, {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()})
     return epsilon, False

@@ -43,13 +43,15 @@ CONSORTIUM_KEY = "consortium-key"
 #: The only reasons an error reply may carry out of the hospital. The app may give one followed by ": detail";
 #: the detail stays in the audit log.
 DECLINED_BUDGET = "declined: this round would exceed the hospital's privacy budget"
+#: A hospital labels none of the diseases a stage trains (and, with ``continual = lwf``, has no old disease to keep).
+NOTHING_TO_TRAIN = "declined: nothing labelled to train on at this stage"
 REFUSED_REPLY = "reply refused at the hospital boundary (not the wire format)"
 UNSIGNED = "global adaptors refused: not signed by the consortium key this hospital trusts for this round"
 ROUND_REFUSED = "round refused: not a later round of this run (replayed or reordered)"
 SECAGG_ABORTED = "secure aggregation aborted at this hospital: the round broke the protocol"
 APP_FAILED = "the hospital's app failed on this message; the details stay at the hospital"
 AUDIT_UNAVAILABLE = "the hospital's audit log is unavailable"
-PUBLIC_REASONS = (DECLINED_BUDGET, REFUSED_REPLY, UNSIGNED, ROUND_REFUSED, SECAGG_ABORTED, APP_FAILED,
+PUBLIC_REASONS = (DECLINED_BUDGET, NOTHING_TO_TRAIN, REFUSED_REPLY, UNSIGNED, ROUND_REFUSED, SECAGG_ABORTED, APP_FAILED,
                   AUDIT_UNAVAILABLE, ARRAYS_NOT_HELD)
 #: Where a hospital keeps the last global adaptors it verified (``context.state``), which a later message of the run
 #: may name by digest instead of carrying them again (:data:`shared.wire.ARRAYS_DIGEST`).

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from client.trainer import Prompts, predict_logits, train_adaptors
-from shared.config import TrainConfig
+from client.trainer import Prompts, predict_logits, stage_targets, train_adaptors
+from shared.config import FederationConfig, TrainConfig
 from shared.errors import RetuneError
 from shared.metrics import forgetting, macro, per_class_auroc
 from shared.model import RetuneModel
@@ -53,12 +53,16 @@ def task_auroc(logits: np.ndarray, test: Split, task: Task, diseases: tuple[str,
 
 def run_scenario(model: RetuneModel, tasks: list[Task], train: Split, test: Split, prompts: Prompts,
                  diseases: tuple[str, ...], config: TrainConfig, device: torch.device | str = "cpu",
-                 on_task_done=None) -> ScenarioResult:
-    """Train ``model`` through ``tasks`` in order, with no replay of earlier tasks' data."""
+                 on_task_done=None, continual: str = "none", lwf_weight: float = FederationConfig.lwf_weight) -> ScenarioResult:
+    """Train ``model`` through ``tasks`` in order, with no replay of earlier tasks' data, keeping earlier tasks'
+    diseases by the ``continual`` method (:mod:`shared.continual`)."""
     result = ScenarioResult(tasks=[t.name for t in tasks])
     for i, task in enumerate(tasks):
         labels = supervise(train.labels[task.train_rows], diseases, task.supervised)
-        result.losses.append(train_adaptors(model, train.inputs(model)[task.train_rows], labels, prompts, config, device))
+        inputs = train.inputs(model)[task.train_rows]
+        targets = stage_targets(model, inputs, labels, prompts, diseases, tasks, i, continual, lwf_weight)
+        result.losses.append(train_adaptors(model, inputs, targets.labels, prompts, config, device,
+                                            weights=targets.weights))
         logits = predict_logits(model, test.inputs(model), prompts, device)
         result.task_matrix.append([task_auroc(logits, test, t, diseases) for t in tasks])
         if on_task_done is not None:

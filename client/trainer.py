@@ -8,8 +8,10 @@ import numpy as np
 import torch
 
 from shared.config import TrainConfig
+from shared.continual import Targets, lwf_targets, old_diseases
 from shared.errors import RetuneError
 from shared.model import RetuneModel, masked_bce
+from shared.scenarios import Task
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,18 @@ class Prompts:
 
 
 def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
-                   config: TrainConfig, device: torch.device | str = "cpu", proximal_mu: float = 0.0) -> list[float]:
+                   config: TrainConfig, device: torch.device | str = "cpu", proximal_mu: float = 0.0,
+                   weights: np.ndarray | None = None) -> list[float]:
     """Train ``model`` in place with Adam on masked BCE; returns the mean loss of each epoch.
 
     Rows without a single labelled disease carry no signal and are dropped. ``proximal_mu`` > 0 adds FedProx's
     ``mu/2 · ||w − w_start||²`` towards the weights the model started from (the received global adaptors).
+    ``weights`` [N, C] weigh each label entry (distilled ones, :mod:`shared.continual`; default 1).
     """
     keep = ~np.isnan(labels).all(axis=1)
     x = torch.as_tensor(embeddings[keep])  # preprocessed images stay float16 (and here) until their batch
     y = torch.as_tensor(labels[keep], dtype=torch.float32, device=device)
+    w = None if weights is None else torch.as_tensor(weights[keep], dtype=torch.float32, device=device)
     text, averaging = prompts.inputs(model).to(device), prompts.averaging.to(device)
     model.to(device).train()
     if len(x) == 0:
@@ -52,7 +57,9 @@ def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarra
     for _ in range(config.epochs):
         total = 0.0
         for rows in torch.randperm(len(x), generator=generator).split(config.batch_size):
-            loss = masked_bce(model(x[rows].to(device, torch.float32), text, averaging), y[rows.to(device)])
+            at = rows.to(device)
+            loss = masked_bce(model(x[rows].to(device, torch.float32), text, averaging), y[at],
+                              weights=None if w is None else w[at])
             objective = loss + proximal_mu / 2 * sum((p - a).square().sum() for p, a in zip(params, anchor))
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -76,3 +83,13 @@ def predict_logits(model: RetuneModel, embeddings: np.ndarray, prompts: Prompts,
     out = [model.score(model.image_embeddings(chunk.to(device)), text, averaging).cpu() for chunk in x.split(batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, averaging.shape[0] // 2), dtype=np.float32)
 
+
+
+def stage_targets(model: RetuneModel, inputs: np.ndarray, labels: np.ndarray, prompts: Prompts,
+                  diseases: tuple[str, ...], tasks: list[Task], stage: int, method: str, weight: float) -> Targets:
+    """A stage's training targets under the continual ``method`` (``none`` or ``lwf``, :mod:`shared.continual`):
+    for ``lwf``, ``model`` as it is now (before the stage's training) scores the old diseases on ``inputs``."""
+    old = old_diseases(tasks, stage) if method == "lwf" else ()
+    if not old:
+        return Targets(labels)
+    return lwf_targets(labels, predict_logits(model, inputs, prompts), diseases, old, weight)

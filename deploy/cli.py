@@ -29,11 +29,11 @@ from deploy.cli_keys import keys
 from deploy.cli_phantom import phantom
 from deploy.cli_roster import roster
 from deploy.cli_simulate import simulate
-from deploy.cli_lora import (AdaptorKindOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt,
-                             LoraTowersOpt, lora_settings)
+from deploy.cli_options import (AdaptorKindOpt, ContinualOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt,
+                             LoraTargetsOpt, LoraTowersOpt, LwfWeightOpt, lora_settings)
 from deploy.drafts import DEFAULT_BANK
-from shared.config import (ADAPTOR_KINDS, OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, LoraConfig, TrainConfig,
-                           default_cache_dir)
+from shared.config import (ADAPTOR_KINDS, CONTINUAL_METHODS, DEFAULT_CONTINUAL, OFFLINE_DEFAULT, AdaptorConfig,
+                           EmbedConfig, FederationConfig, LoraConfig, TrainConfig, default_cache_dir)
 from shared.errors import RetuneError
 
 app = typer.Typer(help="Federated RE-tune fine-tuning of chest X-ray vision-language models.",
@@ -54,7 +54,7 @@ app.command()(certs)
 app.command(help="Write procedurally generated phantom chest X-rays and their manifest.csv (offline demo data).")(phantom)
 console = Console(stderr=True)
 
-_T, _A = TrainConfig(), AdaptorConfig()
+_T, _A, _F = TrainConfig(), AdaptorConfig(), FederationConfig()
 DataOpt = Annotated[Path, typer.Option("--data", help="Label file: CheXpert/NIH/MIMIC CSV, ChestMNIST .npz or manifest CSV.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="auto|chexpert|nih|mimic|chestmnist|manifest")]
 BackboneOpt = Annotated[str, typer.Option(help="biomedclip, hf-hub:ID, a local open_clip directory, or an open_clip name.")]
@@ -129,6 +129,7 @@ def train(
     adaptor_kind: AdaptorKindOpt = "retune", lora_preset: LoraPresetOpt = "pefomed",
     lora_rank: LoraRankOpt = None, lora_alpha: LoraAlphaOpt = None, lora_dropout: LoraDropoutOpt = None,
     lora_targets: LoraTargetsOpt = None, lora_towers: LoraTowersOpt = ",".join(LoraConfig.towers),
+    continual: ContinualOpt = _F.continual, lwf_weight: LwfWeightOpt = _F.lwf_weight,
     cache: CacheOpt = default_cache_dir(), fmt: FormatOpt = "auto", diseases: DiseasesOpt = None,
     uncertain: UncertainOpt = "ignore", image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip",
     max_pixels: MaxPixelsOpt = EmbedConfig.max_pixels, allow_outside_paths: OutsideOpt = False,
@@ -140,6 +141,9 @@ def train(
     from shared.checkpoint import save_checkpoint
     from shared.prompts import PromptBank
 
+    if continual not in CONTINUAL_METHODS:
+        raise RetuneError(f"unknown --continual {continual!r}: choose {', '.join(CONTINUAL_METHODS)}")
+    method = DEFAULT_CONTINUAL.get(scenario, "none") if continual == "auto" else continual
     if adaptor_kind not in ADAPTOR_KINDS:
         raise RetuneError(f"unknown --adaptor-kind {adaptor_kind!r}: choose {', '.join(ADAPTOR_KINDS)}")
     lora = None if adaptor_kind == "retune" else lora_settings(lora_preset, lora_rank, lora_alpha, lora_dropout,
@@ -155,7 +159,7 @@ def train(
     with console.status(f"training adaptors ({scenario})"):
         run = train_centralized(splits["train"], splits["test"], prompts, table.diseases, scenario,  # type: ignore[arg-type]
                                 train_config, adaptor_config, tasks, bb.device, kind=adaptor_kind, lora=lora,
-                                clip=bb.model)
+                                clip=bb.model, continual=method, lwf_weight=lwf_weight)
     metrics = {**run.metrics, "backbone": bb.describe(), "embed_s": embed_s, "embed_precision": store.precision,
                "train_config": {f.name: getattr(train_config, f.name) for f in fields(train_config)},
                "data": {"source": str(data), "format": table.format, "diseases": list(table.diseases),

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from deploy.cli_lora import (AdaptorKindOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt,
+from deploy.cli_options import (AdaptorKindOpt, ContinualOpt, LwfWeightOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt,
                              LoraTowersOpt, lora_fields, lora_settings)
 from shared.config import STRATEGIES, FederationConfig, SimulationPlan
 from shared.errors import RetuneError
@@ -29,7 +29,7 @@ def simulate(
     stages: int = _F.stages, rounds_per_stage: int = _F.rounds_per_stage, local_epochs: int = _F.local_epochs,
     scenario: Annotated[str, typer.Option(help="data|class|label|joint (joint: one stage).")] = _F.scenario,
     strategy: Annotated[str, typer.Option(help="|".join(STRATEGIES) + ".")] = _F.strategy,
-    min_hospitals: Annotated[int, typer.Option(help="Updates a round needs to count (0: every hospital's; with --poison all but one).")] = 0,
+    min_hospitals: Annotated[int, typer.Option(help="Updates a round needs to count (0: every hospital's that labels a disease of each stage; with --poison one fewer).")] = 0,
     max_update_norm: Annotated[float, typer.Option(help="Refuse an update whose norm exceeds this × the global adaptors' (0: off).")] = _F.max_update_norm,
     max_weight_ratio: Annotated[float, typer.Option(help="Cap a hospital's example count at this × the round's median (0: off).")] = _F.max_weight_ratio,
     trim_fraction: Annotated[float, typer.Option(help="fedtrimmedavg: fraction cut off each tail.")] = _F.trim_fraction,
@@ -47,17 +47,20 @@ def simulate(
     adaptor_kind: AdaptorKindOpt = _F.adaptor_kind, lora_preset: LoraPresetOpt = "pefomed",
     lora_rank: LoraRankOpt = None, lora_alpha: LoraAlphaOpt = None, lora_dropout: LoraDropoutOpt = None,
     lora_targets: LoraTargetsOpt = None, lora_towers: LoraTowersOpt = _F.lora_towers,
+    continual: ContinualOpt = _F.continual, lwf_weight: LwfWeightOpt = _F.lwf_weight,
 ) -> None:
     """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
-    from deploy.simulate import SimulationInterrupted, run_simulation, simulation_config
+    from deploy.simulate import SimulationInterrupted, run_simulation, simulation_config, trainable_hospitals
 
     plan = SimulationPlan(hospitals, images_per_hospital, image_size, dp_epsilon, dp_delta,
                           _hospital_list(dp_hospitals), poison)  # --poison is checked first thing in the run
-    config = simulation_config(out, hospitals, min_hospitals=min_hospitals or hospitals - bool(poison),
+    default_min = trainable_hospitals(hospitals, scenario, stages) - bool(poison)
+    config = simulation_config(out, hospitals, min_hospitals=min_hospitals or default_min,
                                stages=stages, rounds_per_stage=rounds_per_stage, local_epochs=local_epochs, scenario=scenario, strategy=strategy,
                                max_update_norm=max_update_norm, max_weight_ratio=max_weight_ratio,
                                trim_fraction=trim_fraction, byzantine_hospitals=byzantine_hospitals,
                                backbone=backbone, seed=seed, dp_lr=dp_lr, secure_aggregation=secure_aggregation,
+                               continual=continual, lwf_weight=lwf_weight,
                                adaptor_kind=adaptor_kind, **lora_fields(lora_settings(
                                    lora_preset, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_towers)))
     console = Console(stderr=True)
@@ -69,7 +72,8 @@ def simulate(
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     adaptors = report["adaptors"]
     console.print(f"trained {adaptors['kind']}: {adaptors['trainable_parameters']:,} parameters, "
-                  f"{adaptors['payload_bytes']:,} bytes per hospital per round")
+                  f"{adaptors['payload_bytes']:,} bytes per hospital per round; continual learning: "
+                  f"{report['continual']['method']}")
     console.print(f"final macro AUROC [bold]{fmt(report['final']['macro_auroc'])}[/] · zero-shot "
                   f"{fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized "
                   f"{fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting "

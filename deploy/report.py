@@ -87,6 +87,8 @@ def build_report(config, plan, state, sites, baselines: dict, timing: dict, chec
     return {
         "config": {**config.to_run_config(), **asdict(plan)},
         "adaptors": adaptors_summary(config, sites[0].embed_dim),
+        "continual": {"option": config.continual, "method": config.continual_method,
+                      **({"lwf_weight": config.lwf_weight} if config.continual_method == "lwf" else {})},
         "robustness": robustness(config),
         "poison": poison,
         "refused": refusals(state.history, state.hospitals),
@@ -169,6 +171,17 @@ def _adaptors_line(report: dict) -> str:
                        f"used for: {adaptors['embedding_cache']}")
 
 
+def _continual_line(report: dict) -> str:
+    continual = report["continual"]
+    what = {"none": "none (each stage trains on its own diseases only)",
+            "lwf": f"learning without forgetting (the old diseases' scores of the model each round starts from, "
+                   f"distilled on the stage's own images, weight {continual.get('lwf_weight', 0):g})"}
+    chosen = " (auto for this scenario)" if continual["option"] == "auto" else ""
+    lost = report["stages"]["forgetting"]
+    return html.escape(f"continual learning: {what[continual['method']]}{chosen}; the centralized baseline uses the "
+                       f"same · forgetting {'-' if lost is None else f'{lost:.3f}'}")
+
+
 def _privacy_line(report: dict) -> str:
     privacy = report.get("privacy")
     if not privacy:
@@ -213,7 +226,7 @@ td:first-child{{text-align:left}}.note{{color:#666;font-size:90%}}</style></head
 {fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized
 {fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting {fmt(report['stages']['forgetting'])} ·
 {report['timing']['seconds_per_round']:.1f} s per round{_privacy_line(report)}</p>
-<p>{_adaptors_line(report)}</p>
+<p>{_adaptors_line(report)}<br>{_continual_line(report)}</p>
 <p class="note">Not for clinical use. Phantom data. {html.escape(report['metric_note'])}</p>
 {_poison_banner(report)}
 {''.join(_figures(report))}

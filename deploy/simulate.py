@@ -27,7 +27,7 @@ from rich.table import Table
 
 from client.app import make_client_app
 from client.site import SIM_SITE_FILE, Site, load_site, site_metrics, site_settings
-from client.trainer import train_adaptors
+from client.trainer import stage_targets, train_adaptors
 from deploy.certs import make_hospital_keys
 from deploy.local_grid import run_local
 from research.phantom import write_phantom
@@ -40,7 +40,7 @@ from shared.errors import RetuneError
 from shared.identity import Roster
 from shared.labels import CHEXPERT5
 from shared.model import zero_shot_logits
-from shared.scenarios import supervise
+from shared.scenarios import disease_groups, supervise
 from shared.signing import PRIVATE_KEY, PUBLIC_KEY, generate_keys, load_private_key
 
 HOSPITALS_DIR = "hospitals"
@@ -54,6 +54,17 @@ def simulation_config(out: Path, hospitals: int, **settings) -> FederationConfig
     update was aggregated (``min_hospitals`` in ``settings`` says otherwise)."""
     return FederationConfig(**{"min_hospitals": hospitals, **settings}, run_dir=str(out),
                             sim_dir=str(out / HOSPITALS_DIR))
+
+
+def trainable_hospitals(hospitals: int, scenario: str, stages: int, diseases: tuple[str, ...] = CHEXPERT5) -> int:
+    """The fewest simulated hospitals that label a disease some stage supervises: a hospital that labels none of a
+    class-incremental stage's diseases has nothing to train on then, and declines that stage's rounds."""
+    if scenario not in ("class", "label"):
+        return hospitals
+    groups = disease_groups(diseases, stages)
+    supervised = groups if scenario == "class" else [sum(groups[:t + 1], ()) for t in range(stages)]
+    return min(sum(any(d in labelled_diseases(k, diseases) for d in group) for k in range(hospitals))
+               for group in supervised)
 
 
 def labelled_diseases(hospital: int, diseases: tuple[str, ...] = CHEXPERT5) -> list[str]:
@@ -120,7 +131,9 @@ def centralized_baseline(sites: list[Site], config: FederationConfig) -> dict:
         x = np.concatenate([s.train.inputs(model)[s.tasks[stage].train_rows] for s in sites])
         y = np.concatenate([supervise(s.train.labels[s.tasks[stage].train_rows], s.diseases,
                                       s.tasks[stage].supervised) for s in sites])
-        train_adaptors(model, x, y, sites[0].prompts, train_config)
+        targets = stage_targets(model, x, y, sites[0].prompts, sites[0].diseases, sites[0].tasks, stage,
+                                config.continual_method, config.lwf_weight)  # the same continual option
+        train_adaptors(model, x, targets.labels, sites[0].prompts, train_config, weights=targets.weights)
     return evaluate_sites(sites, config, lambda s: predict_logits(model, s.test.inputs(model), s.prompts))
 
 

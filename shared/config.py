@@ -21,6 +21,10 @@ UncertainPolicy = Literal["ignore", "ones", "zeros"]
 AdaptorFamily = Literal["retune", "lora", "both"]
 ADAPTOR_KINDS: tuple[str, ...] = AdaptorFamily.__args__  # type: ignore[attr-defined]
 LORA_TOWERS = ("image", "text")
+#: Continual-learning options (see :mod:`shared.continual`): ``auto`` picks :data:`DEFAULT_CONTINUAL` by scenario.
+CONTINUAL_METHODS = ("auto", "none", "lwf")
+#: What ``auto`` means per scenario.
+DEFAULT_CONTINUAL: dict[str, str] = {"class": "lwf", "label": "lwf", "data": "none", "joint": "none"}
 
 #: The offline default backbone: a small CLIP on the real MiniLM text tower, aligned on phantom chest X-rays.
 OFFLINE_DEFAULT = "retune-minilm-phantom"
@@ -301,6 +305,13 @@ class FederationConfig:
         LoRA settings (defaults as :class:`LoraConfig`), used when ``adaptor_kind`` is ``lora`` or ``both``.
     lora_targets, lora_towers : str
         Comma-separated :attr:`LoraConfig.targets` and :attr:`LoraConfig.towers`.
+    continual : {"auto", "none", "lwf"}
+        How a stage keeps what earlier stages taught (default "auto": :data:`DEFAULT_CONTINUAL` of the scenario).
+        ``lwf``: learning without forgetting, the diseases earlier stages supervised and this one does not are
+        distilled from the global model on the stage's own images (:mod:`shared.continual`).
+    lwf_weight : float
+        Weight of a distilled old-disease score against a real label (default 2.0; 1, 2 and 4 measured in
+        BENCHMARKS.md).
     """
 
     stages: int = 2
@@ -337,6 +348,8 @@ class FederationConfig:
     lora_dropout: float = LoraConfig.dropout
     lora_targets: str = ",".join(LoraConfig.targets)
     lora_towers: str = ",".join(LoraConfig.towers)
+    continual: str = "auto"
+    lwf_weight: float = 2.0
 
     def __post_init__(self) -> None:
         problems = [why for bad, why in (
@@ -344,6 +357,9 @@ class FederationConfig:
             (self.scenario not in SCENARIOS, f"unknown scenario {self.scenario!r}: choose {', '.join(SCENARIOS)}"),
             (self.wire_dtype not in WIRE_DTYPES,
              f"unknown wire-dtype {self.wire_dtype!r}: choose {', '.join(WIRE_DTYPES)}"),
+            (self.continual not in CONTINUAL_METHODS,
+             f"unknown continual {self.continual!r}: choose {', '.join(CONTINUAL_METHODS)}"),
+            (self.lwf_weight < 0, "lwf-weight must be at least 0"),
             (self.adaptor_kind not in ADAPTOR_KINDS,
              f"unknown adaptor-kind {self.adaptor_kind!r}: choose {', '.join(ADAPTOR_KINDS)}"),
             (self.scenario == "joint" and self.stages != 1,
@@ -367,6 +383,11 @@ class FederationConfig:
         if problems:
             raise RetuneError("; ".join(problems))
         self.lora_config()  # refuses bad LoRA settings up front
+
+    @property
+    def continual_method(self) -> str:
+        """The continual-learning method this run uses (``continual``, with ``auto`` resolved by scenario)."""
+        return DEFAULT_CONTINUAL[self.scenario] if self.continual == "auto" else self.continual
 
     def lora_config(self) -> LoraConfig | None:
         """The LoRA settings, or None for ``adaptor_kind = "retune"``."""

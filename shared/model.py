@@ -193,14 +193,18 @@ def zero_shot_logits(image_emb: torch.Tensor, prompt_emb: torch.Tensor, averagin
     return image @ diseases[:, 0].T - image @ diseases[:, 1].T
 
 
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """BCE over labelled entries only; NaN labels (not labelled) are masked out.
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE over labelled entries only; NaN labels (not labelled) are masked out. Labels may be soft (a distilled
+    probability, :mod:`shared.continual`), and ``weights`` [B, C] weigh each entry (default 1).
 
     ``reduction="mean"`` averages over every labelled entry of the batch; ``"none"`` gives one loss per sample
     (the mean over that sample's labelled diseases, 0 where it has none), as per-sample DP clipping needs.
     """
     mask = ~torch.isnan(labels)
     loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels), reduction="none") * mask
+    if weights is not None:
+        loss = loss * weights
     if reduction == "none":
         return loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     return loss.sum() / mask.sum().clamp(min=1)

@@ -148,3 +148,32 @@ def test_dp_refuses_lora_in_the_text_tower():
     model = build_model(16, AdaptorConfig(), "lora", LoraConfig(rank=2, towers=("text",)), tiny_resnet_clip())
     with pytest.raises(RetuneError, match="DP-SGD with LoRA in the text tower is not supported"):
         PerSampleRetune(model, prompts)
+
+
+def test_dp_gradient_with_distilled_targets_is_exact_per_sample_clipping():
+    """Learning without forgetting adds soft, weighted entries to each sample's own loss: DP-SGD still clips each
+    sample's gradient exactly (reference: one sample at a time with plain autograd)."""
+    model, prompts, x, y = setup("mlp")
+    free = torch.isnan(y)
+    soft = torch.where(free, torch.rand(y.shape, generator=torch.Generator().manual_seed(3)), y)
+    weights = torch.where(free, torch.full_like(y, 0.5), torch.ones_like(y))
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        masked_bce(model(x[i:i + 1], prompts.embeddings, prompts.averaging), soft[i:i + 1],
+                   weights=weights[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.trainable()]))
+    grads = torch.stack(rows)
+    norms = grads.norm(dim=1)
+    bound = float(norms.median())
+    expected = clipped_sum(grads, norms, bound)
+    module = PerSampleRetune(model, prompts)
+    optimizer = dp_optimizer(module, torch.optim.SGD(module.trainable(), lr=0.0), 0.0,
+                             DPConfig(max_epsilon=1.0, max_grad_norm=bound), len(x), SecureRandom())
+    _, dp_norms = module.clipped_backward(x, soft, optimizer.max_grad_norm, weights)
+    optimizer.pre_step()
+    actual = torch.cat([p.grad.flatten() for p in model.trainable()]) * optimizer.expected_batch_size
+    torch.testing.assert_close(dp_norms, norms, rtol=1e-5, atol=0)
+    assert (actual - expected).norm() <= 1e-5 * expected.norm()
+    _, hard_norms = PerSampleRetune(model, prompts).clipped_backward(x, y, bound)  # without the distilled entries
+    assert not torch.allclose(hard_norms, norms)

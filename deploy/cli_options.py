@@ -1,4 +1,5 @@
-"""Options of the adaptor kind and LoRA settings, shared by ``retune train`` and ``retune simulate``."""
+"""Options of the adaptor kind, LoRA settings and continual learning, shared by ``retune train`` and
+``retune simulate``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from shared.config import ADAPTOR_KINDS, LORA_PRESETS, LORA_TOWERS, LoraConfig, split_names
+from shared.config import ADAPTOR_KINDS, CONTINUAL_METHODS, LORA_PRESETS, LORA_TOWERS, LoraConfig, split_names
 from shared.errors import RetuneError
 
 AdaptorKindOpt = Annotated[str, typer.Option(
@@ -18,6 +19,10 @@ LoraRankOpt = Annotated[Optional[int], typer.Option(help="LoRA rank r (default: 
 LoraAlphaOpt = Annotated[Optional[float], typer.Option(help="LoRA alpha; updates are scaled by alpha/r (default: the preset's).")]
 LoraDropoutOpt = Annotated[Optional[float], typer.Option(help="Dropout on the LoRA branch (default: the preset's).")]
 LoraTargetsOpt = Annotated[Optional[str], typer.Option(help="Comma-separated module names LoRA adapts (default: the preset's).")]
+ContinualOpt = Annotated[str, typer.Option(
+    help=f"{'|'.join(CONTINUAL_METHODS)}: keep earlier stages' diseases; lwf distils the old diseases' scores of "
+         "the model a stage starts from on the stage's own images (auto: lwf for class and label schedules).")]
+LwfWeightOpt = Annotated[float, typer.Option(min=0.0, help="Weight of a distilled old-disease score (lwf).")]
 LoraTowersOpt = Annotated[str, typer.Option(help=f"Towers LoRA adapts, comma-separated: {','.join(LORA_TOWERS)}.")]
 
 

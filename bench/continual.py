@@ -1,0 +1,86 @@
+"""Benchmark: class-, label- and data-incremental federations with and without learning without forgetting.
+
+``retune simulate`` defaults (5 phantom hospitals × 600 images, 2 local epochs, FedAvg) with 5 stages × 2 rounds,
+per scenario and continual method, over seeds: final macro-AUROC, forgetting, zero-shot and centralized (the
+centralized baseline uses the same continual option). ``lwf`` changes nothing where no disease leaves supervision
+(data and label schedules): those runs are made for the first seed only and checked to equal ``none``. One more
+class-incremental ``lwf`` run with DP-SGD at ε = 8.
+
+Not a test; writes bench/results/continual.json.
+
+Usage: .venv/bin/python bench/continual.py [--seeds 0 1 2] [--out bench/results/continual.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from deploy.simulate import HOSPITALS_DIR, run_simulation, simulation_config, trainable_hospitals  # noqa: E402
+from shared.config import SimulationPlan  # noqa: E402
+
+HOSPITALS, STAGES, ROUNDS = 5, 5, 2
+
+
+def run(root: Path, scenario: str, continual: str, seed: int, dp_epsilon: float | None = None) -> dict:
+    name = f"{scenario}-{continual}-seed-{seed}{'-dp' if dp_epsilon else ''}"
+    config = simulation_config(root / name, HOSPITALS, scenario=scenario, stages=STAGES, rounds_per_stage=ROUNDS,
+                               seed=seed, continual=continual,
+                               min_hospitals=trainable_hospitals(HOSPITALS, scenario, STAGES))
+    hospitals = f"seed-{seed}" if not dp_epsilon else name  # a DP run's ε ledgers start empty
+    config = dataclasses.replace(config, sim_dir=str(root / hospitals / HOSPITALS_DIR))
+    plan = SimulationPlan(hospitals=HOSPITALS, cache_dir=str(root / "cache"), dp_epsilon=dp_epsilon)
+    report = run_simulation(config, plan, Console(stderr=True, quiet=True))
+    return {"final_macro_auroc": report["final"]["macro_auroc"], "forgetting": report["stages"]["forgetting"],
+            "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
+            "centralized": report["baselines"]["centralized"]["macro_auroc"],
+            "auroc_matrix": report["stages"]["auroc_matrix"], "declined": len(report["refused"]),
+            **({"epsilon_max": max(report["privacy"]["epsilon"].values())} if dp_epsilon else {})}
+
+
+def summary(runs: list[dict]) -> dict:
+    keys = ("final_macro_auroc", "forgetting", "zero_shot", "centralized")
+    return {k: {"mean": round(float(np.mean([r[k] for r in runs])), 4),
+                "std": round(float(np.std([r[k] for r in runs])), 4)} for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dp-epsilon", type=float, default=8.0, help="0: skip the DP run")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/continual.json"))
+    args = parser.parse_args()
+    result: dict = {"hospitals": HOSPITALS, "stages": STAGES, "rounds_per_stage": ROUNDS, "seeds": args.seeds,
+                    "runs": {}}
+
+    def record(key: str, runs: list[dict]) -> None:
+        result["runs"][key] = {"runs": runs, "summary": summary(runs)}
+        print(key, json.dumps(result["runs"][key]["summary"]), file=sys.stderr)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for scenario in ("class", "label", "data"):
+            record(f"{scenario}/none", [run(root, scenario, "none", seed) for seed in args.seeds])
+        record("class/lwf", [run(root, "class", "lwf", seed) for seed in args.seeds])
+        for scenario in ("label", "data"):  # nothing is ever old there: lwf must equal none
+            same = run(root, scenario, "lwf", args.seeds[0])
+            same["equals_none"] = same["final_macro_auroc"] == result["runs"][f"{scenario}/none"]["runs"][0][
+                "final_macro_auroc"]
+            record(f"{scenario}/lwf", [same])
+        if args.dp_epsilon:
+            record(f"class/lwf/dp-{args.dp_epsilon:g}", [run(root, "class", "lwf", args.seeds[0], args.dp_epsilon)])
+
+
+if __name__ == "__main__":
+    main()
