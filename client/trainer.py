@@ -84,7 +84,6 @@ def predict_logits(model: RetuneModel, embeddings: np.ndarray, prompts: Prompts,
     return torch.cat(out).numpy() if out else np.zeros((0, averaging.shape[0] // 2), dtype=np.float32)
 
 
-
 def stage_targets(model: RetuneModel, inputs: np.ndarray, labels: np.ndarray, prompts: Prompts,
                   diseases: tuple[str, ...], tasks: list[Task], stage: int, method: str, weight: float) -> Targets:
     """A stage's training targets under the continual ``method`` (``none`` or ``lwf``, :mod:`shared.continual`):
