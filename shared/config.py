@@ -72,9 +72,10 @@ class LoraConfig:
     dropout : float
         Dropout on the LoRA branch's input while training (default 0.05).
     targets : tuple[str, ...]
-        Modules adapted, by name ending (default ``("q_proj", "v_proj")``, the attention's query and value
-        projections). A tower without such modules uses its own names for them (``query``/``value`` in BERT, the
-        fused ``qkv`` of a timm ViT, a ``MultiheadAttention``); see :func:`shared.lora.resolve_targets`.
+        Attention projections adapted (default ``("q_proj", "v_proj")``, query and value; ``k_proj`` is the
+        third allowed). A tower without such modules uses its own names for them (``query``/``value`` in BERT, the
+        fused ``qkv`` of a timm ViT, a whole ``MultiheadAttention``); nothing else is ever adapted (see
+        :func:`shared.lora.resolve_targets`).
     towers : tuple[str, ...]
         Towers adapted: ``image`` (default) and/or ``text``. An adapted tower cannot use the embedding cache.
     """
