@@ -71,17 +71,26 @@ def train_adaptors(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarra
 
 
 @torch.inference_mode()
+def embed_images(model: RetuneModel, images: np.ndarray, device: torch.device | str = "cpu",
+                 batch_size: int = 8192) -> torch.Tensor:
+    """Embeddings [N, d] of image inputs (:meth:`RetuneModel.image_embeddings`) in batches, each made float32 only
+    when its turn comes (preprocessed images stay float16 until then); on ``device``."""
+    model.to(device).eval()
+    if model.image_tower is not None:
+        batch_size = min(batch_size, 256)  # images through the tower, not cached vectors
+    chunks = torch.as_tensor(images).split(batch_size)
+    if not chunks:
+        return torch.zeros(0, model.dim, device=device)
+    return torch.cat([model.image_embeddings(chunk.to(device, torch.float32)) for chunk in chunks])
+
+
+@torch.inference_mode()
 def predict_logits(model: RetuneModel, embeddings: np.ndarray, prompts: Prompts,
                    device: torch.device | str = "cpu", batch_size: int = 8192) -> np.ndarray:
     """Logits [N, C] of cached image embeddings (or preprocessed images, when LoRA adapts the image tower)."""
-    model.to(device).eval()
     averaging = prompts.averaging.to(device)
-    text = model.prompt_embeddings(prompts.inputs(model).to(device))  # once, not once per chunk
-    if model.image_tower is not None:
-        batch_size = min(batch_size, 256)  # images through the tower, not cached vectors
-    x = torch.as_tensor(embeddings, dtype=torch.float32)
-    out = [model.score(model.image_embeddings(chunk.to(device)), text, averaging).cpu() for chunk in x.split(batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, averaging.shape[0] // 2), dtype=np.float32)
+    text = model.to(device).eval().prompt_embeddings(prompts.inputs(model).to(device))
+    return model.score(embed_images(model, embeddings, device, batch_size), text, averaging).cpu().numpy()
 
 
 def stage_targets(model: RetuneModel, inputs: np.ndarray, labels: np.ndarray, prompts: Prompts,

@@ -81,6 +81,7 @@ def score_images(checkpoint: Path, images: list[Path], cache: Path, public_key: 
                  console: Console) -> Scored:
     """Score ``images`` with the checkpoint in ``checkpoint`` (unreadable images are reported and marked)."""
     from client.local_data import prompt_embeddings
+    from client.trainer import embed_images
     from shared.backbone import cached_backbone
     from shared.cache import EmbeddingCache
     from shared.data.problems import BadFiles, print_bad_files
@@ -100,8 +101,7 @@ def score_images(checkpoint: Path, images: list[Path], cache: Path, public_key: 
         inputs = np.zeros((len(refs), *pixels.shape[1:]), dtype=pixels.dtype)
         inputs[ok] = pixels
     prompts = prompt_embeddings(store, bank, tokens=model.text_tower is not None)
-    text = model.prompt_embeddings(prompts.inputs(model))
-    embedded = torch.cat([model.image_embeddings(chunk.float()) for chunk in torch.as_tensor(inputs).split(256)])
-    logits = model.score(embedded, text, prompts.averaging).numpy()
+    embedded = embed_images(model, inputs)
+    logits = model.score(embedded, model.prompt_embeddings(prompts.inputs(model)), prompts.averaging).numpy()
     features = F.normalize(model.image_adaptor(embedded), dim=-1)
     return Scored(bank, bb.label, logits, np.asarray(ok, dtype=bool), features, model, store)
