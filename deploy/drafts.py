@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from deploy.inference import Scored
+from deploy.inference import TEXT_BATCH, Scored
 from shared.errors import RetuneError
 from shared.reports import SentenceBank, canonical, iu_archive
 
@@ -32,8 +32,6 @@ BANKS: tuple[str, ...] = ("auto", "phantom", "iu")
 #: ``auto``: the real Indiana University reports where torchxrayvision ships them, else the phantom generator's.
 DEFAULT_BANK = "auto"
 THRESHOLD = 0.5
-#: Sentences embedded per step of the progress bar.
-EMBED_CHUNK = 256
 
 
 def choose_bank(name: str) -> tuple[str, str]:
@@ -145,13 +143,11 @@ def compose(probabilities: np.ndarray, similarity: np.ndarray, index: BankIndex,
 
 @torch.inference_mode()
 def embed_sentences(scored: Scored, texts: list[str], console: Console | None = None) -> torch.Tensor:
-    """Adapted sentence features [len(texts), d] through the cache, ``EMBED_CHUNK`` at a time with a progress bar on
+    """Adapted sentence features [len(texts), d] through the cache, ``TEXT_BATCH`` at a time with a progress bar on
     ``console`` (the first run of a large bank embeds thousands of sentences; later ones read the cache)."""
-    chunks = [texts[i:i + EMBED_CHUNK] for i in range(0, len(texts), EMBED_CHUNK)] or [texts]
-    if console is None:
-        return torch.cat([scored.text_features(chunk) for chunk in chunks])
+    chunks = [texts[i:i + TEXT_BATCH] for i in range(0, len(texts), TEXT_BATCH)] or [texts]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(*columns, console=console, transient=True, disable=console is None) as progress:
         task = progress.add_task(f"embedding {len(texts)} report sentences (cached after the first run)",
                                  total=len(texts))
         out = []
