@@ -67,10 +67,6 @@ class PerSampleRetune(nn.Module):
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.tower is None else self.tower(images)
 
-    def trainable(self) -> list[nn.Parameter]:
-        """The parameters DP-SGD trains (adaptors and LoRA matrices)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
     def close(self) -> None:
         """Remove opacus' hooks from the image tower (the model goes on without them)."""
         if self.tower is not None:

@@ -61,7 +61,7 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
         rng = SecureRandom()
         module = PerSampleRetune(model, prompts)
         model.train()
-        optimizer = dp_optimizer(module, torch.optim.Adam(module.trainable(), lr=config.lr,
+        optimizer = dp_optimizer(module, torch.optim.Adam(model.trainable(), lr=config.lr,
                                                           weight_decay=config.weight_decay),
                                  noise, privacy.config, max(1, round(sample_rate * len(x))), rng)
         history = []
@@ -74,7 +74,7 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
                                                             None if w is None else w[rows])
                         total, seen = total + float(losses.sum()), seen + len(rows)
                     else:  # an empty batch: the step still adds noise
-                        for p in module.trainable():
+                        for p in model.trainable():
                             p.grad = torch.zeros_like(p)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

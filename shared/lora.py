@@ -40,12 +40,12 @@ def resolve_targets(tower: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """
     allowed = set(EQUIVALENTS) | {alias for aliases in EQUIVALENTS.values() for alias in aliases}
     modules = dict(tower.named_modules())
+    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     chosen: list[str] = []
     for target in targets:
         if target not in allowed:
             raise RetuneError(f"LoRA target {target!r}: LoRA adapts the attention's projections only "
                               f"({', '.join(sorted(allowed))})")
-        linear = {n: m for n, m in modules.items() if isinstance(m, nn.Linear)}
         found = [n for n in linear if n.endswith(f".{target}")]
         for alias in EQUIVALENTS.get(target, ()):
             found = found or [n for n in linear if n.endswith(f".{alias}")]

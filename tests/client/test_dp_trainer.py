@@ -43,7 +43,7 @@ def dp_gradient(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.
     """(Σ_i clip(g_i) as the DP optimizer has it before the update with noise 0, the per-sample norms)."""
     module = PerSampleRetune(model, prompts)
     model.train()
-    optimizer = dp_optimizer(module, torch.optim.SGD(module.trainable(), lr=0.0), 0.0,
+    optimizer = dp_optimizer(module, torch.optim.SGD(model.trainable(), lr=0.0), 0.0,
                              DPConfig(max_epsilon=1.0, max_grad_norm=bound), len(x), SecureRandom())
     _, norms = module.clipped_backward(x, y, optimizer.max_grad_norm)
     optimizer.pre_step()  # adds the noise (σ = 0) and divides by the expected batch size
@@ -168,7 +168,7 @@ def test_dp_gradient_with_distilled_targets_is_exact_per_sample_clipping():
     bound = float(norms.median())
     expected = clipped_sum(grads, norms, bound)
     module = PerSampleRetune(model, prompts)
-    optimizer = dp_optimizer(module, torch.optim.SGD(module.trainable(), lr=0.0), 0.0,
+    optimizer = dp_optimizer(module, torch.optim.SGD(model.trainable(), lr=0.0), 0.0,
                              DPConfig(max_epsilon=1.0, max_grad_norm=bound), len(x), SecureRandom())
     _, dp_norms = module.clipped_backward(x, soft, optimizer.max_grad_norm, weights)
     optimizer.pre_step()
