@@ -32,8 +32,8 @@ from deploy.cli_simulate import simulate
 from deploy.cli_options import (AdaptorKindOpt, ContinualOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt,
                              LoraTargetsOpt, LoraTowersOpt, LwfWeightOpt, lora_settings)
 from deploy.drafts import DEFAULT_BANK
-from shared.config import (ADAPTOR_KINDS, CONTINUAL_METHODS, DEFAULT_CONTINUAL, OFFLINE_DEFAULT, AdaptorConfig,
-                           EmbedConfig, FederationConfig, LoraConfig, TrainConfig, default_cache_dir)
+from shared.config import (ADAPTOR_KINDS, OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, FederationConfig, LoraConfig,
+                           TrainConfig, continual_method, default_cache_dir)
 from shared.errors import RetuneError
 
 app = typer.Typer(help="Federated RE-tune fine-tuning of chest X-ray vision-language models.",
@@ -141,9 +141,7 @@ def train(
     from shared.checkpoint import save_checkpoint
     from shared.prompts import PromptBank
 
-    if continual not in CONTINUAL_METHODS:
-        raise RetuneError(f"unknown --continual {continual!r}: choose {', '.join(CONTINUAL_METHODS)}")
-    method = DEFAULT_CONTINUAL.get(scenario, "none") if continual == "auto" else continual
+    method = continual_method(continual, scenario)
     if adaptor_kind not in ADAPTOR_KINDS:
         raise RetuneError(f"unknown --adaptor-kind {adaptor_kind!r}: choose {', '.join(ADAPTOR_KINDS)}")
     lora = None if adaptor_kind == "retune" else lora_settings(lora_preset, lora_rank, lora_alpha, lora_dropout,

@@ -210,6 +210,13 @@ def _coerce(default, value):
     return type(default)(value)
 
 
+def continual_method(option: str, scenario: str) -> str:
+    """The method a ``continual`` option means for ``scenario`` (``auto``: :data:`DEFAULT_CONTINUAL`)."""
+    if option not in CONTINUAL_METHODS:
+        raise RetuneError(f"unknown continual {option!r}: choose {', '.join(CONTINUAL_METHODS)}")
+    return DEFAULT_CONTINUAL.get(scenario, "none") if option == "auto" else option
+
+
 def split_names(text: str) -> tuple[str, ...]:
     """``"a, b"`` → ``("a", "b")``."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -358,8 +365,6 @@ class FederationConfig:
             (self.scenario not in SCENARIOS, f"unknown scenario {self.scenario!r}: choose {', '.join(SCENARIOS)}"),
             (self.wire_dtype not in WIRE_DTYPES,
              f"unknown wire-dtype {self.wire_dtype!r}: choose {', '.join(WIRE_DTYPES)}"),
-            (self.continual not in CONTINUAL_METHODS,
-             f"unknown continual {self.continual!r}: choose {', '.join(CONTINUAL_METHODS)}"),
             (self.lwf_weight < 0, "lwf-weight must be at least 0"),
             (self.adaptor_kind not in ADAPTOR_KINDS,
              f"unknown adaptor-kind {self.adaptor_kind!r}: choose {', '.join(ADAPTOR_KINDS)}"),
@@ -384,11 +389,12 @@ class FederationConfig:
         if problems:
             raise RetuneError("; ".join(problems))
         self.lora_config()  # refuses bad LoRA settings up front
+        continual_method(self.continual, self.scenario)  # and an unknown continual option
 
     @property
     def continual_method(self) -> str:
         """The continual-learning method this run uses (``continual``, with ``auto`` resolved by scenario)."""
-        return DEFAULT_CONTINUAL[self.scenario] if self.continual == "auto" else self.continual
+        return continual_method(self.continual, self.scenario)
 
     def lora_config(self) -> LoraConfig | None:
         """The LoRA settings, or None for ``adaptor_kind = "retune"``."""
