@@ -54,22 +54,41 @@ def spawn(name: str, argv: list[str], log: Path, env: dict[str, str], cwd: Path)
     return Process(name, argv, str(log), proc.pid, started or 0)
 
 
+def group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, which only wait to be collected, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
 def stop(processes: list[Process], grace: float = 10.0) -> list[str]:
-    """SIGTERM each live process's group, SIGKILL what is left after ``grace`` seconds; returns the names
-    stopped. Processes not started by us (dead, or pid reused) are never signalled."""
+    """SIGTERM each live process's group, SIGKILL what is left of it after ``grace`` seconds, and return once
+    every member of those groups has exited (or 5 s after the SIGKILL); returns the names stopped. Processes not
+    started by us (dead, or pid reused) are never signalled; a group outlives its leader only while one of what
+    the leader spawned still runs, and no pid can become a new group's id before then."""
     live = [p for p in processes if p.alive()]
+
+    def running(proc: Process) -> bool:
+        return proc.alive() or group_running(proc.pid)
+
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         for proc in live:
-            if proc.alive():
+            if running(proc):
                 try:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + wait
-        while any(p.alive() for p in live) and time.monotonic() < deadline:
+        while any(running(p) for p in live) and time.monotonic() < deadline:
             _reap()
             time.sleep(0.1)
-        if not any(p.alive() for p in live):
+        if not any(running(p) for p in live):
             break
     return [p.name for p in live]
 
