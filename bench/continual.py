@@ -6,6 +6,11 @@ centralized baseline uses the same continual option). ``lwf`` changes nothing wh
 (data and label schedules): those runs are made for the first seed only and checked to equal ``none``. One more
 class-incremental ``lwf`` run with DP-SGD at ε = 8.
 
+``class/oracle`` is the reference a method without replay would have to approach on the class schedule: the same
+stages (each stage's images are those positive for its disease, plus a share of negatives) with the true labels of
+every disease seen so far on them, as if the old diseases' labels had been kept. It is not a method (those labels
+do not exist in a class-incremental federation): the bench swaps the scenario's task list for it, in this process.
+
 Not a test; writes bench/results/continual.json.
 
 Usage: .venv/bin/python bench/continual.py [--seeds 0 1 2] [--out bench/results/continual.json]
@@ -18,21 +23,27 @@ import dataclasses
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+import client.centralized  # noqa: E402
+import client.site  # noqa: E402
 from deploy.simulate import HOSPITALS_DIR, run_simulation, simulation_config, trainable_hospitals  # noqa: E402
 from shared.config import SimulationPlan  # noqa: E402
+from shared.scenarios import Task, make_tasks  # noqa: E402
 
 HOSPITALS, STAGES, ROUNDS = 5, 5, 2
 
 
-def run(root: Path, scenario: str, continual: str, seed: int, dp_epsilon: float | None = None) -> dict:
-    name = f"{scenario}-{continual}-seed-{seed}{'-dp' if dp_epsilon else ''}"
+def run(root: Path, scenario: str, continual: str, seed: int, dp_epsilon: float | None = None, tag: str = "") -> dict:
+    name = f"{scenario}-{tag or continual}-seed-{seed}{'-dp' if dp_epsilon else ''}"
     config = simulation_config(root / name, HOSPITALS, scenario=scenario, stages=STAGES, rounds_per_stage=ROUNDS,
                                seed=seed, continual=continual,
                                min_hospitals=trainable_hospitals(HOSPITALS, scenario, STAGES))
@@ -45,6 +56,25 @@ def run(root: Path, scenario: str, continual: str, seed: int, dp_epsilon: float 
             "centralized": report["baselines"]["centralized"]["macro_auroc"],
             "auroc_matrix": report["stages"]["auroc_matrix"], "declined": len(report["refused"]),
             **({"epsilon_max": max(report["privacy"]["epsilon"].values())} if dp_epsilon else {})}
+
+
+def labelled_class_tasks(*args, **kwargs) -> list[Task]:
+    """The class schedule's tasks, each supervising every disease of the tasks up to it (the oracle bound)."""
+    tasks = make_tasks(*args, **kwargs)
+    seen = [tuple(d for task in tasks[:t + 1] for d in task.supervised) for t in range(len(tasks))]
+    return [dataclasses.replace(task, supervised=supervised) for task, supervised in zip(tasks, seen)]
+
+
+@contextmanager
+def class_oracle() -> Iterator[None]:
+    """Hospitals and the centralized baseline train on :func:`labelled_class_tasks` (loaded sites are reloaded)."""
+    client.site._load_site.cache_clear()
+    try:
+        with mock.patch.object(client.site, "make_tasks", labelled_class_tasks), \
+                mock.patch.object(client.centralized, "make_tasks", labelled_class_tasks):
+            yield
+    finally:
+        client.site._load_site.cache_clear()
 
 
 def summary(runs: list[dict]) -> dict:
@@ -73,6 +103,8 @@ def main() -> None:
         for scenario in ("class", "label", "data"):
             record(f"{scenario}/none", [run(root, scenario, "none", seed) for seed in args.seeds])
         record("class/lwf", [run(root, "class", "lwf", seed) for seed in args.seeds])
+        with class_oracle():
+            record("class/oracle", [run(root, "class", "none", seed, tag="oracle") for seed in args.seeds])
         for scenario in ("label", "data"):  # nothing is ever old there: lwf must equal none
             same = run(root, scenario, "lwf", args.seeds[0])
             same["equals_none"] = same["final_macro_auroc"] == result["runs"][f"{scenario}/none"]["runs"][0][
