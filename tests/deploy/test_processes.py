@@ -13,8 +13,8 @@ from deploy.processes import Process, spawn, start_time, stop
 
 
 def _sleeper(tmp_path, name: str, children: int = 0, stubborn: bool = False) -> Process:
-    kid = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)" if stubborn
-           else "import time; time.sleep(60)")
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if stubborn else ""
+    kid = f"import os, signal, time; {ignore}open(f'{{os.getpid()}}.ready', 'w').close(); time.sleep(60)"
     code = ("import subprocess, sys, time\n"
             f"kids = [subprocess.Popen([sys.executable, '-c', {kid!r}]) for _ in range({children})]\n"
             "print(' '.join(str(k.pid) for k in kids), flush=True)\n"
@@ -23,13 +23,16 @@ def _sleeper(tmp_path, name: str, children: int = 0, stubborn: bool = False) -> 
 
 
 def _kids(proc: Process) -> list[int]:
-    """The pids the sleeper spawned, once it has written them (and the children have set themselves up)."""
+    """The pids the sleeper spawned, once it has written them and each child is set up (a stubborn one ignores
+    SIGTERM only from then on)."""
     deadline = time.monotonic() + 30
     while not (log := Path(proc.log).read_text().strip()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    time.sleep(1.0)  # a stubborn child ignores SIGTERM only once its interpreter has started
     kids = [int(pid) for pid in log.split()]
+    while not all((Path(proc.log).parent / f"{pid}.ready").exists() for pid in kids):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert all(start_time(pid) for pid in kids)
     return kids
 
