@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from deploy.report import headline  # noqa: E402
 from deploy.simulate import HOSPITALS_DIR, run_simulation, simulation_config  # noqa: E402
 from server.federation import initial_model  # noqa: E402
 from shared.config import ADAPTOR_KINDS, SimulationPlan  # noqa: E402
@@ -43,10 +44,7 @@ def run(root: Path, kind: str, seed: int, dp_epsilon: float | None) -> dict:
     start = time.perf_counter()
     report = run_simulation(config, plan, Console(stderr=True, quiet=True))
     rounds = report["rounds"]
-    return {"final_macro_auroc": report["final"]["macro_auroc"],
-            "centralized": report["baselines"]["centralized"]["macro_auroc"],
-            "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
-            "forgetting": report["stages"]["forgetting"],
+    return {**headline(report),
             "trainable_parameters": sum(p.numel() for p in initial_model(config, 256).trainable()),
             "bytes_up_per_hospital_per_round": rounds[-1]["bytes_up"] // HOSPITALS,
             "seconds_per_round": report["timing"]["seconds_per_round"],

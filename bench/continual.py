@@ -35,6 +35,7 @@ from rich.console import Console  # noqa: E402
 
 import client.centralized  # noqa: E402
 import client.site  # noqa: E402
+from deploy.report import headline  # noqa: E402
 from deploy.simulate import HOSPITALS_DIR, run_simulation, simulation_config, trainable_hospitals  # noqa: E402
 from shared.config import SimulationPlan  # noqa: E402
 from shared.scenarios import Task, make_tasks  # noqa: E402
@@ -51,10 +52,7 @@ def run(root: Path, scenario: str, continual: str, seed: int, dp_epsilon: float 
     config = dataclasses.replace(config, sim_dir=str(root / hospitals / HOSPITALS_DIR))
     plan = SimulationPlan(hospitals=HOSPITALS, cache_dir=str(root / "cache"), dp_epsilon=dp_epsilon)
     report = run_simulation(config, plan, Console(stderr=True, quiet=True))
-    return {"final_macro_auroc": report["final"]["macro_auroc"], "forgetting": report["stages"]["forgetting"],
-            "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
-            "centralized": report["baselines"]["centralized"]["macro_auroc"],
-            "auroc_matrix": report["stages"]["auroc_matrix"], "declined": len(report["refused"]),
+    return {**headline(report), "auroc_matrix": report["stages"]["auroc_matrix"], "declined": len(report["refused"]),
             **({"epsilon_max": max(report["privacy"]["epsilon"].values())} if dp_epsilon else {})}
 
 

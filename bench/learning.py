@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from deploy.report import headline  # noqa: E402
 from deploy.simulate import HOSPITALS_DIR, run_simulation, simulation_config  # noqa: E402
 from shared.config import SimulationPlan  # noqa: E402
 from shared.model import RetuneModel  # noqa: E402
@@ -44,10 +45,7 @@ def run(root: Path, seed: int, stages: int, wire_dtype: str) -> dict:
     plan = SimulationPlan(hospitals=HOSPITALS, cache_dir=str(root / "cache"))
     report = run_simulation(config, plan, Console(stderr=True, quiet=True))
     rounds = report["rounds"]
-    return {"final_macro_auroc": report["final"]["macro_auroc"],
-            "centralized": report["baselines"]["centralized"]["macro_auroc"],
-            "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
-            "forgetting": report["stages"]["forgetting"],
+    return {**headline(report),
             "bytes_up_per_hospital": rounds[-1]["bytes_up"] // HOSPITALS,
             "bytes_down_per_hospital_first_round": rounds[0]["bytes_down"] // HOSPITALS,
             "bytes_down_per_hospital_later_rounds": rounds[-1]["bytes_down"] // HOSPITALS}

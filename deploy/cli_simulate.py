@@ -50,6 +50,7 @@ def simulate(
     continual: ContinualOpt = _F.continual, lwf_weight: LwfWeightOpt = _F.lwf_weight,
 ) -> None:
     """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
+    from deploy.report import headline
     from deploy.simulate import SimulationInterrupted, run_simulation, simulation_config, trainable_hospitals
 
     plan = SimulationPlan(hospitals, images_per_hospital, image_size, dp_epsilon, dp_delta,
@@ -74,10 +75,10 @@ def simulate(
     console.print(f"trained {adaptors['kind']}: {adaptors['trainable_parameters']:,} parameters, "
                   f"{adaptors['payload_bytes']:,} bytes per hospital per round; continual learning: "
                   f"{report['continual']['method']}")
-    console.print(f"final macro AUROC [bold]{fmt(report['final']['macro_auroc'])}[/] · zero-shot "
-                  f"{fmt(report['baselines']['zero_shot']['macro_auroc'])} · centralized "
-                  f"{fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting "
-                  f"{fmt(report['stages']['forgetting'])} · {report['timing']['seconds_per_round']:.1f} s/round")
+    figures = headline(report)
+    console.print(f"final macro AUROC [bold]{fmt(figures['final_macro_auroc'])}[/] · zero-shot "
+                  f"{fmt(figures['zero_shot'])} · centralized {fmt(figures['centralized'])} · forgetting "
+                  f"{fmt(figures['forgetting'])} · {report['timing']['seconds_per_round']:.1f} s/round")
     if report["refused"]:
         console.print(f"[yellow]{len(report['refused'])} replies not counted[/] (report.json 'refused'): " + "; ".join(
             f"{r['hospital']} s{r['stage'] + 1}r{r['round'] + 1}: {r['reason']}" for r in report["refused"][:3])

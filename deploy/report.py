@@ -75,6 +75,14 @@ def adaptors_summary(config, embed_dim: int) -> dict:
             " and ".join(t for t in ("image", "text") if t not in lora.towers) or "none (both towers adapted)"}
 
 
+def headline(report: dict) -> dict[str, float | None]:
+    """A report's four headline figures: final, zero-shot and centralized macro-AUROC, and forgetting."""
+    return {"final_macro_auroc": report["final"]["macro_auroc"],
+            "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
+            "centralized": report["baselines"]["centralized"]["macro_auroc"],
+            "forgetting": report["stages"]["forgetting"]}
+
+
 def build_report(config, plan, state, sites, baselines: dict, timing: dict, checkpoint: Path) -> dict:
     """Everything a researcher needs to judge the run, as plain JSON."""
     matrix = auroc_matrix(state.history, config.stages)
