@@ -27,7 +27,6 @@ from rich.console import Console  # noqa: E402
 
 from deploy.report import headline  # noqa: E402
 from deploy.simulate import HOSPITALS_DIR, run_simulation, simulation_config  # noqa: E402
-from server.federation import initial_model  # noqa: E402
 from shared.config import ADAPTOR_KINDS, SimulationPlan  # noqa: E402
 
 HOSPITALS = 5
@@ -45,7 +44,7 @@ def run(root: Path, kind: str, seed: int, dp_epsilon: float | None) -> dict:
     report = run_simulation(config, plan, Console(stderr=True, quiet=True))
     rounds = report["rounds"]
     return {**headline(report),
-            "trainable_parameters": sum(p.numel() for p in initial_model(config, 256).trainable()),
+            "trainable_parameters": report["adaptors"]["trainable_parameters"],
             "bytes_up_per_hospital_per_round": rounds[-1]["bytes_up"] // HOSPITALS,
             "seconds_per_round": report["timing"]["seconds_per_round"],
             "run_s": time.perf_counter() - start,

@@ -43,6 +43,7 @@ from research.phantom import sample_case  # noqa: E402
 from research.report_bank import phantom_truth  # noqa: E402
 from research.report_metrics import METRICS, report_metrics  # noqa: E402
 from shared.data.problems import BadFiles  # noqa: E402
+from shared.model import zero_shot_logits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 console = Console(stderr=True)
@@ -67,15 +68,13 @@ def held_out(sim: Path, n: int) -> tuple[list[Path], np.ndarray, list[dict[str, 
     return images, np.stack(labels), truths
 
 
-def zero_shot(scored: Scored, images: list[Path], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def zero_shot(scored: Scored, images: list[Path]) -> tuple[np.ndarray, torch.Tensor]:
     """Zero-shot probabilities [N, C] (sigmoid of the cosine difference: only its sign and size order matter here)
-    and similarity [N, S] to ``texts``, from the raw backbone features."""
+    and the normalised raw backbone features [N, d] that the zero-shot drafts' similarity to a bank uses."""
     raw, _ = scored.store.images([str(p) for p in images], BadFiles("skip"))
     image = F.normalize(torch.as_tensor(raw, dtype=torch.float32), dim=-1)
-    prompts = scored.store.texts(scored.bank.texts())
-    diseases = F.normalize(scored.bank.averaging_matrix() @ prompts, dim=-1).view(-1, 2, prompts.shape[-1])
-    difference = image @ diseases[:, 0].T - image @ diseases[:, 1].T
-    return torch.sigmoid(difference).numpy(), (image @ scored.store.texts(texts).T).numpy()
+    difference = zero_shot_logits(image, scored.store.texts(scored.bank.texts()), scored.bank.averaging_matrix())
+    return torch.sigmoid(difference).numpy(), image
 
 
 def score(drafts: list[Draft], truths: list[dict[str, str]], wordnet: Path) -> dict[str, dict[str, float]]:
@@ -102,6 +101,7 @@ def main() -> None:
     scored = score_images(sim / "checkpoint", images, sim / "cache", sim / "keys" / "consortium.pub", console)
     diseases = scored.bank.diseases
     predicted = scored.probabilities >= 0.5
+    zs_probs, zs_image = zero_shot(scored, images)  # the same for every bank
     result: dict = {
         "what": "report drafts by retrieval vs phantom ground-truth reports (research.report_bank.phantom_truth)",
         "backbone": scored.backbone_label, "images": len(images), "diseases": list(diseases),
@@ -121,7 +121,7 @@ def main() -> None:
         start = time.perf_counter()
         index = BankIndex(bank, diseases)
         adapted = (scored.image_features @ scored.text_features(texts).T).numpy()
-        zs_probs, zs_similarity = zero_shot(scored, images, texts)
+        zs_similarity = (zs_image @ scored.store.texts(texts).T).numpy()
         variants = {
             "checkpoint": [compose(p, s, index) for p, s in zip(scored.probabilities, adapted)],
             "zero_shot": [compose(p, s, index) for p, s in zip(zs_probs, zs_similarity)],
