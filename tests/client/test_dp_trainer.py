@@ -28,24 +28,26 @@ def setup(kind: str) -> tuple[RetuneModel, Prompts, torch.Tensor, torch.Tensor]:
     return model, prompts, x, y
 
 
-def per_sample_grads(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[B, all parameters]: plain autograd on the model, one sample at a time."""
+def per_sample_grads(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.Tensor,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, all trainable parameters]: plain autograd on the model, one sample at a time."""
     rows = []
     for i in range(len(x)):
         model.zero_grad()
-        masked_bce(model(x[i:i + 1], prompts.embeddings, prompts.averaging), y[i:i + 1]).backward()
-        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        masked_bce(model(x[i:i + 1], prompts.embeddings, prompts.averaging), y[i:i + 1],
+                   weights=None if weights is None else weights[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.trainable()]))
     return torch.stack(rows)
 
 
-def dp_gradient(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.Tensor, bound: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def dp_gradient(model: RetuneModel, prompts: Prompts, x: torch.Tensor, y: torch.Tensor, bound: float,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_i clip(g_i) as the DP optimizer has it before the update with noise 0, the per-sample norms)."""
     module = PerSampleRetune(model, prompts)
     model.train()
     optimizer = dp_optimizer(module, torch.optim.SGD(model.trainable(), lr=0.0), 0.0,
                              DPConfig(max_epsilon=1.0, max_grad_norm=bound), len(x), SecureRandom())
-    _, norms = module.clipped_backward(x, y, optimizer.max_grad_norm)
+    _, norms = module.clipped_backward(x, y, optimizer.max_grad_norm, weights)
     optimizer.pre_step()  # adds the noise (σ = 0) and divides by the expected batch size
     return torch.cat([p.grad.flatten() for p in model.trainable()]) * optimizer.expected_batch_size, norms
 
@@ -106,12 +108,7 @@ def test_dp_gradient_with_lora_is_exact_per_sample_clipping_over_lora_and_adapto
     for p in model.trainable():  # B = 0 at the start would make A's gradient zero
         p.data.normal_(0, 0.1)
     images = torch.randn(BATCH, 3, 32, 32)
-    rows = []
-    for i in range(BATCH):
-        model.zero_grad()
-        masked_bce(model(images[i:i + 1], prompts.embeddings, prompts.averaging), y[i:i + 1]).backward()
-        rows.append(torch.cat([p.grad.flatten() for p in model.trainable()]))
-    grads = torch.stack(rows)
+    grads = per_sample_grads(model, prompts, images, y)
     norms = grads.norm(dim=1)
     bound = float(norms.median())
     expected = clipped_sum(grads, norms, bound)
@@ -157,22 +154,11 @@ def test_dp_gradient_with_distilled_targets_is_exact_per_sample_clipping():
     free = torch.isnan(y)
     soft = torch.where(free, torch.rand(y.shape, generator=torch.Generator().manual_seed(3)), y)
     weights = torch.where(free, torch.full_like(y, 0.5), torch.ones_like(y))
-    rows = []
-    for i in range(len(x)):
-        model.zero_grad()
-        masked_bce(model(x[i:i + 1], prompts.embeddings, prompts.averaging), soft[i:i + 1],
-                   weights=weights[i:i + 1]).backward()
-        rows.append(torch.cat([p.grad.flatten() for p in model.trainable()]))
-    grads = torch.stack(rows)
+    grads = per_sample_grads(model, prompts, x, soft, weights)
     norms = grads.norm(dim=1)
     bound = float(norms.median())
     expected = clipped_sum(grads, norms, bound)
-    module = PerSampleRetune(model, prompts)
-    optimizer = dp_optimizer(module, torch.optim.SGD(model.trainable(), lr=0.0), 0.0,
-                             DPConfig(max_epsilon=1.0, max_grad_norm=bound), len(x), SecureRandom())
-    _, dp_norms = module.clipped_backward(x, soft, optimizer.max_grad_norm, weights)
-    optimizer.pre_step()
-    actual = torch.cat([p.grad.flatten() for p in model.trainable()]) * optimizer.expected_batch_size
+    actual, dp_norms = dp_gradient(model, prompts, x, soft, bound, weights)
     torch.testing.assert_close(dp_norms, norms, rtol=1e-5, atol=0)
     assert (actual - expected).norm() <= 1e-5 * expected.norm()
     _, hard_norms = PerSampleRetune(model, prompts).clipped_backward(x, y, bound)  # without the distilled entries

@@ -12,7 +12,7 @@ from shared.continual import lwf_targets, old_diseases
 from shared.errors import RetuneError
 from shared.model import RetuneModel
 from shared.prompts import PromptBank
-from shared.scenarios import make_tasks
+from shared.scenarios import make_tasks, supervise
 
 DISEASES = ("A", "B", "C")
 
@@ -68,7 +68,7 @@ def test_with_lwf_the_old_diseases_scores_move_less_while_the_new_one_learns():
         run_scenario(model, tasks[:1], train, test, prompts, DISEASES, config)  # stage 1: disease A
         before = predict_logits(model, test.embeddings, prompts)
         rows = tasks[1].train_rows  # stage 2: disease B only
-        labels_b = np.where(np.isin(np.arange(3), [1]), train.labels[rows], np.nan).astype(np.float32)
+        labels_b = supervise(train.labels[rows], DISEASES, tasks[1].supervised)
         targets = stage_targets(model, train.embeddings[rows], labels_b, prompts, DISEASES, tasks, 1, method, 1.0)
         assert (targets.weights is None) == (method == "none")
         train_adaptors(model, train.embeddings[rows], targets.labels, prompts, config, weights=targets.weights)
