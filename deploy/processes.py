@@ -29,14 +29,19 @@ class Process:
         return asdict(self)
 
 
-def start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), None if no such live process."""
+def _stat_fields(path: Path) -> list[str] | None:
+    """The fields of a ``/proc/PID/stat`` file after the command name (state first), None if the process is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = path.read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] == "Z" else int(fields[19])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), None if no such live process."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return None if fields is None or fields[0] == "Z" else int(fields[19])
 
 
 def spawn(name: str, argv: list[str], log: Path, env: dict[str, str], cwd: Path) -> Process:
@@ -54,17 +59,10 @@ def spawn(name: str, argv: list[str], log: Path, env: dict[str, str], cwd: Path)
     return Process(name, argv, str(log), proc.pid, started or 0)
 
 
-def group_running(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` still runs (zombies, which only wait to be collected, do not count)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # exited while we looked
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+def running_groups() -> set[int]:
+    """Ids of the process groups with a running member (zombies, which only wait to be collected, do not count)."""
+    return {int(fields[2]) for stat in Path("/proc").glob("[0-9]*/stat")
+            if (fields := _stat_fields(stat)) is not None and fields[0] != "Z"}
 
 
 def stop(processes: list[Process], grace: float = 10.0) -> list[str]:
@@ -74,21 +72,21 @@ def stop(processes: list[Process], grace: float = 10.0) -> list[str]:
     the leader spawned still runs, and no pid can become a new group's id before then."""
     live = [p for p in processes if p.alive()]
 
-    def running(proc: Process) -> bool:
-        return proc.alive() or group_running(proc.pid)
+    def running() -> list[Process]:
+        groups = running_groups()  # one look at /proc for all of them
+        return [p for p in live if p.alive() or p.pid in groups]
 
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for proc in live:
-            if running(proc):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+        for proc in running():
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + wait
-        while any(running(p) for p in live) and time.monotonic() < deadline:
+        while running() and time.monotonic() < deadline:
             _reap()
             time.sleep(0.1)
-        if not any(running(p) for p in live):
+        if not running():
             break
     return [p.name for p in live]
 
