@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from client.incremental import ScenarioResult, Split, run_scenario
-from client.trainer import Prompts, predict_logits
+from client.trainer import Prompts
 from shared.config import AdaptorConfig, FederationConfig, LoraConfig, Scenario, TrainConfig
 from shared.metrics import classification_metrics
 from shared.model import RetuneModel, build_model, zero_shot_logits
@@ -49,7 +49,7 @@ def train_centralized(train: Split, test: Split, prompts: Prompts, diseases: tup
     result = run_scenario(model, tasks, train, test, prompts, diseases, train_config, device, on_task_done,
                           continual, lwf_weight)
     train_s = time.perf_counter() - start
-    metrics = classification_metrics(predict_logits(model, test.inputs(model), prompts, device), test.labels, diseases)
+    metrics = classification_metrics(result.final_logits, test.labels, diseases)
     zero = zero_shot_metrics(test, prompts, diseases)
     metrics["zero_shot"] = {key: zero[key] for key in ("macro_auroc", "per_class_auroc", "f1")}
     metrics["scenario"] = scenario

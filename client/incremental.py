@@ -35,11 +35,13 @@ class Split:
 
 @dataclass
 class ScenarioResult:
-    """Task matrix (AUROC on task j's test data after task i), its forgetting, and per-task loss curves."""
+    """Task matrix (AUROC on task j's test data after task i), its forgetting, per-task loss curves and the final
+    model's test logits."""
 
     tasks: list[str]
     task_matrix: list[list[float | None]] = field(default_factory=list)
     losses: list[list[float]] = field(default_factory=list)
+    final_logits: np.ndarray | None = None
 
     def summary(self) -> dict:
         return {"tasks": self.tasks, "task_matrix": self.task_matrix, **forgetting(self.task_matrix)}
@@ -65,6 +67,7 @@ def run_scenario(model: RetuneModel, tasks: list[Task], train: Split, test: Spli
                                             weights=targets.weights))
         logits = predict_logits(model, test.inputs(model), prompts, device)
         result.task_matrix.append([task_auroc(logits, test, t, diseases) for t in tasks])
+        result.final_logits = logits
         if on_task_done is not None:
             on_task_done(i, task)
     return result
