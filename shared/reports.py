@@ -188,7 +188,7 @@ def build_bank(sections: list[tuple[Section, str]], source: dict[str, str],
     texts = tuple(first.values())
     known = tags or {}
     tag_list = tuple(known[t] if t in known else tag_sentence(t) for t in texts)
-    return SentenceBank(texts, tag_list, tuple(frozenset(seen[dedup_key(t)]) for t in texts),
+    return SentenceBank(texts, tag_list, tuple(frozenset(seen[k]) for k in first),
                         tuple(is_normal_study(t, g) for t, g in zip(texts, tag_list)), dict(source))
 
 
