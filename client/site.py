@@ -30,6 +30,7 @@ a simulation the run config's ``sim-dir`` holds ``hospital-K/hospital.json`` wit
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -262,10 +263,9 @@ def _check_labelled(labelled: tuple[str, ...], have: tuple[str, ...]) -> None:
 
 def site_model(config: FederationConfig, site: Site) -> RetuneModel:
     """An untrained model of the federation's adaptor kind for this site (the global weights go into it)."""
-    if config.adaptor_kind == "retune":
-        with torch.device("meta"):  # no initialisation to throw away: the weights are the message's
-            return federation_model(config, site.embed_dim)
-    return federation_model(config, site.embed_dim, cached_backbone(site.settings.backbone).model)
+    # retune: no initialisation to throw away, the weights are the message's (LoRA copies real backbone towers)
+    with torch.device("meta") if config.adaptor_kind == "retune" else nullcontext():
+        return federation_model(config, site.embed_dim, site.settings.backbone)
 
 
 def stage_test_rows(site: Site, stage: int) -> np.ndarray:

@@ -28,7 +28,6 @@ from server.strategy import make_strategy
 from server.strategy.adaptor_strategy import AdaptorStrategy, reply_order
 from shared.config import FederationConfig, run_identity
 from shared.labels import resolve_schema
-from shared.backbone import cached_backbone
 from shared.model import RetuneModel, federation_model
 from shared.scenarios import disease_groups
 from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, sign_round
@@ -45,11 +44,9 @@ def stage_diseases(config: FederationConfig) -> list[tuple[str, ...]]:
 
 
 def initial_model(config: FederationConfig, embed_dim: int) -> RetuneModel:
-    """Fresh adaptors (and LoRA matrices), seeded by ``config.seed`` (what round 1 sends). LoRA's matrices take
-    their shapes from the backbone's towers, so for the ``lora`` and ``both`` kinds the server loads the backbone
-    named by run config ``backbone`` (its weights are never sent)."""
-    clip = cached_backbone(config.backbone).model if config.adaptor_kind != "retune" else None
-    return federation_model(config, embed_dim, clip)
+    """Fresh adaptors (and LoRA matrices), seeded by ``config.seed`` (what round 1 sends); for the ``lora`` and
+    ``both`` kinds the server loads the backbone named by run config ``backbone`` for LoRA's shapes."""
+    return federation_model(config, embed_dim, config.backbone)
 
 
 def round_config(binding: RoundBinding, arrays: ArrayRecord, signing_key: Ed25519PrivateKey | None) -> ConfigRecord:

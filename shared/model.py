@@ -177,9 +177,13 @@ def build_model(dim: int, adaptor: AdaptorConfig = AdaptorConfig(), kind: str = 
                        text_tower=towers.get("text"), lora=lora)
 
 
-def federation_model(config: FederationConfig, dim: int, clip: nn.Module | None = None) -> RetuneModel:
+def federation_model(config: FederationConfig, dim: int, backbone: str) -> RetuneModel:
     """The model a federation with ``config`` trains, initialised from ``config.seed`` (the server's round-1
-    adaptors); ``clip``, the frozen open_clip model, is needed for the ``lora`` and ``both`` kinds."""
+    adaptors). LoRA's matrices take their shapes from the frozen towers, so for the ``lora`` and ``both`` kinds the
+    open_clip model ``backbone`` is loaded (:func:`shared.backbone.cached_backbone`; its weights are never sent)."""
+    from shared.backbone import cached_backbone
+
+    clip = cached_backbone(backbone).model if config.adaptor_kind != "retune" else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return build_model(dim, AdaptorConfig(kind=config.adaptor), config.adaptor_kind, config.lora_config(), clip,
