@@ -25,9 +25,9 @@ from client.secagg import register_secure_handlers
 from client.site import Site, load_site, node_values, site_metrics, site_model, site_settings
 from client.trainer import stage_targets, train_adaptors
 from shared.config import FederationConfig, TrainConfig, run_identity
+from shared.continual import stage_examples
 from shared.errors import RetuneError
 from shared.model import RetuneModel
-from shared.scenarios import supervise
 from shared.signing import arrays_digest
 from shared.wire import (ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SITE, adaptor_spec, check_reply, load_record,
                          record_dtype, secure_stage, site_record, to_record, wire_spec)
@@ -87,12 +87,11 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
         model = _global_model(msg, cfg, site)
         settings = msg.content[CONFIG]
         stage, round_ = int(settings["stage"]), int(settings["round"])
-        task = site.tasks[stage]
-        labels = supervise(site.train.labels[task.train_rows], site.diseases, task.supervised)
+        rows, labels = stage_examples(site.tasks, stage, site.train.labels, site.diseases, cfg.continual_method)
         train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                                    lr=cfg.lr if site.settings.dp is None else cfg.dp_lr,
                                    seed=local_seed(cfg, site, stage, round_))
-        embeddings = site.train.inputs(model)[task.train_rows]
+        embeddings = site.train.inputs(model)[rows]
         targets = stage_targets(model, embeddings, labels, site.prompts, site.diseases, site.tasks, stage,
                                 cfg.continual_method, cfg.lwf_weight)  # the received global model distils
         examples = int((~torch.isnan(torch.as_tensor(targets.labels))).any(dim=1).sum())

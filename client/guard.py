@@ -43,7 +43,8 @@ CONSORTIUM_KEY = "consortium-key"
 #: The only reasons an error reply may carry out of the hospital. The app may give one followed by ": detail";
 #: the detail stays in the audit log.
 DECLINED_BUDGET = "declined: this round would exceed the hospital's privacy budget"
-#: A hospital labels none of the diseases a stage trains (and, with ``continual = lwf``, has no old disease to keep).
+#: A hospital labels none of the diseases a stage trains (and, with ``continual`` ``lwf`` or ``replay``, has no
+#: old disease to keep).
 NOTHING_TO_TRAIN = "declined: nothing labelled to train on at this stage"
 REFUSED_REPLY = "reply refused at the hospital boundary (not the wire format)"
 UNSIGNED = "global adaptors refused: not signed by the consortium key this hospital trusts for this round"

@@ -9,10 +9,11 @@ import torch
 
 from client.trainer import Prompts, predict_logits, stage_targets, train_adaptors
 from shared.config import FederationConfig, TrainConfig
+from shared.continual import stage_examples
 from shared.errors import RetuneError
 from shared.metrics import forgetting, macro, per_class_auroc
 from shared.model import RetuneModel
-from shared.scenarios import Task, supervise
+from shared.scenarios import Task
 
 
 @dataclass
@@ -56,12 +57,12 @@ def task_auroc(logits: np.ndarray, test: Split, task: Task, diseases: tuple[str,
 def run_scenario(model: RetuneModel, tasks: list[Task], train: Split, test: Split, prompts: Prompts,
                  diseases: tuple[str, ...], config: TrainConfig, device: torch.device | str = "cpu",
                  on_task_done=None, continual: str = "none", lwf_weight: float = FederationConfig.lwf_weight) -> ScenarioResult:
-    """Train ``model`` through ``tasks`` in order, with no replay of earlier tasks' data, keeping earlier tasks'
-    diseases by the ``continual`` method (:mod:`shared.continual`)."""
+    """Train ``model`` through ``tasks`` in order, keeping earlier tasks' diseases by the ``continual`` method
+    (:mod:`shared.continual`; only ``replay`` trains on earlier tasks' data again)."""
     result = ScenarioResult(tasks=[t.name for t in tasks])
     for i, task in enumerate(tasks):
-        labels = supervise(train.labels[task.train_rows], diseases, task.supervised)
-        inputs = train.inputs(model)[task.train_rows]
+        rows, labels = stage_examples(tasks, i, train.labels, diseases, continual)
+        inputs = train.inputs(model)[rows]
         targets = stage_targets(model, inputs, labels, prompts, diseases, tasks, i, continual, lwf_weight)
         result.losses.append(train_adaptors(model, inputs, targets.labels, prompts, config, device,
                                             weights=targets.weights))

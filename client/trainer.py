@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from shared.config import TrainConfig
-from shared.continual import Targets, lwf_targets, old_diseases
+from shared.continual import DISTILLING, Targets, lwf_targets, old_diseases
 from shared.errors import RetuneError
 from shared.model import RetuneModel, masked_bce
 from shared.scenarios import Task
@@ -95,9 +95,9 @@ def predict_logits(model: RetuneModel, embeddings: np.ndarray, prompts: Prompts,
 
 def stage_targets(model: RetuneModel, inputs: np.ndarray, labels: np.ndarray, prompts: Prompts,
                   diseases: tuple[str, ...], tasks: list[Task], stage: int, method: str, weight: float) -> Targets:
-    """A stage's training targets under the continual ``method`` (``none`` or ``lwf``, :mod:`shared.continual`):
-    for ``lwf``, ``model`` as it is now (before the stage's training) scores the old diseases on ``inputs``."""
-    old = old_diseases(tasks, stage) if method == "lwf" else ()
+    """A stage's training targets under the continual ``method`` (:mod:`shared.continual`): for ``lwf`` and ``replay``,
+    ``model`` as it is now (before the stage's training) scores the old diseases on ``inputs``."""
+    old = old_diseases(tasks, stage) if method in DISTILLING else ()
     if not old:
         return Targets(labels)
     return lwf_targets(labels, predict_logits(model, inputs, prompts), diseases, old, weight)

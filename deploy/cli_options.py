@@ -21,8 +21,9 @@ LoraDropoutOpt = Annotated[Optional[float], typer.Option(help="Dropout on the Lo
 LoraTargetsOpt = Annotated[Optional[str], typer.Option(help="Comma-separated module names LoRA adapts (default: the preset's).")]
 ContinualOpt = Annotated[str, typer.Option(
     help=f"{'|'.join(CONTINUAL_METHODS)}: keep earlier stages' diseases; lwf distils the old diseases' scores of "
-         "the model a stage starts from on the stage's own images (auto: lwf for class and label schedules).")]
-LwfWeightOpt = Annotated[float, typer.Option(min=0.0, help="Weight of a distilled old-disease score (lwf).")]
+         "the model a stage starts from on the stage's own images; replay also trains each hospital on its own "
+         "earlier stages' images and labels (auto: replay for class and label schedules).")]
+LwfWeightOpt = Annotated[float, typer.Option(min=0.0, help="Weight of a distilled old-disease score (lwf, replay).")]
 LoraTowersOpt = Annotated[str, typer.Option(help=f"Towers LoRA adapts, comma-separated: {','.join(LORA_TOWERS)}.")]
 
 

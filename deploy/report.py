@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from deploy.plots import plot_auroc_bars, plot_matrix  # noqa: E402
 from research.poison import Poison  # noqa: E402
 from shared.config import BYZANTINE_STRATEGIES  # noqa: E402
+from shared.continual import DISTILLING  # noqa: E402
 from shared.metrics import forgetting  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def build_report(config, plan, state, sites, baselines: dict, timing: dict, chec
         "config": {**config.to_run_config(), **asdict(plan)},
         "adaptors": adaptors_summary(config, sites[0].embed_dim),
         "continual": {"option": config.continual, "method": config.continual_method,
-                      **({"lwf_weight": config.lwf_weight} if config.continual_method == "lwf" else {})},
+                      **({"lwf_weight": config.lwf_weight} if config.continual_method in DISTILLING else {})},
         "robustness": robustness(config),
         "poison": poison,
         "refused": refusals(state.history, state.hospitals),
@@ -183,7 +184,9 @@ def _continual_line(report: dict) -> str:
     continual = report["continual"]
     what = {"none": "none (each stage trains on its own diseases only)",
             "lwf": f"learning without forgetting (the old diseases' scores of the model each round starts from, "
-                   f"distilled on the stage's own images, weight {continual.get('lwf_weight', 0):g})"}
+                   f"distilled on the stage's own images, weight {continual.get('lwf_weight', 0):g})",
+            "replay": f"replay (each hospital trains on its own earlier stages' images with their labels too, and the "
+                      f"old diseases those labels leave out are distilled, weight {continual.get('lwf_weight', 0):g})"}
     chosen = " (auto for this scenario)" if continual["option"] == "auto" else ""
     lost = report["stages"]["forgetting"]
     return html.escape(f"continual learning: {what[continual['method']]}{chosen}; the centralized baseline uses the "

@@ -36,11 +36,12 @@ from server.evaluation import federated_metrics
 from server.federation import initial_model, stage_diseases
 from server.state import RunState
 from shared.config import ADAPTOR_KINDS, LORA_TOWERS, FederationConfig, SimulationPlan, TrainConfig
+from shared.continual import stage_examples
 from shared.errors import RetuneError
 from shared.identity import Roster
 from shared.labels import CHEXPERT5
 from shared.model import zero_shot_logits
-from shared.scenarios import disease_groups, supervise
+from shared.scenarios import disease_groups
 from shared.signing import PRIVATE_KEY, PUBLIC_KEY, generate_keys, load_private_key
 
 HOSPITALS_DIR = "hospitals"
@@ -128,9 +129,10 @@ def centralized_baseline(sites: list[Site], config: FederationConfig) -> dict:
     train_config = TrainConfig(epochs=config.rounds_per_stage * config.local_epochs, batch_size=config.batch_size,
                                lr=config.lr, seed=config.seed)
     for stage in range(config.stages):
-        x = np.concatenate([s.train.inputs(model)[s.tasks[stage].train_rows] for s in sites])
-        y = np.concatenate([supervise(s.train.labels[s.tasks[stage].train_rows], s.diseases,
-                                      s.tasks[stage].supervised) for s in sites])
+        examples = [stage_examples(s.tasks, stage, s.train.labels, s.diseases, config.continual_method)
+                    for s in sites]
+        x = np.concatenate([s.train.inputs(model)[rows] for s, (rows, _) in zip(sites, examples)])
+        y = np.concatenate([labels for _, labels in examples])
         targets = stage_targets(model, x, y, sites[0].prompts, sites[0].diseases, sites[0].tasks, stage,
                                 config.continual_method, config.lwf_weight)  # the same continual option
         train_adaptors(model, x, targets.labels, sites[0].prompts, train_config, weights=targets.weights)

@@ -22,9 +22,9 @@ AdaptorFamily = Literal["retune", "lora", "both"]
 ADAPTOR_KINDS: tuple[str, ...] = AdaptorFamily.__args__  # type: ignore[attr-defined]
 LORA_TOWERS = ("image", "text")
 #: Continual-learning options (see :mod:`shared.continual`): ``auto`` picks :data:`DEFAULT_CONTINUAL` by scenario.
-CONTINUAL_METHODS = ("auto", "none", "lwf")
-#: What ``auto`` means per scenario.
-DEFAULT_CONTINUAL: dict[str, str] = {"class": "lwf", "label": "lwf", "data": "none", "joint": "none"}
+CONTINUAL_METHODS = ("auto", "none", "lwf", "replay")
+#: What ``auto`` means per scenario (measured in BENCHMARKS.md).
+DEFAULT_CONTINUAL: dict[str, str] = {"class": "replay", "label": "replay", "data": "none", "joint": "none"}
 
 #: The offline default backbone: a small CLIP on the real MiniLM text tower, aligned on phantom chest X-rays.
 OFFLINE_DEFAULT = "retune-minilm-phantom"
@@ -313,13 +313,14 @@ class FederationConfig:
         LoRA settings (defaults as :class:`LoraConfig`), used when ``adaptor_kind`` is ``lora`` or ``both``.
     lora_targets, lora_towers : str
         Comma-separated :attr:`LoraConfig.targets` and :attr:`LoraConfig.towers`.
-    continual : {"auto", "none", "lwf"}
+    continual : {"auto", "none", "lwf", "replay"}
         How a stage keeps what earlier stages taught (default "auto": :data:`DEFAULT_CONTINUAL` of the scenario).
         ``lwf``: learning without forgetting, the diseases earlier stages supervised and this one does not are
-        distilled from the global model on the stage's own images (:mod:`shared.continual`).
+        distilled from the global model on the stage's own images; ``replay``: each hospital also trains on its
+        own earlier stages' images with their labels, and distils as ``lwf`` (:mod:`shared.continual`).
     lwf_weight : float
-        Weight of a distilled old-disease score against a real label (default 2.0; 1, 2 and 4 measured in
-        BENCHMARKS.md).
+        Weight of a distilled old-disease score against a real label, for ``lwf`` and ``replay`` (default 2.0;
+        1, 2 and 4 measured in BENCHMARKS.md).
     """
 
     stages: int = 2

@@ -7,8 +7,15 @@ of the stage) as a soft target, weighted by ``lwf_weight``. Nothing is replayed 
 the targets come from the images the stage trains on and the model the hospital already holds. The term is one
 more entry of each sample's own masked BCE, so per-sample DP clipping stays exact and the ε ledger unchanged.
 
+``replay`` (rehearsal of the hospital's own data): at stage t the hospital trains on its images of every stage up to
+t, each with the labels its own stage supervised, and the old diseases those labels leave out are distilled as in
+``lwf``. The earlier stages' images never left the hospital and do not now: it trains on more of its own data, and
+what leaves is still the adaptors. Under DP the larger set is what each step samples from, so the ledger stays
+exact. It costs training time (stage t trains on all t stages' images).
+
 In data-incremental schedules every stage supervises every disease, and in label-incremental ones supervision
-accumulates, so no disease is ever "old": ``lwf`` changes nothing there.
+accumulates, so no disease is ever "old": ``lwf`` changes nothing there, while ``replay`` adds the earlier stages'
+images with their labels.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.scenarios import Task
+from shared.scenarios import Task, supervise
+
+#: The methods that distil old diseases from the model a stage starts from.
+DISTILLING = ("lwf", "replay")
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,15 @@ class Targets:
 
     labels: np.ndarray
     weights: np.ndarray | None = None
+
+
+def stage_examples(tasks: list[Task], stage: int, labels: np.ndarray, diseases: tuple[str, ...], method: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows of ``stage`` and their labels [N, C], each row's diseases outside its stage's supervision
+    masked (NaN). With ``replay``, the rows of every stage up to ``stage``, each with its own stage's labels."""
+    own = tasks[:stage + 1] if method == "replay" else tasks[stage:stage + 1]
+    return (np.concatenate([task.train_rows for task in own]),
+            np.concatenate([supervise(labels[task.train_rows], diseases, task.supervised) for task in own]))
 
 
 def old_diseases(tasks: list[Task], stage: int) -> tuple[str, ...]:

@@ -1,6 +1,6 @@
-"""Class-incremental federation with and without learning without forgetting: a hospital that labels none of a
-stage's diseases declines with a fixed public reason (and does not stop the run), unless LwF gives it old diseases
-to keep; the centralized baseline uses the same option; the report says which ran."""
+"""Class-incremental federation without and with the default continual method (replay, with LwF): a hospital that
+labels none of a stage's diseases declines with a fixed public reason (and does not stop the run), unless the
+method gives it old diseases to keep; the centralized baseline uses the same option; the report says which ran."""
 
 from rich.console import Console
 
@@ -18,14 +18,16 @@ def _run(tmp_path, continual: str) -> dict:
     return run_simulation(config, plan, Console(quiet=True))
 
 
-def test_lwf_lets_a_hospital_keep_old_diseases_where_it_labels_none_of_the_new_one(tmp_path):
+def test_replay_lets_a_hospital_keep_old_diseases_where_it_labels_none_of_the_new_one(tmp_path):
     assert trainable_hospitals(HOSPITALS, "class", STAGES) == 2  # hospital-2 does not label Consolidation
-    plain, lwf = _run(tmp_path, "none"), _run(tmp_path, "lwf")
+    plain, lwf, kept = _run(tmp_path, "none"), _run(tmp_path, "lwf"), _run(tmp_path, "auto")
     declined = [(r["hospital"], r["stage"]) for r in plain["refused"]]
     assert declined == [("hospital-2", 2)]
     assert plain["refused"][0]["reason"] == "declined: nothing labelled to train on at this stage"
     assert lwf["refused"] == []  # it distils Atelectasis and Cardiomegaly on its own stage-3 images
+    assert kept["refused"] == []  # it trains on its stage 1-2 images too
     assert plain["continual"] == {"option": "none", "method": "none"}
+    assert kept["continual"] == {"option": "auto", "method": "replay", "lwf_weight": 2.0}
+    assert kept["baselines"]["centralized"] != plain["baselines"]["centralized"]  # the same option, centrally
     assert lwf["continual"] == {"option": "lwf", "method": "lwf", "lwf_weight": 2.0}
-    assert lwf["baselines"]["centralized"] != plain["baselines"]["centralized"]  # the same option, centrally
-    assert lwf["final"] != plain["final"]
+    assert plain["final"] != lwf["final"] != kept["final"]  # the hospitals trained on what each method gives

@@ -1,5 +1,6 @@
-"""Learning without forgetting: which diseases are distilled, with what targets, and that the term keeps the old
-diseases' scores where they were while a class-incremental stage trains a new one."""
+"""Learning without forgetting and replay: which diseases are distilled, with what targets, which rows a stage
+trains on with which labels, and that each method keeps the old diseases while a class-incremental stage trains a
+new one."""
 
 import numpy as np
 import pytest
@@ -8,9 +9,9 @@ import torch
 from client.incremental import Split, run_scenario
 from client.trainer import Prompts, predict_logits, stage_targets, train_adaptors
 from shared.config import FederationConfig, TrainConfig
-from shared.continual import lwf_targets, old_diseases
+from shared.continual import lwf_targets, old_diseases, stage_examples
 from shared.errors import RetuneError
-from shared.model import RetuneModel
+from shared.model import RetuneModel, masked_bce
 from shared.prompts import PromptBank
 from shared.scenarios import make_tasks, supervise
 
@@ -24,7 +25,8 @@ def test_only_diseases_an_earlier_stage_supervised_and_this_one_does_not_are_old
     assert [old_diseases(classes, t) for t in range(3)] == [(), ("A",), ("A", "B")]
     assert all(old_diseases(label_tasks, t) == () for t in range(3))  # supervision accumulates
     assert all(old_diseases(data_tasks, t) == () for t in range(3))  # every disease, every stage
-    assert FederationConfig(scenario="class").continual_method == "lwf"
+    assert FederationConfig(scenario="class").continual_method == "replay"
+    assert FederationConfig(scenario="label").continual_method == "replay"
     assert FederationConfig(scenario="data").continual_method == "none"
     assert FederationConfig(scenario="class", continual="none").continual_method == "none"
     with pytest.raises(RetuneError, match="unknown continual 'ewc2'"):
@@ -76,3 +78,37 @@ def test_with_lwf_the_old_diseases_scores_move_less_while_the_new_one_learns():
         moved[method] = (float(np.abs(after[:, 0] - before[:, 0]).mean()), float(np.abs(after[:, 1] - before[:, 1]).mean()))
     assert moved["lwf"][0] < 0.5 * moved["none"][0]  # disease A's scores held
     assert moved["lwf"][1] > 0.5 * moved["none"][1]  # disease B still learns
+
+
+def test_replay_trains_a_stage_on_every_earlier_stages_rows_each_with_its_own_stages_labels():
+    labels = np.random.default_rng(1).integers(0, 2, (90, 3)).astype(np.float32)
+    tasks = make_tasks("class", labels, 30, DISEASES)
+    for method in ("none", "lwf"):  # the stage's own rows, its diseases only
+        rows, masked = stage_examples(tasks, 2, labels, DISEASES, method)
+        np.testing.assert_array_equal(rows, tasks[2].train_rows)
+        np.testing.assert_array_equal(masked, supervise(labels[rows], DISEASES, ("C",)))
+    rows, masked = stage_examples(tasks, 2, labels, DISEASES, "replay")
+    np.testing.assert_array_equal(rows, np.concatenate([t.train_rows for t in tasks]))
+    start = 0
+    for task in tasks:
+        part = masked[start:start + len(task.train_rows)]
+        np.testing.assert_array_equal(part, supervise(labels[task.train_rows], DISEASES, task.supervised))
+        start += len(task.train_rows)
+    rows, _ = stage_examples(tasks, 0, labels, DISEASES, "replay")
+    np.testing.assert_array_equal(rows, tasks[0].train_rows)  # nothing earlier to replay
+
+
+def test_replay_keeps_the_old_disease_closer_to_its_own_labels_than_lwf_and_none():
+    x, labels, prompts = _problem()
+    train, test = Split(x[:300], labels[:300]), Split(x[300:], labels[300:])
+    tasks = make_tasks("class", train.labels, len(test.labels), DISEASES)
+    config = TrainConfig(epochs=40, batch_size=64, lr=3e-3, seed=0)
+    first = torch.as_tensor(supervise(train.labels[tasks[0].train_rows], DISEASES, tasks[0].supervised))
+    loss = {}
+    for method in ("none", "lwf", "replay"):
+        torch.manual_seed(0)
+        model = RetuneModel(16)
+        run_scenario(model, tasks[:2], train, test, prompts, DISEASES, config, continual=method, lwf_weight=1.0)
+        logits = torch.as_tensor(predict_logits(model, train.embeddings[tasks[0].train_rows], prompts))
+        loss[method] = float(masked_bce(logits, first))  # disease A on stage 1's images, after stage 2
+    assert loss["replay"] < 0.8 * loss["lwf"] < 0.8 * loss["none"]
