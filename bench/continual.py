@@ -1,10 +1,12 @@
-"""Benchmark: class-, label- and data-incremental federations with and without learning without forgetting.
+"""Benchmark: class-, label- and data-incremental federations with no continual method, learning without forgetting
+and replay.
 
 ``retune simulate`` defaults (5 phantom hospitals × 600 images, 2 local epochs, FedAvg) with 5 stages × 2 rounds,
 per scenario and continual method, over seeds: final macro-AUROC, forgetting, zero-shot and centralized (the
 centralized baseline uses the same continual option). ``lwf`` changes nothing where no disease leaves supervision
-(data and label schedules): those runs are made for the first seed only and checked to equal ``none``. One more
-class-incremental ``lwf`` run with DP-SGD at ε = 8.
+(data and label schedules): those runs are made for the first seed only and checked to equal ``none``. ``replay``
+(each hospital trains on its own earlier stages' images too) runs every scenario over every seed. One more
+class-incremental run per method with DP-SGD at ε = 8.
 
 ``class/oracle`` is the reference a method without replay would have to approach on the class schedule: the same
 stages (each stage's images are those positive for its disease, plus a share of negatives) with the true labels of
@@ -101,6 +103,8 @@ def main() -> None:
         for scenario in ("class", "label", "data"):
             record(f"{scenario}/none", [run(root, scenario, "none", seed) for seed in args.seeds])
         record("class/lwf", [run(root, "class", "lwf", seed) for seed in args.seeds])
+        for scenario in ("class", "label", "data"):
+            record(f"{scenario}/replay", [run(root, scenario, "replay", seed) for seed in args.seeds])
         with class_oracle():
             record("class/oracle", [run(root, "class", "none", seed, tag="oracle") for seed in args.seeds])
         for scenario in ("label", "data"):  # nothing is ever old there: lwf must equal none
@@ -109,7 +113,9 @@ def main() -> None:
                 "final_macro_auroc"]
             record(f"{scenario}/lwf", [same])
         if args.dp_epsilon:
-            record(f"class/lwf/dp-{args.dp_epsilon:g}", [run(root, "class", "lwf", args.seeds[0], args.dp_epsilon)])
+            for method in ("lwf", "replay"):
+                record(f"class/{method}/dp-{args.dp_epsilon:g}",
+                       [run(root, "class", method, args.seeds[0], args.dp_epsilon)])
 
 
 if __name__ == "__main__":
