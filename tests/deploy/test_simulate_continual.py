@@ -1,11 +1,17 @@
 """Class-incremental federation without and with the default continual method (replay, with LwF): a hospital that
 labels none of a stage's diseases declines with a fixed public reason (and does not stop the run), unless the
-method gives it old diseases to keep; the centralized baseline uses the same option; the report says which ran."""
+method gives it old diseases to keep; the centralized baseline uses the same option; the report says which ran; a DP
+hospital's ledger is charged for sampling from every stage's images that replay trains on."""
 
+import json
+
+import pytest
 from rich.console import Console
 
+from client.site import load_site, site_settings
 from deploy.simulate import run_simulation, simulation_config, trainable_hospitals
 from shared.config import SimulationPlan
+from shared.continual import stage_examples
 
 HOSPITALS, STAGES = 3, 5
 
@@ -31,3 +37,18 @@ def test_replay_lets_a_hospital_keep_old_diseases_where_it_labels_none_of_the_ne
     assert kept["baselines"]["centralized"] != plain["baselines"]["centralized"]  # the same option, centrally
     assert lwf["continual"] == {"option": "lwf", "method": "lwf", "lwf_weight": 2.0}
     assert plain["final"] != lwf["final"] != kept["final"]  # the hospitals trained on what each method gives
+
+
+def test_a_dp_hospital_under_replay_is_charged_for_sampling_from_every_stage_it_trains_on(tmp_path):
+    config = simulation_config(tmp_path / "dp", 2, scenario="class", stages=2, rounds_per_stage=1, local_epochs=1,
+                               batch_size=16, continual="replay")
+    plan = SimulationPlan(hospitals=2, images_per_hospital=150, image_size=64, dp_epsilon=8.0, dp_hospitals=(1,))
+    report = run_simulation(config, plan, Console(quiet=True))
+    assert report["refused"] == [] and 0 < report["privacy"]["epsilon"]["hospital-1"] <= 8.0
+    site = load_site(config, site_settings(config, {"partition-id": 1}))
+    entries = json.loads((tmp_path / "dp" / "hospitals" / "hospital-1" / "privacy-ledger.json").read_text())["entries"]
+    assert [e["stage"] for e in entries] == [0, 1]
+    for entry in entries:  # each step sampled from the stage's images and every earlier stage's
+        rows, _ = stage_examples(site.tasks, entry["stage"], site.train.labels, site.diseases, "replay")
+        assert entry["sample_rate"] == pytest.approx(16 / len(rows))
+        assert entry["stage"] == 0 or entry["sample_rate"] < 16 / len(site.tasks[entry["stage"]].train_rows)
