@@ -1,7 +1,8 @@
 """The stage scheduler: S data-incremental stages × R rounds of train + evaluate, persisted after every round.
 
-At each stage every hospital trains on the data that arrived at that stage only (no replay); after every round
-the global adaptors are evaluated at each hospital on every stage's test data so far, which gives forgetting.
+At each stage every hospital trains on the data that arrived at that stage (with run config ``continual`` ``replay``,
+on its own earlier stages' data too: :mod:`shared.continual`); after every round the global adaptors are evaluated
+at each hospital on every stage's test data so far, which gives forgetting.
 Class- and label-incremental schedules bring new diseases (prompt pairs) per stage instead of new data.
 """
 
