@@ -248,7 +248,8 @@ class FederationConfig:
     Parameters
     ----------
     stages : int
-        Data-incremental stages; at each stage every hospital trains on its newly arrived data only (default 2).
+        Data-incremental stages; at each stage every hospital trains on its newly arrived data (default 2; with
+        ``continual`` ``replay``, on its earlier stages' data too).
     rounds_per_stage : int
         Federated rounds per stage (default 3).
     local_epochs : int

@@ -98,7 +98,7 @@ def test_replay_trains_a_stage_on_every_earlier_stages_rows_each_with_its_own_st
     np.testing.assert_array_equal(rows, tasks[0].train_rows)  # nothing earlier to replay
 
 
-def test_replay_keeps_the_old_disease_closer_to_its_own_labels_than_lwf_and_none():
+def test_replay_trains_the_earlier_stages_images_on_their_own_labels_during_a_later_stage():
     x, labels, prompts = _problem()
     train, test = Split(x[:300], labels[:300]), Split(x[300:], labels[300:])
     tasks = make_tasks("class", train.labels, len(test.labels), DISEASES)
@@ -111,4 +111,4 @@ def test_replay_keeps_the_old_disease_closer_to_its_own_labels_than_lwf_and_none
         run_scenario(model, tasks[:2], train, test, prompts, DISEASES, config, continual=method, lwf_weight=1.0)
         logits = torch.as_tensor(predict_logits(model, train.embeddings[tasks[0].train_rows], prompts))
         loss[method] = float(masked_bce(logits, first))  # disease A on stage 1's images, after stage 2
-    assert loss["replay"] < 0.8 * loss["lwf"] < 0.8 * loss["none"]
+    assert loss["replay"] < 0.5 * loss["lwf"] and loss["replay"] < 0.5 * loss["none"]
