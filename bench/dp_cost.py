@@ -36,10 +36,10 @@ class TimedPrivacy(HospitalPrivacy):
 
     accounting_s = 0.0
 
-    def epsilon(self, extra: Spend | None = None) -> float:
+    def epsilon(self, *extra: Spend) -> float:
         start = time.perf_counter()
         try:
-            return super().epsilon(extra)
+            return super().epsilon(*extra)
         finally:
             self.accounting_s += time.perf_counter() - start
 
@@ -83,7 +83,11 @@ def utility(epsilons: list[float | None], seeds: list[int], cache: Path) -> dict
             start = time.perf_counter()
             report = run_simulation(simulation_config(out, plan.hospitals, seed=seed), plan)
             runs.setdefault("inf" if eps is None else str(eps), {})[seed] = {
-                "final_macro_auroc": report["final"]["macro_auroc"], "privacy": report.get("privacy", {}),
+                "final_macro_auroc": report["final"]["macro_auroc"],
+                "final_exact_macro_auroc": report["final"]["exact_macro_auroc"],
+                "released_minus_exact": report["final"]["macro_auroc"] - report["final"]["exact_macro_auroc"],
+                "round_deviation_max": report["monitoring"]["max_abs_deviation"],
+                "privacy": report.get("privacy", {}),
                 "zero_shot": report["baselines"]["zero_shot"]["macro_auroc"],
                 "centralized": report["baselines"]["centralized"]["macro_auroc"],
                 "wall_s": time.perf_counter() - start}

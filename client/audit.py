@@ -16,6 +16,8 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +28,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from shared.errors import RetuneError
 
 GENESIS = "0" * 64
+#: Node-config key of the audit log; the hospital's other records (evaluations released, secure-aggregation
+#: contributions, rounds served) are kept in the same folder (:func:`beside_audit_log`).
+AUDIT_LOG_KEY = "audit-log"
 #: Events: a conforming reply left; a reply was refused and replaced by an error; an error reply left.
 SENT, REFUSED, ERROR = "sent", "refused", "error"
 
@@ -120,6 +125,40 @@ def message_entry(event: str, msg: Message, content: RecordDict | None = None, *
         entry.update(describe_content(content))
     entry.update({k: v for k, v in extra.items() if v is not None})
     return entry
+
+
+def beside_audit_log(node_config: Mapping[str, Any], name: str) -> Path | None:
+    """Where the hospital keeps its record ``name``: beside its audit log (None: no audit log configured)."""
+    audit = node_config.get(AUDIT_LOG_KEY)
+    return Path(str(audit)).parent / name if audit else None
+
+
+@contextmanager
+def held_records(node_config: Mapping[str, Any], name: str, state: RecordDict) -> Iterator[list[dict[str, Any]]]:
+    """The entries of the hospital's JSONL record ``name`` (beside its audit log), held under an exclusive lock
+    from reading to writing: entries the caller appends to the list are written (and fsync'ed) on a normal exit,
+    nothing on an exception. A hospital without an audit log keeps the record in the run's ``state``."""
+    path = beside_audit_log(node_config, name)
+    if path is None:
+        record = state.get(name)
+        entries = [json.loads(e) for e in record["entries"]] if isinstance(record, ConfigRecord) else []
+        yield entries
+        state[name] = ConfigRecord({"entries": [json.dumps(e, sort_keys=True) for e in entries]})
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            entries = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+            known = len(entries)
+            yield entries
+            for entry in entries[known:]:
+                f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class AuditLog:

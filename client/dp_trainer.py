@@ -8,20 +8,33 @@ what opacus' ghost clipping leaves there, the sum of the clipped per-sample grad
 for that case adds Gaussian noise of σ·C and divides by the expected batch size; opacus' accountant (through
 :class:`client.privacy.HospitalPrivacy`) gives ε. The noise and the Poisson sampling come from the hospital's
 CSPRNG (:mod:`client.dp_random`), never from a seed: a server that knows the run config cannot regenerate them.
-An empty Poisson batch still takes a noise-only step, as the accounting assumes.
+An empty Poisson batch still takes a noise-only step, as the accounting assumes. The round's example count, the
+weight the server averages with, leaves noised by the same CSPRNG and charged in the same ledger transaction
+(:func:`release_dp_round`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from client.dp_clip import PerSampleRetune
 from client.dp_random import SecureNoiseOptimizer, SecureRandom, poisson_batches
-from client.privacy import DPConfig, HospitalPrivacy, spend
+from client.privacy import DPConfig, HospitalPrivacy, count_spend, spend
 from client.trainer import Prompts
 from shared.config import TrainConfig
 from shared.model import RetuneModel
+
+
+class DPRound(NamedTuple):
+    """What a DP round produced: mean loss per epoch (stays at the hospital), ε spent so far, and the noisy
+    example count to report (None when the round was not asked for one)."""
+
+    losses: list[float]
+    epsilon: float
+    examples: int | None = None
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -38,8 +51,9 @@ def dp_optimizer(module: PerSampleRetune, optimizer: torch.optim.Optimizer, nois
 
 def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
                       config: TrainConfig, privacy: HospitalPrivacy, rounds_left: int, where: tuple[str, int, int],
-                      key: str = "", weights: np.ndarray | None = None) -> tuple[list[float], float]:
-    """Train ``model`` in place with DP-SGD; returns (mean loss per epoch, ε spent so far after this round).
+                      key: str = "", weights: np.ndarray | None = None, count_noise: float | None = None) -> DPRound:
+    """Train ``model`` in place with DP-SGD; with ``count_noise``, also release the number of labelled examples
+    with Gaussian noise of that standard deviation (rounded, at least 1), charged with the round.
 
     The ledger is held exclusively from the budget check to the commit (see :meth:`HospitalPrivacy.round`), so
     concurrent runs at one hospital add up exactly. Raises :class:`client.privacy.BudgetExhausted` before training
@@ -50,14 +64,16 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
     y = torch.as_tensor(labels[keep], dtype=torch.float32)
     w = None if weights is None else torch.as_tensor(weights[keep], dtype=torch.float32)
     if len(x) == 0:
-        return [], privacy.epsilon()
+        return DPRound([], privacy.epsilon())
     sample_rate = min(1.0, config.batch_size / len(x))
     per_epoch = steps_per_epoch(sample_rate)
     steps = config.epochs * per_epoch
     with privacy.round() as ledger:
-        noise = ledger.noise_for(sample_rate, steps, rounds_left)
-        entry = spend(noise, sample_rate, steps, *where, key=key)
-        ledger.check(entry)
+        noise = ledger.noise_for(sample_rate, steps, rounds_left, count_noise)
+        entries = [spend(noise, sample_rate, steps, *where, key=key)]
+        if count_noise is not None:
+            entries.append(count_spend(count_noise, *where, key=key))
+        ledger.check(*entries)
         rng = SecureRandom()
         module = PerSampleRetune(model, prompts)
         model.train()
@@ -82,22 +98,26 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
         finally:
             module.close()
             model.eval()
-        return history, ledger.commit(entry)
+        examples = None if count_noise is None else max(1, round(len(x) + count_noise * float(rng.normal(1)[0])))
+        return DPRound(history, ledger.commit(*entries), examples)
 
 
 def release_dp_round(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
                      config: TrainConfig, privacy: HospitalPrivacy, rounds_left: int, where: tuple[str, int, int],
-                     key: str, weights: np.ndarray | None = None) -> tuple[float, bool]:
-    """Set ``model`` to this round's noisy adaptors; returns (ε so far, whether they were sent before).
+                     key: str, count_noise: float, weights: np.ndarray | None = None) -> tuple[int, bool]:
+    """Set ``model`` to this round's noisy adaptors; returns (the noisy example count to report, whether both were
+    sent before).
 
     A round is trained and charged once: asked again for the same round with the same global adaptors (``key``,
-    see :func:`client.privacy.released_key`), the hospital loads the update it already sent, at no new ε.
+    see :func:`client.privacy.released_key`), the hospital loads the update and count it already sent, at no new ε.
     """
     kept = privacy.released(key)
     if kept is not None:
-        model.load_state_dict({name: torch.from_numpy(array) for name, array in kept.items()})
-        return privacy.epsilon(), True
-    _, epsilon = train_adaptors_dp(model, embeddings, labels, prompts, config, privacy, rounds_left, where, key,
-                                   weights)
-    privacy.keep_released(key, {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()})
-    return epsilon, False
+        arrays, examples = kept
+        model.load_state_dict({name: torch.from_numpy(array) for name, array in arrays.items()})
+        return examples, True
+    released = train_adaptors_dp(model, embeddings, labels, prompts, config, privacy, rounds_left, where, key,
+                                 weights, count_noise)
+    examples = released.examples or 1  # a round with nothing labelled is declined before it gets here
+    privacy.keep_released(key, {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}, examples)
+    return examples, False

@@ -5,9 +5,12 @@
   leaves with its code and one of the fixed :data:`PUBLIC_REASONS` only (no path, no number, no message text); the
   detail goes to the hospital's audit log and logger. If the audit entry cannot be written, nothing leaves either:
   an error reply goes instead.
-- :func:`round_mod` refuses global adaptors the consortium did not sign for this run, stage, round and kind, and
-  rounds that replay or reorder the run's progress; it keeps the last adaptors it let through, which the next
-  message may name by digest instead of carrying them (the guard puts them back before anything else looks).
+- :func:`floor_mod` refuses a run that asks for less than the hospital's privacy floor (:mod:`client.floor`),
+  before anything else looks at the message.
+- :func:`round_mod` refuses global adaptors the consortium did not sign for this run, stage, round and kind (a
+  hospital without the consortium's public key refuses them all), and rounds that replay or reorder the run's
+  progress; it keeps the last adaptors it let through, which the next message may name by digest instead of
+  carrying them (the guard puts them back before anything else looks).
 - :func:`hospital_mods` stacks them, configured from the node config.
 
 Which app package a hospital serves at all is decided before any of this, by its runtime (:mod:`client.runtime`).
@@ -29,7 +32,10 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
 from client.approval import running_code
-from client.audit import ERROR, REFUSED, SENT, AuditLog, message_entry
+from client.audit import AUDIT_LOG_KEY, ERROR, REFUSED, SENT, AuditLog, message_entry
+from client.evaluation import EVALUATION_DECLINED
+from client.floor import FLOOR_REFUSED, PrivacyFloor
+from shared.config import FederationConfig, run_identity
 from shared.errors import RetuneError
 from shared.secagg import SecAggError
 from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, load_public_key, verify_round
@@ -37,8 +43,7 @@ from shared.wire import (ARRAYS, ARRAYS_DIGEST, ARRAYS_NOT_HELD, CONFIG, SECAGG_
                          check_reply, check_secure_reply, secure_stage)
 
 log = logging.getLogger(__name__)
-#: Node-config keys (``flower-supernode --node-config 'audit-log="..." consortium-key="..."'``).
-AUDIT_LOG_KEY = "audit-log"
+#: Node-config key of the consortium's public key (``flower-supernode --node-config 'consortium-key="..."'``).
 CONSORTIUM_KEY = "consortium-key"
 #: The only reasons an error reply may carry out of the hospital. The app may give one followed by ": detail";
 #: the detail stays in the audit log.
@@ -53,7 +58,7 @@ SECAGG_ABORTED = "secure aggregation aborted at this hospital: the round broke t
 APP_FAILED = "the hospital's app failed on this message; the details stay at the hospital"
 AUDIT_UNAVAILABLE = "the hospital's audit log is unavailable"
 PUBLIC_REASONS = (DECLINED_BUDGET, NOTHING_TO_TRAIN, REFUSED_REPLY, UNSIGNED, ROUND_REFUSED, SECAGG_ABORTED, APP_FAILED,
-                  AUDIT_UNAVAILABLE, ARRAYS_NOT_HELD)
+                  AUDIT_UNAVAILABLE, ARRAYS_NOT_HELD, FLOOR_REFUSED, EVALUATION_DECLINED)
 #: Where a hospital keeps the last global adaptors it verified (``context.state``), which a later message of the run
 #: may name by digest instead of carrying them again (:data:`shared.wire.ARRAYS_DIGEST`).
 HELD_KEY = "retune-held-adaptors"
@@ -180,7 +185,30 @@ def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None 
     return mod
 
 
-RunOf = Callable[[Context], str]
+#: The run's settings as this hospital reads them from the run config (its identity: :func:`run_of`).
+ConfigOf = Callable[[Context], FederationConfig]
+
+
+def run_of(config_of: ConfigOf, context: Context) -> str:
+    """The run's identity (:func:`shared.config.run_identity`) as this hospital computes it."""
+    return run_identity(config_of(context).to_run_config())
+
+
+def floor_mod(config_of: ConfigOf) -> Mod:
+    """A client mod that refuses, before anything else looks at a message, a run that asks for less than the
+    hospital's privacy floor (node config, :class:`client.floor.PrivacyFloor`), read at every message."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        problems = PrivacyFloor.from_node_config(dict(context.node_config)).problems(config_of(context))
+        if problems:
+            log.warning("refused a %s message below the privacy floor: %s", msg.metadata.message_type,
+                        "; ".join(problems))
+            return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, f"{FLOOR_REFUSED}: {'; '.join(problems)}")
+        return call_next(msg, context)
+
+    return mod
+
+
 #: Where a hospital keeps, per run, the last round it served (``context.state``, kept by its SuperNode).
 PROGRESS_KEY = "retune-rounds"
 
@@ -205,12 +233,12 @@ def _progress_problem(context: Context, kind: str, position: tuple[int, int], di
     return None
 
 
-def round_mod(run_of: RunOf, public_key: Path | str | None = None) -> Mod:
+def round_mod(config_of: ConfigOf, public_key: Path | str | None = None) -> Mod:
     """A client mod that refuses, before the app sees them, rounds the consortium did not sign for exactly this
     run, stage, round and kind (``config[ARRAYS_SIGNATURE]``, see :func:`shared.signing.verify_round`), and rounds
-    that are not later than the last one this hospital served in the run (replayed or reordered). ``run_of``: the
-    run's identity as this hospital computes it from the run config; ``public_key`` None: the node config's
-    ``consortium-key``; neither means signatures are not checked (the order still is)."""
+    that are not later than the last one this hospital served in the run (replayed or reordered). ``config_of``: the
+    run's settings as this hospital reads them (their identity is signed); ``public_key`` None: the node config's
+    ``consortium-key``; a hospital with neither refuses every round (nothing it cannot verify is trained on)."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if secure_stage(msg.metadata.message_type) not in (None, SECAGG_MASKED):
@@ -222,11 +250,13 @@ def round_mod(run_of: RunOf, public_key: Path | str | None = None) -> Mod:
             if not isinstance(arrays, ArrayRecord) or not isinstance(config, ConfigRecord):
                 raise WireError("the message carries no global adaptors and round to verify")
             position = (int(config["stage"]), int(config["round"]))
-            if path:
-                binding = RoundBinding(msg.metadata.run_id, run_of(context), *position, kind)
-                signature = config.get(ARRAYS_SIGNATURE)
-                verify_round(arrays, binding, signature if isinstance(signature, bytes) else None,
-                             load_public_key(str(path)))
+            if not path:
+                raise RetuneError(f"this hospital has no {CONSORTIUM_KEY!r} in its node config to verify the "
+                                  "consortium's signature with")
+            binding = RoundBinding(msg.metadata.run_id, run_of(config_of, context), *position, kind)
+            signature = config.get(ARRAYS_SIGNATURE)
+            verify_round(arrays, binding, signature if isinstance(signature, bytes) else None,
+                         load_public_key(str(path)))
         except (RetuneError, KeyError, TypeError, ValueError) as exc:
             log.warning("refused a %s message: %s", msg.metadata.message_type, exc)
             return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION, f"{UNSIGNED}: {exc}")
@@ -240,10 +270,10 @@ def round_mod(run_of: RunOf, public_key: Path | str | None = None) -> Mod:
     return mod
 
 
-def hospital_mods(run_of: RunOf, audit_path: Path | str | None = None,
+def hospital_mods(config_of: ConfigOf, audit_path: Path | str | None = None,
                   public_key: Path | str | None = None) -> list[Mod]:
     """The hospital's mod stack, outermost first: boundary guard (audits every reply, including the refusals
-    below), the consortium's signature and the order of rounds (:func:`round_mod`). Each path left None comes from
-    the node config (``audit-log``, ``consortium-key``) at every message; a key absent there switches that check
-    off."""
-    return [boundary_guard(audit_path=audit_path), round_mod(run_of, public_key)]
+    below), the privacy floor (:func:`floor_mod`), the consortium's signature and the order of rounds
+    (:func:`round_mod`). Each path left None comes from the node config (``audit-log``, ``consortium-key``) at every
+    message; without a consortium key every round is refused."""
+    return [boundary_guard(audit_path=audit_path), floor_mod(config_of), round_mod(config_of, public_key)]

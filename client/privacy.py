@@ -13,10 +13,15 @@ entry carries ``prev`` and ``hash`` (sha256 of its canonical JSON), chained from
 on load the ledger must end at the last charge the audit log recorded. A changed, removed or reordered entry, or
 entries cut off the end, stop the hospital's DP training with an error instead of a smaller ε.
 
+**Nothing exact leaves.** A round's example count (FedAvg's weight, which counts labelled images and so depends on
+labels: in a class-incremental stage, the positives of a disease) leaves with Gaussian noise too (node config
+``dp-count-noise``), charged to the ledger beside the round's DP-SGD steps (:func:`count_spend`). No ε goes to the
+server: the hospital's cumulative ε would tell it about the hospital's other federations.
+
 **A resumed round is not charged twice.** A charge is keyed by the run's identity (its run config, not Flower's run
-id), stage, round and the global adaptors received; the noisy update it paid for is kept beside the ledger
-(``released/``). Asked for the same round with the same adaptors again (a server that restarted, a retried round),
-the hospital sends that same update again: no new noise, no new ε, the same result as an uninterrupted run.
+id), stage, round and the global adaptors received; the noisy update and count it paid for are kept beside the
+ledger (``released/``). Asked for the same round with the same adaptors again (a server that restarted, a retried
+round), the hospital sends that same update again: no new noise, no new ε, the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from typing import Literal
 
 import numpy as np
 from opacus.accountants import create_accountant
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from client.audit import AuditLog, canonical_json
 from shared.cache import atomic_write_text
@@ -44,6 +50,8 @@ LEDGER_FORMAT = "retune-ledger/2"
 GENESIS = "0" * 64
 DP_CHARGE = "dp-charge"
 RELEASED_DIR = "released"
+#: Metadata key of a kept release's noisy example count.
+EXAMPLES_KEY = "num-examples"
 
 
 class BudgetExhausted(RetuneError):
@@ -181,22 +189,25 @@ class HospitalPrivacy:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def epsilon(self, extra: Spend | None = None) -> float:
+    def epsilon(self, *extra: Spend) -> float:
         """ε spent over the whole ledger (plus ``extra``, to look ahead)."""
-        entries = self.spent + ([extra] if extra else [])
+        entries = self.spent + list(extra)
         if not entries:
             return 0.0
         accountant = create_accountant(self.config.accountant)
         accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
         return float(accountant.get_epsilon(delta=self.config.delta))
 
-    def noise_for(self, sample_rate: float, steps: int, rounds_left: int) -> float:
+    def noise_for(self, sample_rate: float, steps: int, rounds_left: int, count_noise: float | None = None) -> float:
         """Noise multiplier of the next round: given directly, or the smallest σ with which the ledger plus the
-        ``rounds_left`` planned rounds (this one included) stay within ``target_epsilon`` (default: the budget)."""
+        ``rounds_left`` planned rounds (this one included; each with its noisy example count when ``count_noise``
+        is given, see :func:`count_spend`) stay within ``target_epsilon`` (default: the budget)."""
         if self.config.noise_multiplier is not None:
             return self.config.noise_multiplier
         target = self.config.target_epsilon or self.config.max_epsilon
-        plan = lambda sigma: self.epsilon(Spend(sigma, sample_rate, steps * max(rounds_left, 1), "", 0, 0, 0.0))  # noqa: E731
+        rounds = max(rounds_left, 1)
+        counts = [] if count_noise is None else [Spend(count_noise, 1.0, rounds, "", 0, 0, 0.0)]
+        plan = lambda sigma: self.epsilon(Spend(sigma, sample_rate, steps * rounds, "", 0, 0, 0.0), *counts)  # noqa: E731
         low, high = 0.3, 2.0
         while plan(high) > target:
             low, high = high, high * 2
@@ -207,51 +218,61 @@ class HospitalPrivacy:
             low, high = (mid, high) if plan(mid) > target else (low, mid)
         return high
 
-    def check(self, spend: Spend) -> float:
-        """ε after ``spend``; raises :class:`BudgetExhausted` if that exceeds the budget."""
-        after = self.epsilon(spend)
+    def check(self, *spends: Spend) -> float:
+        """ε after ``spends``; raises :class:`BudgetExhausted` if that exceeds the budget."""
+        after = self.epsilon(*spends)
         if after > self.config.max_epsilon * (1 + 1e-6):
             raise BudgetExhausted(self._declined(after))
         return after
 
-    def commit(self, spend: Spend) -> float:
-        """Record a round that was trained (its update is leaving the hospital); returns ε so far. Call it inside
-        :meth:`round`; refuses if the ledger changed on disk since it was read."""
+    def commit(self, *spends: Spend) -> float:
+        """Record the releases of a round (its update, and its noisy example count, are leaving the hospital);
+        returns ε so far. Call it inside :meth:`round`; refuses if the ledger changed on disk since it was read."""
         now = self.path.read_bytes() if self.path.exists() else b""
         if now != self._loaded:
             raise LedgerTampered(f"privacy ledger {self.path} changed while this round held it; not committing")
-        entry = {**asdict(spend), "prev": self._chain[-1]["hash"] if self._chain else GENESIS}
-        entry["hash"] = entry_hash(entry)
+        entries = []
+        for spent in spends:
+            entry = {**asdict(spent), "prev": (entries or self._chain)[-1]["hash"] if entries or self._chain
+                     else GENESIS}
+            entry["hash"] = entry_hash(entry)
+            entries.append(entry)
         text = json.dumps({"format": LEDGER_FORMAT, "delta": self.config.delta, "accountant": self.config.accountant,
-                           "entries": [*self._chain, entry]}, indent=1)
+                           "entries": [*self._chain, *entries]}, indent=1)
         atomic_write_text(self.path, text)
         self._loaded = text.encode()
-        self._chain.append(entry)
-        self.spent.append(spend)
+        self._chain += entries
+        self.spent += spends
         epsilon = self.epsilon()
         if self.audit is not None:
-            self.audit.append({"event": DP_CHARGE, "ledger": self._name, "entry": entry["hash"],
-                               "run": spend.run, "stage": spend.stage, "round": spend.round,
-                               "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
-                               "steps": spend.steps, "epsilon": epsilon, "delta": self.config.delta,
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(spend.time))})
+            for spent, entry in zip(spends, entries):
+                self.audit.append({"event": DP_CHARGE, "ledger": self._name, "entry": entry["hash"],
+                                   "run": spent.run, "stage": spent.stage, "round": spent.round,
+                                   "noise_multiplier": spent.noise_multiplier, "sample_rate": spent.sample_rate,
+                                   "steps": spent.steps, "epsilon": epsilon, "delta": self.config.delta,
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(spent.time))})
         return epsilon
 
-    def released(self, key: str) -> dict[str, np.ndarray] | None:
-        """The noisy adaptors a committed round with this :func:`released_key` sent, if kept."""
+    def released(self, key: str) -> tuple[dict[str, np.ndarray], int] | None:
+        """The noisy adaptors and example count a committed round with this :func:`released_key` sent, if kept."""
         if not any(e.key == key for e in self.spent):
             return None
+        path = self.path.parent / RELEASED_DIR / f"{key}.safetensors"
         try:
-            return load_file(self.path.parent / RELEASED_DIR / f"{key}.safetensors")
-        except (OSError, ValueError):
+            with safe_open(path, framework="numpy") as f:
+                examples = int((f.metadata() or {}).get(EXAMPLES_KEY, "0"))
+                arrays = {name: f.get_tensor(name) for name in f.keys()}
+        except (OSError, ValueError, SafetensorError):
             return None
+        return (arrays, examples) if examples > 0 else None
 
-    def keep_released(self, key: str, arrays: dict[str, np.ndarray]) -> None:
-        """Keep what a committed round sends, so that the same round asked again gets the same answer."""
+    def keep_released(self, key: str, arrays: dict[str, np.ndarray], examples: int) -> None:
+        """Keep what a committed round sends (adaptors and example count), so that the same round asked again gets
+        the same answer."""
         folder = self.path.parent / RELEASED_DIR
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{key}.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata={EXAMPLES_KEY: str(examples)})
         os.replace(tmp, folder / f"{key}.safetensors")
 
     def _declined(self, would_be: float) -> str:
@@ -263,3 +284,9 @@ def spend(noise_multiplier: float, sample_rate: float, steps: int, run: str, sta
           key: str = "") -> Spend:
     """A ledger entry stamped with the current time."""
     return Spend(noise_multiplier, sample_rate, steps, run, stage, round_, time.time(), key)
+
+
+def count_spend(count_noise: float, run: str, stage: int, round_: int, key: str = "") -> Spend:
+    """The ledger entry of a noisy example count: a Gaussian of standard deviation ``count_noise`` on a count one
+    sample changes by at most 1 (noise multiplier ``count_noise``, the whole data, one release)."""
+    return spend(count_noise, 1.0, 1, run, stage, round_, key)

@@ -1,24 +1,34 @@
-"""The hospital's side of secure aggregation: four train actions, per-round secrets in ``context.state``.
+"""The hospital's side of secure aggregation: five train actions, per-round secrets in ``context.state``.
 
 Protocol and design choice: :mod:`shared.secagg`; messages: :mod:`shared.wire`. :func:`register_secure_handlers`
 adds the handlers to a ClientApp, inside the hospital's mods, so the boundary guard checks and audits every secure
 reply like any other. The masked-vector handler runs the ordinary train handler and masks its reply: the plain
 adaptors and example count never leave, only ``masked`` (uniform on Z/2^64 to anyone without the hospital's
-self-mask seed), the hospital's name and backbone identity (``site``) and, optionally, the simulated
-identity and DP ε/δ.
+self-mask seed), the hospital's name and backbone identity (``site``) and, optionally, the simulated identity.
 
 What a hospital checks before it reveals anything: it is in the roster it holds (node config ``roster``) under its
 ``name``, with the identity key it signs with (``secagg-key``); the stages arrive in order within one session;
-a round (stage, round of the run) is set up once, and a hospital masks an update for it once, ever (kept beside
-its audit log, across Flower runs: a server cannot rerun a round with and without one hospital and subtract the
-sums); at least :data:`MIN_PARTICIPANTS` hospitals take part (with two, each would learn the other's update from
-the sum); every peer's key announcement is signed by that peer's roster identity for this run and session, no name
-appears twice, and its own keys come back unchanged; the threshold is a strict majority of the hospitals that
-shared keys; relayed shares decrypt under the sender's key for this session and this
-hospital; the server's survivors and dropped sets are disjoint, cover exactly the hospitals it exchanged shares with,
-include itself and reach the threshold; it masks one update per round (two vectors under the same masks would
-give away the difference of two updates); and it answers one unmask request per round, after which its secrets are
-deleted. A hospital never reveals both the seed share and the key share of the same peer.
+at least ``secagg-min-hospitals`` hospitals share keys (never fewer than :data:`MIN_PARTICIPANTS`: with two, each
+would learn the other's update from the sum); every peer's key announcement is signed by that peer's roster
+identity for this run and session, no name appears twice, and its own keys come back unchanged; the threshold is a
+strict majority of the hospitals that shared keys and more than ``secagg-max-colluders``; relayed shares decrypt
+under the sender's key for this session and this hospital; it masks one update per session.
+
+**Consistency check** (Bonawitz et al. 2017, round 3): before any unmask share, the server names the survivors
+(whose masked vectors are in the sum) and the dropped; each hospital checks the sets (disjoint, exactly the
+hospitals it exchanged shares with, itself a survivor, at least the threshold), signs them once with its roster
+identity, and reveals shares only if more than (hospitals + ``secagg-max-colluders``) / 2 of the survivors signed
+exactly the sets it signed. Two different survivor sets would then need a common signer, an honest one signing
+twice, unless more peers collude than the hospital allows: a server cannot tell one hospital that H survived (its
+share of H's self-mask seed) and another that H dropped (its share of H's mask key). A hospital told inconsistent
+sets aborts (:class:`shared.secagg.SecAggError`, naming the round in its audit log).
+
+**Once per update** (:mod:`client.secagg_record`): an update (global adaptors it started from, stage data it
+trained on) that a hospital agreed to have summed with some hospitals is never summed with another set, under any
+run identity, so the rerun-and-subtract attack fails.
+
+It answers one unmask request per session, after which its secrets are deleted, and never reveals both the seed
+share and the key share of the same peer.
 
 Flower's ``secaggplus_mod`` is not used: it converts replies through the legacy ``FitRes`` records and, as a mod,
 would sit outside the boundary guard, which must see exactly what leaves.
@@ -26,45 +36,44 @@ would sit outside the boundary guard, which must see exactly what leaves.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from shared.identity import IdentityError, Roster, announcement, fingerprint, load_identity, sign, verify
+from client.floor import PrivacyFloor
+from client.secagg_record import agree_to_sum
+from shared.identity import (IdentityError, Roster, announcement, fingerprint, load_identity, sign, survivors_view,
+                             verify)
 from shared.secagg import (MIN_PARTICIPANTS, PROTOCOL, SESSION_BYTES, Layout, SecAggError, agree, check_threshold,
                            commitment, decrypt_shares, encode_update, encrypt_shares, mask_update, new_key_pair,
                            split_secret)
-from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_SETUP,
-                         SECAGG_SHARE_KEYS, SECAGG_UNMASK, SECURE_METRICS, SITE, ArraySpec, WireError, check_reply,
-                         secure_stage)
+from shared.signing import arrays_digest
+from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_CONSISTENCY, SECAGG_MASKED,
+                         SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_UNMASK, SECURE_METRICS, SITE, ArraySpec, WireError,
+                         check_reply, secure_stage)
 
-#: Where a hospital keeps the round's secrets, and the rounds it set up and masked (``context.state``; never sent).
+#: Where a hospital keeps the round's secrets (``context.state``; never sent).
 STATE_KEY = "retune-secagg"
-SETUPS_KEY, MASKED_KEY = "retune-secagg-setups", "retune-secagg-masked"
 #: Node-config keys: the hospital's identity key (OpenSSH private key) and the consortium's roster.
 IDENTITY_KEY, ROSTER_KEY = "secagg-key", "roster"
-#: The record of the rounds a hospital masked an update for, beside its audit log (one JSON line each).
-CONTRIBUTIONS = "secagg-contributions.jsonl"
-TrainFn = Callable[[Message, Context], Message]
-RunOf = Callable[[Context], str]
+#: The plain train handler, returning its reply and the digest of the stage data it trained on.
+TrainFn = Callable[[Message, Context], tuple[Message, str]]
 
 
-def register_secure_handlers(app: ClientApp, train: TrainFn, run_of: RunOf) -> None:
-    """Register the four secure-aggregation train actions on ``app``; ``train`` is the plain train handler
-    (``(msg, context) -> reply`` with ``arrays`` + ``metrics``), run at the masked-vector stage; ``run_of`` gives
-    the run's identity (its run-config hash), by which contributions are remembered across Flower runs."""
-    app.train(SECAGG_SETUP)(lambda msg, context: setup(msg, context, run_of))
+def register_secure_handlers(app: ClientApp, train: TrainFn) -> None:
+    """Register the five secure-aggregation train actions on ``app``; ``train`` is the plain train handler
+    (``(msg, context) -> (reply, data digest)``, the reply with ``arrays`` + ``metrics``), run at the masked-vector
+    stage."""
+    app.train(SECAGG_SETUP)(setup)
     app.train(SECAGG_SHARE_KEYS)(share_keys)
-    app.train(SECAGG_MASKED)(lambda msg, context: masked(msg, context, train, run_of))
+    app.train(SECAGG_MASKED)(lambda msg, context: masked(msg, context, train))
+    app.train(SECAGG_CONSISTENCY)(consistency)
     app.train(SECAGG_UNMASK)(unmask)
 
 
-# --- identity and the record of contributions ---------------------------------------------------------------
+# --- identity ---------------------------------------------------------------------------------------------------
 
 
 def _identity_of(context: Context) -> tuple[str, Roster, object]:
@@ -82,45 +91,15 @@ def _identity_of(context: Context) -> tuple[str, Roster, object]:
     return str(name), roster, key
 
 
-def _contributions(context: Context) -> Path | None:
-    audit = context.node_config.get("audit-log")
-    return Path(str(audit)).parent / CONTRIBUTIONS if audit else None
+def _floor(context: Context) -> PrivacyFloor:
+    return PrivacyFloor.from_node_config(dict(context.node_config))
 
 
-def _positions(context: Context, key: str) -> list[str]:
-    """Rounds recorded in ``context.state`` under ``key``, as ``"stage/round"``."""
-    record = context.state.get(key)
-    return list(record["positions"]) if isinstance(record, ConfigRecord) else []
-
-
-def _remember(context: Context, key: str, position: list[int]) -> None:
-    context.state[key] = ConfigRecord({"positions": [*_positions(context, key), f"{position[0]}/{position[1]}"]})
-
-
-def _contributed(context: Context, run: str, position: list[int]) -> bool:
-    """Whether this hospital masked an update for this round of this run before (in this or an earlier Flower
-    run); without an audit log, in this Flower run only."""
-    if f"{position[0]}/{position[1]}" in _positions(context, MASKED_KEY):
-        return True
-    path = _contributions(context)
-    if path is None or not path.exists():
-        return False
-    mine = {"hospital": context.node_config.get("name"), "run": run, "position": position}
-    return any(json.loads(line) == mine for line in path.read_text().splitlines() if line.strip())
-
-
-def _record_contribution(context: Context, run: str, position: list[int]) -> None:
-    """Remember a masked update before it leaves (fsync'ed: a crash after sending still counts)."""
-    _remember(context, MASKED_KEY, position)
-    path = _contributions(context)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.write(json.dumps({"hospital": context.node_config.get("name"), "run": run, "position": position})
-                    + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+def quorum(hospitals: int, threshold: int, colluders: int) -> int:
+    """Signatures of one survivor set a hospital needs before it unmasks: more than (hospitals + colluders) / 2,
+    so that two different sets cannot both reach it without an honest hospital signing twice, and at least the
+    threshold."""
+    return max(threshold, (hospitals + colluders) // 2 + 1)
 
 
 # --- state ------------------------------------------------------------------------------------------------------
@@ -188,8 +167,8 @@ def _identity(context: Context) -> dict[str, int]:
 # --- the four stages --------------------------------------------------------------------------------------------
 
 
-def setup(msg: Message, context: Context, run_of: RunOf) -> Message:
-    """Stage 1: fresh key pairs for this round (once per round); reply with the public keys, signed."""
+def setup(msg: Message, context: Context) -> Message:
+    """Stage 1: fresh key pairs for this session; reply with the public keys, signed."""
     params = _params(msg, SECAGG_SETUP)
     if params.get("protocol") != PROTOCOL:
         raise SecAggError(f"the server speaks {params.get('protocol')!r}, this hospital {PROTOCOL!r}")
@@ -197,10 +176,6 @@ def setup(msg: Message, context: Context, run_of: RunOf) -> Message:
     index = _get(params, "index", int)
     position = [_get(params, "stage", int), _get(params, "round", int)]
     name, _, identity = _identity_of(context)
-    if f"{position[0]}/{position[1]}" in _positions(context, SETUPS_KEY) or \
-            _contributed(context, run_of(context), position):
-        raise SecAggError(f"a second setup for stage {position[0] + 1} round {position[1] + 1} of this run: refused")
-    _remember(context, SETUPS_KEY, position)
     _forget(context)
     sk1, pk1 = new_key_pair()
     sk2, pk2 = new_key_pair()
@@ -211,8 +186,8 @@ def setup(msg: Message, context: Context, run_of: RunOf) -> Message:
 
 
 def share_keys(msg: Message, context: Context) -> Message:
-    """Stage 2: check everyone's keys and the threshold; Shamir-share the self-mask seed and ``sk1``; encrypt
-    each peer's shares for that peer."""
+    """Stage 2: check everyone's keys, their number and the threshold; Shamir-share the self-mask seed and
+    ``sk1``; encrypt each peer's shares for that peer."""
     params = _params(msg, SECAGG_SHARE_KEYS)
     session = _get(params, "session", bytes, SESSION_BYTES)
     state = _state(context, SECAGG_SHARE_KEYS, session)
@@ -223,10 +198,15 @@ def share_keys(msg: Message, context: Context) -> Message:
     threshold = _get(params, "threshold", int)
     if not len(indices) == len(pk1s) == len(pk2s) == len(names) == len(signatures):
         raise SecAggError("the key lists differ in length")
-    if len(indices) < MIN_PARTICIPANTS:
-        raise SecAggError(f"{len(indices)} hospitals: secure aggregation needs at least {MIN_PARTICIPANTS}, or the "
-                          "sum gives one hospital's update away to the other")
+    floor = _floor(context)
+    fewest = max(MIN_PARTICIPANTS, floor.secagg_min_hospitals)
+    if len(indices) < fewest:
+        raise SecAggError(f"{len(indices)} hospitals: this hospital takes part in secure rounds of at least {fewest} "
+                          "(with two, the sum gives one hospital's update away to the other)")
     check_threshold(threshold, len(indices))
+    if threshold <= floor.secagg_max_colluders:
+        raise SecAggError(f"threshold {threshold}: {floor.secagg_max_colluders} colluding peers "
+                          "(secagg-max-colluders) could reconstruct a hospital's secrets alone")
     keys = dict(zip(indices, zip(pk1s, pk2s)))
     if keys.get(me) != (state["pk1"], state["pk2"]) or names[indices.index(me)] != state["name"]:
         raise SecAggError("the server did not relay this hospital's own announcement unchanged")
@@ -254,15 +234,15 @@ def share_keys(msg: Message, context: Context) -> Message:
         ciphertexts.append(encrypt_shares(state["sk2"], keys[j][1], session, me, j,
                                           seed_shares[position], key_shares[position]))
     state.update({"stage": SECAGG_MASKED, "threshold": threshold, "seed": seed, "indices": indices,
-                  "pk1s": pk1s, "pk2s": pk2s})
+                  "pk1s": pk1s, "pk2s": pk2s, "names": names})
     _save(context, state)
     return _reply(msg, context, {"destinations": destinations, "ciphertexts": ciphertexts,
                                  "commitment": commitment(session, me, seed)})
 
 
-def masked(msg: Message, context: Context, train: TrainFn, run_of: RunOf) -> Message:
+def masked(msg: Message, context: Context, train: TrainFn) -> Message:
     """Stage 3: keep the shares relayed to this hospital, train, and reply with the masked update only (once per
-    round of the run, ever)."""
+    session)."""
     params = _params(msg, SECAGG_MASKED)
     session = _get(params, "session", bytes, SESSION_BYTES)
     state = _state(context, SECAGG_MASKED, session)
@@ -270,9 +250,6 @@ def masked(msg: Message, context: Context, train: TrainFn, run_of: RunOf) -> Mes
     position = [int(config["stage"]), int(config["round"])] if isinstance(config, ConfigRecord) else None
     if position != list(state["position"]):
         raise SecAggError("the masked-vector stage is for another round than the one set up")
-    if _contributed(context, run_of(context), position):
-        raise SecAggError(f"this hospital already masked an update for stage {position[0] + 1} round "
-                          f"{position[1] + 1} of this run")
     me, threshold = state["index"], state["threshold"]
     keys = dict(zip(state["indices"], zip(state["pk1s"], state["pk2s"])))
     sources = _int_list(params, "sources")
@@ -287,7 +264,7 @@ def masked(msg: Message, context: Context, train: TrainFn, run_of: RunOf) -> Mes
     if not isinstance(incoming, ArrayRecord):
         raise SecAggError("the masked-vector stage carries no global adaptors to train")
     spec = {name: ArraySpec(tuple(a.shape), a.dtype) for name, a in incoming.items()}
-    reply = train(msg, context)
+    reply, data = train(msg, context)
     if reply.has_error():  # e.g. an exhausted privacy budget: this hospital drops out of the round
         return reply
     try:
@@ -304,32 +281,72 @@ def masked(msg: Message, context: Context, train: TrainFn, run_of: RunOf) -> Mes
     plain = {k: metrics[k] for k in sorted(SECURE_METRICS[SECAGG_MASKED]) if k in metrics}
     content[METRICS] = MetricRecord(plain)
     content[SITE] = reply.content[SITE]
-    _record_contribution(context, run_of(context), position)
-    state.update({"stage": SECAGG_UNMASK, "sources": sources,
-                  "seed-shares": [s for s, _ in shares], "key-shares": [k for _, k in shares]})
+    state.update({"stage": SECAGG_CONSISTENCY, "sources": sources, "start": arrays_digest(incoming).hex(),
+                  "data": data, "seed-shares": [s for s, _ in shares], "key-shares": [k for _, k in shares]})
     _save(context, state)
     return Message(content, reply_to=msg)
 
 
-def unmask(msg: Message, context: Context) -> Message:
-    """Stage 4: reveal seed shares of the survivors and key shares of the dropped, once; then forget the round."""
-    params = _params(msg, SECAGG_UNMASK)
-    session = _get(params, "session", bytes, SESSION_BYTES)
-    state = _state(context, SECAGG_UNMASK, session)
-    me, threshold, sources = state["index"], state["threshold"], state["sources"]
+def _view(params: ConfigRecord, state: dict) -> tuple[list[int], list[int]]:
+    """The survivors and dropped the server names, checked against what this hospital exchanged."""
+    me, sources = state["index"], state["sources"]
     survivors = _int_list(params, "survivors")
     dropped = _int_list(params, "dropped") if "dropped" in params else []
     if set(survivors) & set(dropped):
         raise SecAggError("the server names a hospital both survivor and dropped")
     if set(survivors) | set(dropped) != set(sources) | {me} or me not in survivors:
         raise SecAggError("the survivors and dropped do not match the hospitals that exchanged shares")
-    if len(survivors) < threshold:
-        raise SecAggError(f"{len(survivors)} survivors, fewer than the threshold {threshold}")
+    if len(survivors) < state["threshold"]:
+        raise SecAggError(f"{len(survivors)} survivors, fewer than the threshold {state['threshold']}")
+    return sorted(survivors), sorted(dropped)
+
+
+def consistency(msg: Message, context: Context) -> Message:
+    """Stage 4: check the server's survivor set, agree to have this update summed with exactly those hospitals
+    (never with another set: :func:`client.secagg_record.agree_to_sum`), and sign the set, once."""
+    params = _params(msg, SECAGG_CONSISTENCY)
+    session = _get(params, "session", bytes, SESSION_BYTES)
+    state = _state(context, SECAGG_CONSISTENCY, session)
+    survivors, dropped = _view(params, state)
+    name_of = dict(zip(state["indices"], state["names"]))
+    agree_to_sum(context.node_config, context.state, state["name"], state["start"], state["data"],
+                 [name_of[i] for i in survivors])
+    _, _, identity = _identity_of(context)
+    signature = sign(identity, survivors_view(PROTOCOL, msg.metadata.run_id, session, survivors, dropped))
+    state.update({"stage": SECAGG_UNMASK, "survivors": survivors, "dropped": dropped})
+    _save(context, state)
+    return _reply(msg, context, {"signature": signature})
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    """Stage 5: once enough survivors signed the very sets this hospital signed, reveal seed shares of the
+    survivors and key shares of the dropped, once; then forget the round."""
+    params = _params(msg, SECAGG_UNMASK)
+    session = _get(params, "session", bytes, SESSION_BYTES)
+    state = _state(context, SECAGG_UNMASK, session)
+    stage, round_ = state["position"]
+    if _view(params, state) != (state["survivors"], state["dropped"]):
+        raise SecAggError(f"stage {stage + 1} round {round_ + 1}: the server named other survivors at unmask than "
+                          "the ones this hospital signed: inconsistent survivor sets")
+    signers, signatures = _int_list(params, "signers"), _get(params, "signatures", list)
+    if len(signers) != len(signatures) or not set(signers) <= set(state["survivors"]):
+        raise SecAggError(f"stage {stage + 1} round {round_ + 1}: signatures of hospitals that are not survivors")
+    _, roster, _ = _identity_of(context)
+    name_of = dict(zip(state["indices"], state["names"]))
+    view = survivors_view(PROTOCOL, msg.metadata.run_id, session, state["survivors"], state["dropped"])
+    valid = sum(isinstance(sig, bytes) and verify(roster.keys[name_of[i]], sig, view)
+                for i, sig in zip(signers, signatures))
+    needed = quorum(len(state["indices"]), state["threshold"], _floor(context).secagg_max_colluders)
+    if valid < needed:
+        raise SecAggError(f"stage {stage + 1} round {round_ + 1}: {valid} of the survivors signed the survivor set "
+                          f"this hospital signed, {needed} needed: the server may be showing hospitals "
+                          "inconsistent survivor sets")
+    me = state["index"]
     own_seed = state["own-shares"][0]
-    seed_of = {**dict(zip(sources, state["seed-shares"])), me: own_seed}
-    key_of = dict(zip(sources, state["key-shares"]))
+    seed_of = {**dict(zip(state["sources"], state["seed-shares"])), me: own_seed}
+    key_of = dict(zip(state["sources"], state["key-shares"]))
     _forget(context)  # one answer per round: the secrets are gone before anything leaves
-    fields = {"seed-shares": [seed_of[i] for i in survivors]}
-    if dropped:
-        fields["key-shares"] = [key_of[d] for d in dropped]
+    fields = {"seed-shares": [seed_of[i] for i in state["survivors"]]}
+    if state["dropped"]:
+        fields["key-shares"] = [key_of[d] for d in state["dropped"]]
     return _reply(msg, context, fields)

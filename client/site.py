@@ -10,16 +10,10 @@ A SuperNode's ``node_config`` says where the hospital's data are:
 - ``name``: the name reports give it (default: the manifest's folder name);
 - ``max-pixels``: the largest image it embeds, width × height (default :attr:`EmbedConfig.max_pixels`); larger
   ones are skipped and reported;
-- ``adaptor-kinds``: what the hospital agrees to train and send, comma-separated among ``retune``, ``lora`` and
-  ``both`` (default ``retune``: the RE-tune adaptors only); a run asking for another kind is refused. LoRA trains
-  inside the hospital's copy of the backbone and sends its LoRA matrices;
-- ``max-lora-rank``: the largest LoRA rank it accepts (default 64, PeFoMed's);
-- ``lora-towers``: the towers it lets LoRA adapt (default ``image``; ``image,text`` adds the text tower);
 - ``allow-outside-paths``: ``true`` lets its label file name images outside the label file's folder (default
   ``false``: such a file is refused);
-- ``dp-max-epsilon`` (turns DP-SGD on), ``dp-delta``, ``dp-target-epsilon``, ``dp-noise``, ``dp-max-grad-norm``,
-  ``dp-accountant`` and ``privacy-ledger`` (default: ``privacy-ledger.json`` beside the manifest): the
-  hospital's own privacy settings and its ε ledger (see :mod:`client.privacy`).
+- ``privacy-ledger``: its ε ledger (default: ``privacy-ledger.json`` beside the manifest; see :mod:`client.privacy`);
+- its privacy floor: secure aggregation, adaptor kinds, DP-SGD and evaluation (:mod:`client.floor`).
 
 Every path and the backbone come from the hospital's node config, never from the run config a server sends. In
 a simulation the run config's ``sim-dir`` holds ``hospital-K/hospital.json`` with those keys, and the SuperNode's
@@ -40,12 +34,12 @@ import torch
 
 from client.incremental import Split
 from client.local_data import embed_splits, prompt_embeddings, require_rows
-from client.privacy import DPConfig
+from client.floor import PrivacyFloor
+from client.node_config import flag, whole
 from client.trainer import Prompts, predict_logits
 from shared.backbone import cached_backbone
 from shared.cache import EmbeddingCache
-from shared.config import (ADAPTOR_KINDS, LORA_TOWERS, OFFLINE_DEFAULT, EmbedConfig, FederationConfig, LoraConfig,
-                           default_cache_dir, split_names)
+from shared.config import OFFLINE_DEFAULT, EmbedConfig, FederationConfig, default_cache_dir
 from shared.data.names import did_you_mean
 from shared.data.problems import BadFiles, print_bad_files
 from shared.data.readers import read_labels
@@ -69,29 +63,10 @@ class SiteSettings:
     cache: str
     labelled: tuple[str, ...] | None
     backbone: str = OFFLINE_DEFAULT
-    dp: DPConfig | None = None
+    floor: PrivacyFloor = PrivacyFloor()
     ledger: str = ""
     max_pixels: int = EmbedConfig.max_pixels
     allow_outside_paths: bool = False
-    adaptor_kinds: tuple[str, ...] = ("retune",)
-    max_lora_rank: int = LoraConfig.rank
-    lora_towers: tuple[str, ...] = LoraConfig.towers
-
-    def check_run(self, config: FederationConfig) -> None:
-        """Refuse a run whose adaptor kind, LoRA rank or LoRA towers this hospital's node config does not accept
-        (LoRA's targets are limited to attention projections by :func:`shared.lora.resolve_targets`)."""
-        if config.adaptor_kind not in self.adaptor_kinds:
-            raise RetuneError(f"this hospital trains only {', '.join(self.adaptor_kinds)} (node config "
-                              f"adaptor-kinds), not adaptor-kind {config.adaptor_kind!r}")
-        lora = config.lora_config()
-        if lora is None:
-            return
-        if lora.rank > self.max_lora_rank:
-            raise RetuneError(f"LoRA rank {lora.rank} is above this hospital's max-lora-rank {self.max_lora_rank}")
-        refused = [t for t in lora.towers if t not in self.lora_towers]
-        if refused:
-            raise RetuneError(f"this hospital adapts only its {', '.join(self.lora_towers)} tower with LoRA (node "
-                              f"config lora-towers), not its {', '.join(refused)} tower")
 
 
 @dataclass
@@ -135,60 +110,11 @@ def site_settings(config: FederationConfig, node_config: dict) -> SiteSettings:
         cache=str(values.get("cache") or default_cache_dir()),
         labelled=tuple(labelled) if labelled else None,
         backbone=str(values.get("backbone") or OFFLINE_DEFAULT),
-        dp=_dp_config(values),
+        floor=PrivacyFloor.from_node_config(values),
         ledger=str(values.get("privacy-ledger") or Path(values["manifest"]).parent / "privacy-ledger.json"),
-        max_pixels=_positive_int(values, "max-pixels", EmbedConfig.max_pixels),
-        allow_outside_paths=_flag(values, "allow-outside-paths"),
-        adaptor_kinds=_kinds(values),
-        max_lora_rank=_positive_int(values, "max-lora-rank", LoraConfig.rank),
-        lora_towers=_towers(values),
+        max_pixels=whole(values, "max-pixels", EmbedConfig.max_pixels),
+        allow_outside_paths=flag(values, "allow-outside-paths"),
     )
-
-
-def _towers(values: dict) -> tuple[str, ...]:
-    towers = split_names(str(values.get("lora-towers", ",".join(LoraConfig.towers))))
-    if not towers or any(t not in LORA_TOWERS for t in towers):
-        raise RetuneError(f"node config lora-towers={values.get('lora-towers')!r}: use image, text or image,text")
-    return towers
-
-
-def _kinds(values: dict) -> tuple[str, ...]:
-    kinds = split_names(str(values.get("adaptor-kinds", "retune")))
-    unknown = [k for k in kinds if k not in ADAPTOR_KINDS]
-    if unknown or not kinds:
-        raise RetuneError(f"node config adaptor-kinds={values.get('adaptor-kinds')!r}: use one or more of "
-                          f"{', '.join(ADAPTOR_KINDS)}, comma-separated")
-    return kinds
-
-
-def _positive_int(values: dict, key: str, default: int) -> int:
-    try:
-        number = int(values.get(key, default))
-    except (TypeError, ValueError):
-        number = 0
-    if number <= 0:
-        raise RetuneError(f"node config {key}={values[key]!r}: use a positive whole number")
-    return number
-
-
-def _flag(values: dict, key: str) -> bool:
-    value = values.get(key, False)
-    text = str(value).strip().lower()
-    if text not in ("true", "false"):
-        raise RetuneError(f"node config {key}={value!r}: use true or false")
-    return text == "true"
-
-
-def _dp_config(values: dict) -> DPConfig | None:
-    """DP settings from node-config keys ``dp-*``; ``None`` unless ``dp-max-epsilon`` is set."""
-    if "dp-max-epsilon" not in values:
-        return None
-    optional = {"dp-target-epsilon": "target_epsilon", "dp-noise": "noise_multiplier",
-                "dp-max-grad-norm": "max_grad_norm", "dp-delta": "delta"}
-    kwargs = {field: float(values[key]) for key, field in optional.items() if key in values}
-    if "dp-accountant" in values:
-        kwargs["accountant"] = str(values["dp-accountant"])
-    return DPConfig(max_epsilon=float(values["dp-max-epsilon"]), **kwargs)
 
 
 def align_labels(labels: np.ndarray, have: tuple[str, ...], want: tuple[str, ...],
@@ -210,7 +136,6 @@ def load_site(config: FederationConfig, settings: SiteSettings) -> Site:
     except OSError as exc:
         raise RetuneError(f"site {settings.name}: cannot read its label file {settings.manifest}: "
                           f"{exc.strerror}") from None
-    settings.check_run(config)  # before anything is loaded for it
     lora = config.lora_config()
     towers = () if lora is None else lora.towers
     try:
@@ -273,17 +198,30 @@ def stage_test_rows(site: Site, stage: int) -> np.ndarray:
     return np.unique(np.concatenate([task.test_rows for task in site.tasks[:stage + 1]]))
 
 
+def test_parts(site: Site, stage: int) -> dict[str, np.ndarray]:
+    """The test rows a site scores after ``stage``: each stage's (``s<j>``, j ≤ ``stage``) and all of them (``all``)."""
+    parts = {f"s{j}": site.tasks[j].test_rows for j in range(stage + 1)}
+    parts["all"] = stage_test_rows(site, stage)
+    return parts
+
+
+def site_logits(model: RetuneModel, site: Site) -> np.ndarray:
+    """The model's logits on the site's test data."""
+    return predict_logits(model, site.test.inputs(model), site.prompts)
+
+
 def site_metrics(model: RetuneModel | None, site: Site, stage: int, logits: np.ndarray | None = None
                  ) -> dict[str, float]:
-    """Scalars a site reports after a stage: per stage j ≤ ``stage`` and over all of them (``all``), per disease,
-    ``auroc/<part>/<disease>`` with ``pos``/``neg`` counts, so the server can weight by positive-negative pairs.
+    """Exact scalars of a site after a stage, as a researcher with the data computes them (the simulation's
+    baselines; a hospital releases :func:`client.evaluation.released_metrics` instead): per test part
+    (:func:`test_parts`) and disease ``auroc/<part>/<disease>`` with ``pos``/``neg`` counts, so that hospitals can be
+    weighted by positive-negative pairs.
 
     ``logits`` may be given instead of a model (e.g. the zero-shot baseline).
     """
     if logits is None:
-        logits = predict_logits(model, site.test.inputs(model), site.prompts)
-    parts = {f"s{j}": site.tasks[j].test_rows for j in range(stage + 1)}
-    parts["all"] = stage_test_rows(site, stage)
+        logits = site_logits(model, site)
+    parts = test_parts(site, stage)
     metrics: dict[str, float] = {"num-examples": len(parts["all"])}
     for part, rows in parts.items():
         labels = site.test.labels[rows]

@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from client.app import make_client_app
-from client.site import SIM_SITE_FILE, Site, load_site, site_metrics, site_settings
+from client.site import SIM_SITE_FILE, Site, load_site, site_logits, site_metrics, site_settings
 from client.trainer import stage_targets, train_adaptors
 from deploy.certs import make_hospital_keys
 from deploy.local_grid import run_local
@@ -34,7 +34,7 @@ from research.phantom import write_phantom
 from server.app import CHECKPOINT, make_server_app
 from server.evaluation import federated_metrics
 from server.federation import initial_model, stage_diseases
-from server.state import RunState
+from server.state import RunState, SealRegister
 from shared.config import ADAPTOR_KINDS, LORA_TOWERS, FederationConfig, SimulationPlan, TrainConfig
 from shared.continual import stage_examples
 from shared.errors import RetuneError
@@ -43,11 +43,14 @@ from shared.labels import CHEXPERT5
 from shared.model import zero_shot_logits
 from shared.scenarios import disease_groups
 from shared.signing import PRIVATE_KEY, PUBLIC_KEY, generate_keys, load_private_key
+from shared.wire import encoded, load_record
 
 HOSPITALS_DIR = "hospitals"
 ROSTER_FILE = "roster.json"
-#: The simulated consortium's Ed25519 key pair: the server signs adaptors, hospitals and users verify.
+#: The simulated consortium's Ed25519 key pair: the server signs adaptors, hospitals and users verify; beside it, the
+#: register of the rounds sealed in the run folder.
 KEYS_DIR = "keys"
+SEALS = "seals.json"
 
 
 def simulation_config(out: Path, hospitals: int, **settings) -> FederationConfig:
@@ -108,9 +111,10 @@ def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: C
     return sites
 
 
-def evaluate_sites(sites: list[Site], config: FederationConfig, logits_of) -> dict:
-    """Aggregate per-site metrics exactly as the server does (pairs-weighted AUROC over hospitals)."""
-    stage = config.stages - 1
+def evaluate_sites(sites: list[Site], config: FederationConfig, logits_of, stage: int | None = None) -> dict:
+    """Aggregate per-site exact metrics on the test data of the stages up to ``stage`` (default: the last) as the
+    server does (pairs-weighted AUROC over hospitals)."""
+    stage = config.stages - 1 if stage is None else stage
     reports = [site_metrics(None, site, stage, logits=logits_of(site)) for site in sites]
     return federated_metrics(reports, sites[0].diseases, stage, stage_diseases(config))
 
@@ -121,10 +125,15 @@ def zero_shot_baseline(sites: list[Site], config: FederationConfig) -> dict:
         torch.as_tensor(s.test.embeddings), s.prompts.embeddings, s.prompts.averaging).numpy())
 
 
+def exact_metrics(sites: list[Site], config: FederationConfig, arrays, stage: int | None = None) -> dict:
+    """Global adaptors ``arrays`` scored exactly on every hospital's test data up to ``stage`` (what the hospitals'
+    released, protected evaluations approximate)."""
+    model = load_record(initial_model(config, sites[0].embed_dim), encoded(arrays, config.wire_dtype))  # as sent
+    return evaluate_sites(sites, config, lambda s: site_logits(model, s), stage)
+
+
 def centralized_baseline(sites: list[Site], config: FederationConfig) -> dict:
     """Pooled training on the same stage data, stage by stage, with the same epoch budget (rounds × epochs)."""
-    from client.trainer import predict_logits
-
     model = initial_model(config, sites[0].embed_dim)
     train_config = TrainConfig(epochs=config.rounds_per_stage * config.local_epochs, batch_size=config.batch_size,
                                lr=config.lr, seed=config.seed)
@@ -136,7 +145,7 @@ def centralized_baseline(sites: list[Site], config: FederationConfig) -> dict:
         targets = stage_targets(model, x, y, sites[0].prompts, sites[0].diseases, sites[0].tasks, stage,
                                 config.continual_method, config.lwf_weight)  # the same continual option
         train_adaptors(model, x, targets.labels, sites[0].prompts, train_config, weights=targets.weights)
-    return evaluate_sites(sites, config, lambda s: predict_logits(model, s.test.inputs(model), s.prompts))
+    return evaluate_sites(sites, config, lambda s: site_logits(model, s))
 
 
 def _progress_table(config: FederationConfig, history: list[dict], baselines: dict) -> Table:
@@ -205,7 +214,8 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
     if not (out / KEYS_DIR / PRIVATE_KEY).exists():
         generate_keys(out / KEYS_DIR)
     key = load_private_key(out / KEYS_DIR / PRIVATE_KEY)
-    RunState.open(config, None, key)  # a run folder changed since its last sealed round is refused before anything
+    seals = out / KEYS_DIR / SEALS
+    resumed = RunState.open(config, None, key, SealRegister(seals))  # a changed or rolled-back folder is refused
     start = time.perf_counter()
     sites = prepare_hospitals(config, plan, console)
     prepared_s = time.perf_counter() - start
@@ -213,11 +223,14 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
         baselines = {"zero_shot": zero_shot_baseline(sites, config),
                      "centralized": centralized_baseline(sites, config)}
     history: list[dict] = []
+    # each round's global adaptors scored on the data directly (what the released figures approximate; rounds
+    exact: list[float | None] = [None] * resumed.server_round  # committed before a resumption are not rescored)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     with Live(_progress_table(config, history, baselines), console=console, refresh_per_second=4) as live, \
             stop_after_round(console) as stop:
         def on_round(record: dict, state: RunState) -> None:
             history[:] = state.history
+            exact.append(exact_metrics(sites, config, state.arrays, record["stage"])["macro_auroc"])
             live.update(_progress_table(config, history, baselines))
             if stop.is_set() and not state.done:
                 raise SimulationInterrupted(
@@ -225,7 +238,7 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
                     f"{config.rounds_per_stage} (committed to {out}); run the same command again to resume")
 
         fed_start = time.perf_counter()
-        run_local(make_server_app(config, on_round, out / KEYS_DIR / PRIVATE_KEY),
+        run_local(make_server_app(config, on_round, out / KEYS_DIR / PRIVATE_KEY, seals),
                   make_client_app(config, client_mods), plan.hospitals,
                   workers=min(plan.hospitals, os.cpu_count() or 1), run_id=secrets.randbits(63))
         federation_s = time.perf_counter() - fed_start
@@ -233,7 +246,8 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
     if not state.done:
         raise RuntimeError(f"the federation stopped before its last round; see the log above ({out})")
     report = build_report(config, plan, state, sites, baselines,
-                          {"prepare_s": prepared_s, "federation_s": federation_s}, out / CHECKPOINT)
+                          {"prepare_s": prepared_s, "federation_s": federation_s}, out / CHECKPOINT,
+                          exact_metrics(sites, config, state.arrays), exact)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_html(report, out / "report.html")
     return report

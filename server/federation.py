@@ -24,7 +24,7 @@ from server.evaluation import evaluation_problem, federated_metrics, site_macro
 from server.hospitals import FederationError, Hospitals
 from server.messaging import HeldArrays, exchange
 from server.secagg import secure_train
-from server.state import RunState
+from server.state import RunState, SealRegister
 from server.strategy import make_strategy
 from server.strategy.adaptor_strategy import AdaptorStrategy, reply_order
 from shared.config import FederationConfig, run_identity
@@ -200,7 +200,8 @@ def _phase(entries: list[dict[str, str]], phase: str) -> list[dict[str, str]]:
 
 
 def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_round: RoundCallback | None = None,
-                   signing_key: Ed25519PrivateKey | None = None, run_id: int = 0) -> RunState:
+                   signing_key: Ed25519PrivateKey | None = None, run_id: int = 0,
+                   seals: SealRegister | None = None) -> RunState:
     """Run (or resume) every remaining round; returns the final state. With ``signing_key`` every global
     adaptor set sent out is signed for this Flower run (``run_id``), stage, round and kind, so hospitals refuse
     adaptors the consortium did not produce and rounds replayed from elsewhere, and every committed round of the run
@@ -213,7 +214,7 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_roun
     scored = stage_diseases(config)
     model = initial_model(config, embed_dim)
     strategy = make_strategy(config, adaptor_spec(model))
-    state = RunState.open(config, to_record(model), signing_key)
+    state = RunState.open(config, to_record(model), signing_key, seals)
     strategy.load_optimizer_state(state.optimizer)
     hospitals = Hospitals(config.backbone_identity or state.backbone, state.hospitals)
     held = HeldArrays()
@@ -250,8 +251,6 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_roun
             "train_loss": float(train.metrics["train-loss"]) if train.metrics and "train-loss" in train.metrics
             else None,  # DP hospitals send no un-noised loss
             "hospitals": {name: site_macro(metrics, diseases) for name, metrics in sites.items()},
-            "epsilon": {hospitals.name(r): float(r.content[METRICS]["epsilon"]) for r in train.accepted
-                        if "epsilon" in r.content[METRICS]},
             "declined": _phase(train.declined, "train") + _phase(evaluation.declined, "evaluate"),
             "refused": _phase(train.refused, "train") + _phase(evaluation.refused, "evaluate"),
         }

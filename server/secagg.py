@@ -1,9 +1,10 @@
 """The server's side of secure aggregation: one round of the protocol through ``grid.send_and_receive``.
 
 Protocol, design choice (our Message-API stages on ``cryptography``, Flower's Shamir sharing reused, Flower's
-``SecAggPlusWorkflow`` not used) and the quantisation bound: :mod:`shared.secagg`. :func:`secure_round` runs the four
+``SecAggPlusWorkflow`` not used) and the quantisation bound: :mod:`shared.secagg`. :func:`secure_round` runs the five
 stages and returns the example-weighted average of the survivors' adaptors; the server only ever holds masked
-vectors, relayed ciphertexts, public keys, commitments and the shares it needs to remove masks from the *sum*.
+vectors, relayed ciphertexts, public keys, commitments, the survivors' signatures of the survivor set and the shares
+it needs to remove masks from the *sum*.
 
 Key announcements are signed by each hospital's roster identity and relayed with their signatures; the hospitals,
 not the server, check them. A round needs at least :data:`shared.secagg.MIN_PARTICIPANTS` hospitals.
@@ -16,7 +17,7 @@ otherwise it yields no aggregate (the global adaptors stay as they were) and say
 
 Strategies: :func:`secure_train` hands the secure average to the strategy as one reply weighted by the total number
 of examples, so FedAvg and FedProx (whose proximal term is client-side) keep it, and FedAdam takes its server step
-from it. Each stage waits at most ``timeout`` seconds, so a round can take up to four timeouts.
+from it. Each stage waits at most ``timeout`` seconds, so a round can take up to five timeouts.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from server.messaging import exchange
 from server.strategy.adaptor_strategy import AdaptorStrategy, reply_order
 from shared.secagg import (CLIPPED, MIN_PARTICIPANTS, PROTOCOL, SESSION_BYTES, Layout, SecAggError, combine_secret,
                            commitment, decode_sum, public_key, remove_masks, threshold_for)
-from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_SETUP,
-                         SECAGG_SHARE_KEYS, SECAGG_UNMASK, ArraySpec, WireError, check_secure_reply, payload_bytes)
+from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_CONSISTENCY, SECAGG_MASKED,
+                         SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_UNMASK, ArraySpec, WireError, check_secure_reply,
+                         payload_bytes)
 
 log = logging.getLogger(__name__)
 #: Splits masked-vector replies into admitted ones and refusals ``{hospital, reason}`` (e.g. another backbone).
@@ -194,11 +196,20 @@ class _Round:
             self.out.masked_bytes[node] = payload_bytes(record)
         accepted = [replies[n] for n in survivors]
 
-        # 4. unmask: seed shares of the survivors, key shares of the dropped
-        request = {"survivors": [index[n] for n in survivors]}
+        # 4. consistency: every survivor signs the survivor set it is shown (the same for all)
+        view = {"survivors": [index[n] for n in survivors]}
         if self.out.dropped:
-            request["dropped"] = [index[n] for n in self.out.dropped]
-        replies = self.send(SECAGG_UNMASK, {n: self.config(**request) for n in survivors})
+            view["dropped"] = [index[n] for n in self.out.dropped]
+        signed = self.send(SECAGG_CONSISTENCY, {n: self.config(**view) for n in survivors})
+        signers = sorted(signed)
+        if len(signers) < threshold:
+            return self.fail(f"{len(signers)} hospital(s) signed the survivor set, fewer than the threshold "
+                             f"{threshold}")
+
+        # 5. unmask: seed shares of the survivors, key shares of the dropped, once the signatures are shown
+        request = {**view, "signers": [index[n] for n in signers],
+                   "signatures": [signed[n].content[SECAGG]["signature"] for n in signers]}
+        replies = self.send(SECAGG_UNMASK, {n: self.config(**request) for n in signers})
         seed_shares: dict[int, list[bytes]] = {n: [] for n in survivors}
         key_shares: dict[int, list[bytes]] = {n: [] for n in self.out.dropped}
         for node, reply in replies.items():
@@ -248,7 +259,7 @@ def secure_round(grid: Grid, node_ids: Iterable[int], train_content: RecordDict,
     """Run one secure-aggregation round with ``node_ids``.
 
     ``train_content``: what a plain train message would carry (``arrays`` = global adaptors, ``config``); it goes
-    to every hospital at the masked-vector stage. Each of the four stages waits at most ``timeout`` seconds.
+    to every hospital at the masked-vector stage. Each of the five stages waits at most ``timeout`` seconds.
     ``admit`` decides which masked-vector replies enter the sum (by their ``site`` record).
     """
     return _Round(grid, train_content, server_round, timeout, admit).run(node_ids)

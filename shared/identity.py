@@ -7,7 +7,8 @@ long-term identity key (its SuperNode authentication key, or any ECDSA P-384 / E
 checks every peer's announcement against the **roster**: a file the consortium hands every hospital, naming each
 member hospital and its public identity key (``retune roster``), which hospital IT can compare with the keys it
 knows. An announcement binds the protocol, Flower's run id, the round's session, the hospital's index and name and
-both of its public keys, so it cannot be replayed into another round or attributed to another hospital.
+both of its public keys, so it cannot be replayed into another round or attributed to another hospital. The same
+identity key signs the round's survivor set in the consistency check (:func:`survivors_view`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from shared.errors import RetuneError
 
 ROSTER_FORMAT = "retune-roster/1"
 _DOMAIN = b"retune-fl/secagg-announcement/v1\n"
+_DOMAIN_VIEW = b"retune-fl/secagg-survivors/v1\n"
 #: The largest signature an announcement may carry (a DER ECDSA P-384 signature is at most 104 bytes).
 MAX_SIGNATURE_BYTES = 160
 
@@ -101,6 +103,13 @@ def announcement(protocol: str, run_id: int, session: bytes, index: int, name: s
     """The bytes a hospital signs when it announces its round keys."""
     head = json.dumps([protocol, run_id, session.hex(), index, name]).encode()
     return _DOMAIN + len(head).to_bytes(8, "big") + head + pk1 + pk2
+
+
+def survivors_view(protocol: str, run_id: int, session: bytes, survivors: list[int], dropped: list[int]) -> bytes:
+    """The bytes a hospital signs in a round's consistency check: which hospitals' masked vectors are in the sum
+    (``survivors``) and which shared keys but are not (``dropped``), by index, for this run and session."""
+    head = json.dumps([protocol, run_id, session.hex(), sorted(survivors), sorted(dropped)]).encode()
+    return _DOMAIN_VIEW + len(head).to_bytes(8, "big") + head
 
 
 def sign(key: PrivateIdentity, message: bytes) -> bytes:

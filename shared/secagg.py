@@ -1,11 +1,12 @@
 """Secure aggregation, the pure parts: fixed-point encoding on the ring Z/2^64, masks, key agreement, secret shares.
 
-The protocol is SecAgg (Bonawitz et al., CCS 2017) in the four stages Flower's SecAgg+ uses, over a complete graph
-(every hospital shares with every other; a consortium has a handful of hospitals, not thousands of phones):
+The protocol is SecAgg (Bonawitz et al., CCS 2017) in the four stages Flower's SecAgg+ uses plus the paper's
+consistency check against an active server, over a complete graph (every hospital shares with every other; a
+consortium has a handful of hospitals, not thousands of phones):
 
 1. **setup** (``train.secagg_setup``): each hospital makes two fresh X25519 key pairs for the round, ``(sk1, pk1)``
    for the pairwise masks and ``(sk2, pk2)`` for encrypting shares, and sends the public keys, signed with its
-   long-term identity key (:mod:`shared.identity`); it sets up each round of a run once.
+   long-term identity key (:mod:`shared.identity`). Nothing else is kept across sessions.
 2. **share keys** (``train.secagg_share_keys``): the server broadcasts everyone's signed announcements and the
    threshold ``t``; each hospital checks every signature against the consortium's roster (at least
    :data:`MIN_PARTICIPANTS` members, none twice), then draws a self-mask seed ``b``, splits ``b`` and ``sk1`` into Shamir shares (``t`` of ``n``
@@ -16,10 +17,14 @@ The protocol is SecAgg (Bonawitz et al., CCS 2017) in the four stages Flower's S
    hospital trains, encodes ``x = (n·q(w), n, n·q(loss), #clipped)`` on Z/2^64 and sends
    ``y = x + PRG(b) + Σ_{j>i} PRG(s_ij) − Σ_{j<i} PRG(s_ij)`` where ``s_ij = X25519(sk1_i, pk1_j)``. Without ``b``
    every ``y`` is uniform on the ring, whatever the update.
-4. **unmask** (``train.secagg_unmask``): the server names the survivors S (whose ``y`` it holds) and the dropped D
-   (shared keys, sent no ``y``); each survivor returns its shares of ``b_i`` for i ∈ S and of ``sk1_d`` for d ∈ D,
-   never both for the same hospital, and only once per round. With ``t`` shares the server removes the self masks of
-   S and the pairwise masks survivors added for the dropped; pairwise masks between survivors cancel in the sum.
+4. **consistency** (``train.secagg_consistency``): the server names the survivors S (whose ``y`` it holds) and the
+   dropped D (shared keys, sent no ``y``); each survivor checks the sets and signs them with its identity key, once
+   per session, after recording that its update may be summed with exactly S, ever (:mod:`client.secagg_record`).
+5. **unmask** (``train.secagg_unmask``): the server relays the signatures; each survivor that sees more than
+   (n + c) / 2 of them over exactly the sets it signed (c: the peers it assumes collude with the server) returns its
+   shares of ``b_i`` for i ∈ S and of ``sk1_d`` for d ∈ D, never both for the same hospital, and only once per
+   round. With ``t`` shares the server removes the self masks of S and the pairwise masks survivors added for the
+   dropped; pairwise masks between survivors cancel in the sum.
 
 **Why not Flower's SecAgg+ as is** (``SecAggPlusWorkflow`` + ``secaggplus_mod``): it drives the legacy strategy API
 (``LegacyContext``, ``configure_fit``/``aggregate_fit`` with ``FitRes``, a client manager), its client mod converts

@@ -20,7 +20,7 @@ backbones. Replies carry adaptor arrays, scalar metrics and that record, nothing
 labels or free text. :func:`check_reply` enforces that allow-list on both sides of the boundary.
 
 Secure aggregation (run config ``secure-aggregation = true``, protocol in :mod:`shared.secagg`) replaces the train
-exchange by four train actions per round; their replies never carry the plain ``arrays`` or ``num-examples``:
+exchange by five train actions per round; their replies never carry the plain ``arrays`` or ``num-examples``:
 
 Server → hospital ``train.secagg_setup``:       ``secagg`` (protocol, session, the hospital's index, stage, round)
 Hospital → server:                              ``secagg`` (``pk1``, ``pk2``: two X25519 public keys, ``name``
@@ -33,12 +33,15 @@ Hospital → server:                              ``secagg`` (``destinations``, 
 Server → hospital ``train.secagg_masked``:      ``arrays`` + ``config`` (as ``train``) + ``secagg`` (relayed shares)
 Hospital → server:                              ``masked`` (uint64 arrays: the adaptors' names and shapes plus
                                                 ``num-examples``, ``train-loss``, ``clipped``, all masked)
-Server → hospital ``train.secagg_unmask``:      ``secagg`` (survivors, dropped)
+Server → hospital ``train.secagg_consistency``: ``secagg`` (survivors, dropped)
+Hospital → server:                              ``secagg`` (``signature``: the survivor set signed with the
+                                                hospital's roster identity)
+Server → hospital ``train.secagg_unmask``:      ``secagg`` (survivors, dropped, the signers and their signatures)
 Hospital → server:                              ``secagg`` (``seed-shares`` of survivors, ``key-shares`` of dropped)
 
 Secure replies carry ``metrics`` (always with the masked vector, else optional) with :data:`SECURE_METRICS` only
-(simulated identity; DP ε and δ with the masked vector) and ``site`` (required with the masked vector, else
-optional); key material has fixed sizes. :func:`check_secure_reply`
+(the simulated identity) and ``site`` (required with the masked vector, else optional); key material has fixed
+sizes. :func:`check_secure_reply`
 is that allow-list; a reply with both ``masked`` and ``arrays`` is refused.
 """
 
@@ -73,18 +76,18 @@ BACKBONE_IDENTITY = re.compile(r"[0-9a-f]{64}")
 #: Secure aggregation: key material (ConfigRecord, both directions) and the masked update (ArrayRecord of uint64).
 SECAGG = "secagg"
 MASKED = "masked"
-SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_MASKED, SECAGG_UNMASK = (
-    "secagg_setup", "secagg_share_keys", "secagg_masked", "secagg_unmask")
-SECURE_STAGES = (SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_MASKED, SECAGG_UNMASK)
-#: Plain metrics a secure reply may carry; everything else about the update is masked.
-SECURE_METRICS = {SECAGG_SETUP: {"partition-id"}, SECAGG_SHARE_KEYS: {"partition-id"},
-                  SECAGG_MASKED: {"partition-id", "epsilon", "delta"}, SECAGG_UNMASK: {"partition-id"}}
+SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_MASKED, SECAGG_CONSISTENCY, SECAGG_UNMASK = (
+    "secagg_setup", "secagg_share_keys", "secagg_masked", "secagg_consistency", "secagg_unmask")
+SECURE_STAGES = (SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_MASKED, SECAGG_CONSISTENCY, SECAGG_UNMASK)
+#: Plain metrics a secure reply may carry (a simulated hospital's partition); everything about the update is masked.
+SECURE_METRICS = {stage: {"partition-id"} for stage in SECURE_STAGES}
 #: Key-material fields of each secure reply: (kind, size of each bytes value, required).
 _SECURE_FIELDS: dict[str, dict[str, tuple[str, int, bool]]] = {
     SECAGG_SETUP: {"pk1": ("bytes", KEY_BYTES, True), "pk2": ("bytes", KEY_BYTES, True),
                    "name": ("name", 0, True), "signature": ("bytes-upto", MAX_SIGNATURE_BYTES, True)},
     SECAGG_SHARE_KEYS: {"destinations": ("ints", 0, True), "ciphertexts": ("bytes-list", CIPHERTEXT_BYTES, True),
                         "commitment": ("bytes", COMMITMENT_BYTES, True)},
+    SECAGG_CONSISTENCY: {"signature": ("bytes-upto", MAX_SIGNATURE_BYTES, True)},
     SECAGG_UNMASK: {"seed-shares": ("bytes-list", SHARE_BYTES, True),
                     "key-shares": ("bytes-list", SHARE_BYTES, False)},
 }

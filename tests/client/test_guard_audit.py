@@ -18,6 +18,7 @@ from client.approval import running_code
 from client.audit import GENESIS, REFUSED, SENT, AuditLog, content_sha256, verify_log
 from client.guard import (APP_FAILED, DECLINED_BUDGET, PUBLIC_REASONS, ROUND_REFUSED, SECAGG_ABORTED, UNSIGNED,
                           boundary_guard, hospital_mods, round_mod)
+from shared.config import FederationConfig, run_identity
 from shared.errors import RetuneError
 from shared.secagg import SecAggError
 from shared.model import RetuneModel
@@ -28,7 +29,8 @@ GLOBAL = to_record(RetuneModel(8))
 SITE_RECORD = site_record("hospital-0", "0f" * 32)
 
 
-RUN = "run-identity"
+CONFIG_OF = (lambda context: FederationConfig())  # noqa: E731  the run's settings as the hospital reads them
+RUN = run_identity(FederationConfig().to_run_config())
 
 
 def _message(kind: str = "train", arrays: ArrayRecord | None = GLOBAL, signature: bytes | None = None,
@@ -258,7 +260,7 @@ def consortium(tmp_path_factory):
 def test_round_mod_refuses_unsigned_or_altered_adaptors_before_the_app(tmp_path, consortium):
     private, public = consortium
     marker = tmp_path / "ran"
-    app = _app([round_mod(lambda context: RUN, public)], _train_reply, marker)
+    app = _app([round_mod(CONFIG_OF, public)], _train_reply, marker)
     altered = ArrayRecord({k: Array(np.array(a.numpy()) * 2) for k, a in GLOBAL.items()})
     forged = _signed(private)
     forged.content[ARRAYS] = altered
@@ -277,7 +279,7 @@ def test_a_replayed_reordered_or_retargeted_round_is_refused(tmp_path, consortiu
     another run or run config, or as another kind of message."""
     private, public = consortium
     marker = tmp_path / "ran"
-    app = _app([round_mod(lambda context: RUN, public)], _train_reply, marker)
+    app = _app([round_mod(CONFIG_OF, public)], _train_reply, marker)
     context = _context()
     assert app(_signed(private, stage=1, round_=2), context).has_content()  # the run is at stage 2, round 3
     assert app(_signed(private, stage=1, round_=2), context).has_content()  # a retry: the same round, same adaptors
@@ -300,14 +302,17 @@ def test_hospital_mods_from_node_config(tmp_path, consortium):
     private, public = consortium
     audit = tmp_path / "audit.jsonl"
     context = _context(**{"audit-log": str(audit), "consortium-key": str(public)})
-    app = _app(hospital_mods(lambda context: RUN), _train_reply)
+    app = _app(hospital_mods(CONFIG_OF), _train_reply)
     assert app(_signed(private), context).has_content()
     assert app(_message("train"), context).has_error()  # unsigned: refused by the signature mod ...
     events = [(e["event"], e.get("error_code")) for e in _entries(audit)]
     assert events == [(SENT, None), ("error", ErrorCode.MOD_FAILED_PRECONDITION)]  # ... and audited by the guard
     assert verify_log(audit).ok
-    # no security keys in the node config: only the allow-list applies
-    assert app(_message("train"), _context()).has_content()
+    # no consortium key in the node config: nothing can be verified, so nothing is trained on (it used to pass
+    # unchecked)
+    for msg in (_message("train"), _signed(private)):
+        refused = app(msg, _context())
+        assert refused.has_error() and refused.error.reason.startswith(UNSIGNED)
 
 
 def _naming(message: Message) -> Message:
@@ -331,7 +336,7 @@ def test_adaptors_named_by_digest_are_the_held_ones_and_verified_as_if_sent(tmp_
             return RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 12}), SITE: SITE_RECORD})
         return _train_reply(msg)
 
-    app = _app(hospital_mods(lambda context: RUN, audit, public), train_reply)
+    app = _app(hospital_mods(CONFIG_OF, audit, public), train_reply)
     context = _context()
     first = app(_signed(private, "evaluate", stage=1, round_=2), context)
     assert first.has_content()

@@ -80,8 +80,8 @@ def test_dp_training_learns_spends_and_declines(tmp_path, prompts):
     torch.manual_seed(0)
     model = RetuneModel(DIM)
     before = [p.detach().clone() for p in model.parameters()]
-    losses, epsilon = train_adaptors_dp(model, x, y, prompts, TrainConfig(epochs=3, batch_size=100), privacy,
-                                        rounds_left=1, where=("run", 0, 0))
+    losses, epsilon, _ = train_adaptors_dp(model, x, y, prompts, TrainConfig(epochs=3, batch_size=100), privacy,
+                                           rounds_left=1, where=("run", 0, 0))
     assert 7.5 < epsilon <= 8.0 + 1e-6 and len(losses) == 3
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     trained = [p.detach().clone() for p in model.parameters()]

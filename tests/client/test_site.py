@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client.floor import PrivacyFloor
 from client.site import Site, load_site, site_settings
 from shared.config import OFFLINE_DEFAULT, EmbedConfig, FederationConfig
 from shared.errors import RetuneError
@@ -109,24 +110,21 @@ def test_a_site_skips_images_over_its_max_pixels_and_needs_train_and_test_images
         _load(tmp_path, manifest, name="h", **{"max-pixels": 100, "cache": str(tmp_path / "cache-100")})
 
 
-def test_the_hospital_not_the_run_decides_whether_lora_trains_and_up_to_which_rank(tmp_path):
-    """A malicious or careless run config asking for LoRA (or a huge rank) is refused before any data is read,
-    unless the hospital's node config accepts it."""
-    manifest = tmp_path / "labels.csv"
-    manifest.write_text("image,Edema\n")  # never read: the refusal comes first
+def test_the_hospital_not_the_run_decides_whether_lora_trains_and_up_to_which_rank():
+    """A malicious or careless run config asking for LoRA (or a huge rank, or another tower) is below the floor of a
+    hospital whose node config does not accept it (the floor mod refuses it before any data is read:
+    tests/client/test_floor.py)."""
     lora_run = FederationConfig(adaptor_kind="lora")
-    default = site_settings(lora_run, {"manifest": str(manifest)})
+    default = PrivacyFloor.from_node_config({})
     assert default.adaptor_kinds == ("retune",)
-    with pytest.raises(RetuneError, match="trains only retune .*not adaptor-kind 'lora'"):
-        load_site(lora_run, default)
-    accepting = site_settings(lora_run, {"manifest": str(manifest), "adaptor-kinds": "retune,lora"})
-    accepting.check_run(lora_run)
-    with pytest.raises(RetuneError, match="LoRA rank 4096 is above this hospital's max-lora-rank 64"):
-        load_site(FederationConfig(adaptor_kind="lora", lora_rank=4096), accepting)
+    assert any("trains only retune" in p and "adaptor-kind 'lora'" in p for p in default.problems(lora_run))
+    accepting = PrivacyFloor.from_node_config({"adaptor-kinds": "retune,lora"})
+    assert accepting.problems(lora_run) == []
+    assert any("LoRA rank 4096 is above this hospital's max-lora-rank 64" in p
+               for p in accepting.problems(FederationConfig(adaptor_kind="lora", lora_rank=4096)))
     text_run = FederationConfig(adaptor_kind="lora", lora_towers="image,text")
-    with pytest.raises(RetuneError, match="adapts only its image tower with LoRA .*not its text tower"):
-        load_site(text_run, accepting)
-    site_settings(text_run, {"manifest": str(manifest), "adaptor-kinds": "lora", "lora-towers": "image,text"}
-                  ).check_run(text_run)
+    assert any("adapts only its image tower with LoRA" in p and "not its text tower" in p
+               for p in accepting.problems(text_run))
+    assert PrivacyFloor.from_node_config({"adaptor-kinds": "lora", "lora-towers": "image,text"}).problems(text_run) == []
     with pytest.raises(RetuneError, match="adaptor-kinds='loar'"):
-        site_settings(lora_run, {"manifest": str(manifest), "adaptor-kinds": "loar"})
+        PrivacyFloor.from_node_config({"adaptor-kinds": "loar"})

@@ -222,8 +222,10 @@ def test_interrupted_simulation_resumes_to_the_same_adaptors(finished, tmp_path,
     resumed_weights = load_file(out / state["arrays"])
     for key, value in load_file(reference / expected["arrays"]).items():
         np.testing.assert_allclose(resumed_weights[key], value, rtol=0, atol=1e-6)
+    # the figures are what each hospital released (noised per release, client/evaluation.py): the same adaptors
+    # give figures within the noise of the reference's
     assert [r["macro_auroc"] for r in state["history"]] == pytest.approx(
-        [r["macro_auroc"] for r in expected["history"]], abs=1e-6)
+        [r["macro_auroc"] for r in expected["history"]], abs=0.02)
 
 
 def test_every_hospital_audited_what_it_sent_and_the_checkpoint_is_signed(finished, tmp_path):

@@ -47,8 +47,10 @@ def test_a_dp_hospital_under_replay_is_charged_for_sampling_from_every_stage_it_
     report = run_simulation(config, plan, Console(quiet=True))
     assert report["refused"] == [] and 0 < report["privacy"]["epsilon"]["hospital-1"] <= 8.0
     site = load_site(config, site_settings(config, {"partition-id": 1}))
-    entries = json.loads((tmp_path / "dp" / "hospitals" / "hospital-1" / "privacy-ledger.json").read_text())["entries"]
+    charges = json.loads((tmp_path / "dp" / "hospitals" / "hospital-1" / "privacy-ledger.json").read_text())["entries"]
+    entries = [e for e in charges if e["sample_rate"] < 1]  # the DP-SGD steps (each round also charges its count)
     assert [e["stage"] for e in entries] == [0, 1]
+    assert [(e["stage"], e["sample_rate"], e["steps"]) for e in charges if e not in entries] == [(0, 1.0, 1), (1, 1.0, 1)]
     for entry in entries:  # each step sampled from the stage's images and every earlier stage's
         rows, _ = stage_examples(site.tasks, entry["stage"], site.train.labels, site.diseases, "replay")
         assert entry["sample_rate"] == pytest.approx(16 / len(rows))

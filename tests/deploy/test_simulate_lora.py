@@ -38,7 +38,7 @@ def test_lora_and_adaptors_federate_with_dp_at_one_hospital(tmp_path):
     epsilon = report["privacy"]["epsilon"]
     assert set(epsilon) == {"hospital-1"} and 0 < epsilon["hospital-1"] <= 8.0
     ledger = json.loads((tmp_path / "run" / "hospitals" / "hospital-1" / "privacy-ledger.json").read_text())
-    assert len(ledger["entries"]) == 2  # one charge per round
+    assert len(ledger["entries"]) == 4  # per round, its DP-SGD steps and its noisy example count
     assert report["final"]["macro_auroc"] is not None
 
     folder = Path(report["checkpoint"])

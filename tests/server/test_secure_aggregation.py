@@ -1,4 +1,4 @@
-"""Secure aggregation end to end: the server's four stages (:mod:`server.secagg`) against hospitals running
+"""Secure aggregation end to end: the server's five stages (:mod:`server.secagg`) against hospitals running
 :mod:`client.secagg`, through Flower's simulation engine and through an in-process grid for the drop-out cases.
 
 What the tests show: what the server receives from each hospital is uniform on Z/2^64 and uncorrelated with its
@@ -27,18 +27,20 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
 from client.secagg import STATE_KEY, register_secure_handlers
+from shared.config import run_identity
 from server.secagg import SecureRound, secure_round, secure_train
 from server.strategy import make_strategy
 from shared.config import FederationConfig
 from shared.model import RetuneModel
 from shared.secagg import EXTRAS, QUANTISATION_ERROR, SecAggError, Layout, encode_update
-from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_UNMASK, SITE,
-                         adaptor_spec, site_record, to_record)
+from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_CONSISTENCY, SECAGG_MASKED,
+                         SECAGG_UNMASK, SITE, adaptor_spec, site_record, to_record)
 
 GLOBAL = to_record(RetuneModel(16))
 BACKBONE = "ef" * 32
 SPEC = adaptor_spec(RetuneModel(16))
-RUN = "run-identity"
+CONFIG_OF = (lambda context: FederationConfig(secure_aggregation=True))  # noqa: E731
+RUN = run_identity(FederationConfig(secure_aggregation=True).to_run_config())
 
 
 def identities(folder: Path, hospitals: int) -> dict[int, dict[str, str]]:
@@ -89,9 +91,15 @@ def synthetic_train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def trained(train):
+    """A train handler as the secure stages take it: the reply, and the digest of the stage data it trained on
+    (here: the round's, so that rounds from the same adaptors are different updates)."""
+    return lambda msg, context: (train(msg, context), f"data-of-round-{msg.content[CONFIG]['round']}")
+
+
 def hospital_app() -> ClientApp:
     app = ClientApp()
-    register_secure_handlers(app, synthetic_train, lambda context: RUN)
+    register_secure_handlers(app, trained(synthetic_train))
     return app
 
 
@@ -262,10 +270,11 @@ def test_simulation_masks_every_update_and_survives_a_dropout(tmp_path):
 
     def member(msg: Message, context: Context, call_next):  # what each simulated SuperNode's node config holds
         context.node_config.update(members[int(context.node_config["partition-id"])])
+        context.node_config["secagg-max-colluders"] = 0  # three that survive a drop-out trust each other not to collude
         return call_next(msg, context)
 
     hospitals = ClientApp(mods=[member])
-    register_secure_handlers(hospitals, _train_failing_in_round_2, lambda context: RUN)
+    register_secure_handlers(hospitals, trained(_train_failing_in_round_2))
     start = time.perf_counter()
     run_simulation(server_app=server, client_app=hospitals, num_supernodes=3,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -298,6 +307,17 @@ def _train_failing_in_round_2(msg: Message, context: Context) -> Message:
 # --- in-process: drop-outs at every stage, failures, refusals ---------------------------------------------------
 
 
+#: Three hospitals that tolerate a drop-out after key sharing assume no peer colludes with the server: with one
+#: colluder allowed (the default), a survivor set must be signed by all three (more than (3 + 1) / 2).
+TRUSTING = {"secagg-max-colluders": 0}
+
+
+def test_a_drop_out_among_three_needs_hospitals_that_assume_no_colluder():
+    assert _run(LocalGrid(hospital_app(), hospitals=3, fail_round={1: 1})).arrays is None
+    assert _run(LocalGrid(hospital_app(), hospitals=3, fail_round={1: 1}, extra=TRUSTING)).arrays is not None
+    assert _run(LocalGrid(hospital_app(), hospitals=4, fail_round={1: 1})).arrays is not None  # 3 of 4 > (4 + 1) / 2
+
+
 def test_aggregate_is_fedavg_and_each_vector_is_masked():
     grid = LocalGrid(hospital_app(), hospitals=4)
     result = _run(grid)
@@ -309,7 +329,7 @@ def test_aggregate_is_fedavg_and_each_vector_is_masked():
 
 
 def test_a_hospital_failing_after_key_sharing_is_unmasked_out_of_the_sum():
-    grid = LocalGrid(hospital_app(), hospitals=3, fail_round={1: 1})
+    grid = LocalGrid(hospital_app(), hospitals=3, fail_round={1: 1}, extra=TRUSTING)
     result = _run(grid)
     assert_is_fedavg(result, [0, 2])
     node = [n for n, k in grid.partition.items() if k == 1]
@@ -487,9 +507,8 @@ def test_the_hospital_boundary_passes_and_audits_the_secure_stages(tmp_path):
 
     generate_keys(tmp_path / "keys")
     audit = tmp_path / "audit.jsonl"
-    app = ClientApp(mods=hospital_mods(lambda context: RUN, audit_path=audit,
-                                       public_key=tmp_path / "keys" / PUBLIC_KEY))
-    register_secure_handlers(app, synthetic_train, lambda context: RUN)
+    app = ClientApp(mods=hospital_mods(CONFIG_OF, audit_path=audit, public_key=tmp_path / "keys" / PUBLIC_KEY))
+    register_secure_handlers(app, trained(synthetic_train))
     grid = LocalGrid(app, hospitals=3)
     signed = train_content(1)
     signed[CONFIG][ARRAYS_SIGNATURE] = sign_round(GLOBAL, RoundBinding(1, RUN, 0, 1, "train"),
@@ -498,7 +517,7 @@ def test_the_hospital_boundary_passes_and_audits_the_secure_stages(tmp_path):
     assert_is_fedavg(result, [0, 1, 2])
     assert verify_log(audit).ok
     entries = AuditLog(audit).entries()
-    assert len(entries) == 3 * 4 and {e["event"] for e in entries} == {SENT}
+    assert len(entries) == 3 * 5 and {e["event"] for e in entries} == {SENT}
     for entry in entries:
         assert "arrays" not in entry["records"]
         if entry["message_type"].endswith(SECAGG_MASKED):
@@ -532,10 +551,10 @@ class TamperingGrid(LocalGrid):
 
 def _guarded_app(tmp_path: Path) -> ClientApp:
     """A hospital with its boundary guard: what leaves on an abort is the fixed reason, the detail is audited."""
-    from client.guard import hospital_mods
+    from client.guard import boundary_guard
 
-    app = ClientApp(mods=hospital_mods(lambda context: RUN, audit_path=tmp_path / "audit.jsonl"))
-    register_secure_handlers(app, synthetic_train, lambda context: RUN)
+    app = ClientApp(mods=[boundary_guard(audit_path=tmp_path / "audit.jsonl")])
+    register_secure_handlers(app, trained(synthetic_train))
     return app
 
 
@@ -571,24 +590,85 @@ def test_a_server_that_forges_the_key_exchange_makes_every_honest_hospital_abort
     assert not shares
 
 
-def test_a_second_setup_for_a_round_is_refused_also_in_a_later_flower_run(tmp_path):
-    """The subtraction attack: run a round with all hospitals, then again without one, and subtract the sums. Each
-    hospital sets up and masks a round once; the record lies beside its audit log, so a new Flower run (a fresh
-    context) resubmitting the same run config is refused too."""
-    members = identities(tmp_path / "roster", 3)
-    first = LocalGrid(hospital_app(), hospitals=3, members=members, extra={"audit-log": str(tmp_path / "a.jsonl")})
-    assert_is_fedavg(_run(first), [0, 1, 2])
-    again = _run(first)  # same round, same Flower run
-    assert again.arrays is None and len(again.declined) == 3
-    assert all("second setup" in m.error.reason for m in again.declined)
-    fresh = LocalGrid(hospital_app(), hospitals=2, members=members, extra={"audit-log": str(tmp_path / "a.jsonl")})
-    fresh.contexts.update({1000 + 7 * 2: Context(run_id=2, node_id=1000 + 7 * 2, node_config={
-        "partition-id": 2, **members[2]}, state=RecordDict(), run_config={})})  # one with no record of its own
-    fresh.partition = {node: k for k, node in enumerate(fresh.contexts)}
-    rerun = _run(fresh)
-    assert rerun.arrays is None  # the two with a record refuse; one hospital alone cannot make a round
-    assert sum("second setup" in m.error.reason for m in rerun.declined) == 2
-    assert _run(first, round_=2).arrays is not None  # the next round is fine
+def test_an_update_is_never_summed_with_another_set_of_hospitals_under_any_run(tmp_path):
+    """The rerun-and-subtract attack: a round with all four hospitals, then the same round (same global adaptors,
+    same stage data: without DP the same updates) without hospital 3, under a new Flower run and run identity, and
+    subtract the sums. Each hospital remembers beside its audit log with whom it let each update be summed, and signs
+    no other survivor set for it: no second sum. Asking the same hospitals again (a server restarted mid-round) still
+    completes, with the same sum."""
+    members = identities(tmp_path / "roster", 4)
+    audit = {"audit-log": str(tmp_path / "a.jsonl")}
+    first = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit)
+    summed = _run(first)
+    assert_is_fedavg(summed, [0, 1, 2, 3])
+    without = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit)  # a fresh Flower run
+    nodes = [n for n, k in without.partition.items() if k != 3]
+    rerun = secure_round(without, nodes, train_content(1), 1, timeout=1)
+    assert rerun.arrays is None and not rerun.accepted
+    refusals = [r.error.reason for kind, _, r in without.received if kind.endswith(SECAGG_CONSISTENCY)]
+    assert len(refusals) == 3 and all("summed with" in reason for reason in refusals)
+    assert not [r for kind, _, r in without.received if kind.endswith(SECAGG_UNMASK)]  # not one share revealed
+    again = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit)
+    resumed = _run(again)  # the same four, the same round: a resumption completes, with the same sum
+    assert_is_fedavg(resumed, [0, 1, 2, 3])
+    for name in resumed.arrays.keys():
+        assert np.array_equal(resumed.arrays[name].numpy(), summed.arrays[name].numpy())
+    assert _run(first, round_=2).arrays is not None  # another update (the next round) is summed as usual
+
+
+class ViewsGrid(LocalGrid):
+    """A server that shows each hospital its own survivor set at the consistency and unmask stages (``views``:
+    partition → (survivor partitions, dropped partitions)), with a colluding peer (``colluder``: partition) that signs
+    every set: at unmask each hospital gets the signatures over its own set, its own and the colluder's."""
+
+    def __init__(self, *args, views, colluder: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.views, self.colluder = views, colluder
+        self.signed: dict[int, bytes] = {}
+
+    def send_and_receive(self, messages, timeout=None):
+        from shared.identity import load_identity, sign, survivors_view
+        from shared.secagg import PROTOCOL
+
+        stage = messages[0].metadata.message_type.split(".")[1] if messages else ""
+        if stage not in (SECAGG_CONSISTENCY, SECAGG_UNMASK):
+            return super().send_and_receive(messages, timeout)
+        index = {node: k + 1 for k, node in enumerate(sorted(self.contexts))}  # as the server numbers them
+        node_of = {self.partition[n]: n for n in self.contexts}
+        colluder_key = load_identity(self.contexts[node_of[self.colluder]].node_config["secagg-key"])
+        changed = []
+        for msg in messages:
+            partition = self.partition[msg.metadata.dst_node_id]
+            survivors, dropped = (sorted(index[node_of[k]] for k in ks) for ks in self.views[partition])
+            record = {**dict(msg.content[SECAGG].items()), "survivors": survivors}
+            record.pop("dropped", None)
+            if dropped:
+                record["dropped"] = dropped
+            if stage == SECAGG_UNMASK:
+                view = survivors_view(PROTOCOL, 1, record["session"], survivors, dropped)
+                record["signers"] = [index[msg.metadata.dst_node_id], index[node_of[self.colluder]]]
+                record["signatures"] = [self.signed[partition], sign(colluder_key, view)]
+            changed.append(Message(RecordDict({SECAGG: ConfigRecord(record)}), dst_node_id=msg.metadata.dst_node_id,
+                                   message_type=msg.metadata.message_type, group_id=msg.metadata.group_id))
+        replies = super().send_and_receive(changed, timeout)
+        if stage == SECAGG_CONSISTENCY:
+            self.signed.update({self.partition[r.metadata.src_node_id]: r.content[SECAGG]["signature"]
+                                for r in replies if not r.has_error()})
+        return replies
+
+
+def test_survivor_sets_that_differ_between_hospitals_make_them_abort_before_any_share():
+    """The inconsistent-views attack (n = 3, t = 2): hospital 0 is told {0, 2} survived and 1 dropped; hospital 1 is
+    told {1, 2} survived and 0 dropped (2 colludes). Each view is signed by two hospitals only, below the quorum
+    of more than (3 + 1) / 2: neither honest hospital reveals a share, and each names the round."""
+    grid = ViewsGrid(hospital_app(), hospitals=3, views={0: ([0, 2], [1]), 1: ([1, 2], [0]), 2: ([0, 1, 2], [])},
+                     colluder=2)
+    result = _run(grid)
+    assert result.arrays is None
+    unmask = {grid.partition[n]: r for kind, n, r in grid.received if kind.endswith(SECAGG_UNMASK)}
+    for partition in (0, 1):
+        assert unmask[partition].has_error()
+        assert "stage 1 round 2" in unmask[partition].error.reason and "inconsistent" in unmask[partition].error.reason
 
 
 def test_secure_aggregation_needs_three_hospitals_on_both_sides():
@@ -604,4 +684,4 @@ def test_secure_aggregation_needs_three_hospitals_on_both_sides():
     grid = TamperingGrid(hospital_app(), hospitals=3, tamper=shrink)
     result = _run(grid)
     assert result.arrays is None
-    assert any("needs at least 3" in m.error.reason for m in result.declined)
+    assert any("at least 3" in m.error.reason for m in result.declined)

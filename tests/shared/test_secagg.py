@@ -15,7 +15,7 @@ from shared.secagg import (CIPHERTEXT_BYTES, CLIP, EXTRAS, MAX_TOTAL_EXAMPLES, Q
                            SHARE_BYTES, Layout, SecAggError, agree, check_threshold, combine_secret, commitment,
                            decode_sum, decrypt_shares, encode_update, encrypt_shares, mask_update, new_key_pair,
                            prg, public_key, quantise, remove_masks, split_secret, threshold_for)
-from shared.wire import (ARRAYS, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SECAGG_SETUP,
+from shared.wire import (ARRAYS, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_CONSISTENCY, SECAGG_MASKED, SECAGG_SETUP,
                          SECAGG_SHARE_KEYS, SECAGG_UNMASK, SITE, WireError, adaptor_spec, check_secure_reply,
                          masked_spec, secure_stage, site_record, to_record)
 
@@ -231,17 +231,19 @@ def test_secure_stages_are_train_actions():
 
 
 def test_secure_allow_list_accepts_the_protocol_messages():
-    check_secure_reply(_masked_reply(**{"partition-id": 1, "epsilon": 2.0, "delta": 1e-5}), SECAGG_MASKED, SPEC)
+    check_secure_reply(_masked_reply(**{"partition-id": 1}), SECAGG_MASKED, SPEC)
     check_secure_reply(RecordDict({SECAGG: ConfigRecord(ANNOUNCEMENT)}), SECAGG_SETUP, None)
     check_secure_reply(RecordDict({SECAGG: ConfigRecord({
         "destinations": [2, 3], "ciphertexts": [bytes(CIPHERTEXT_BYTES)] * 2, "commitment": bytes(32)})}),
         SECAGG_SHARE_KEYS, None)
+    check_secure_reply(RecordDict({SECAGG: ConfigRecord({"signature": bytes(64)})}), SECAGG_CONSISTENCY, None)
     check_secure_reply(RecordDict({SECAGG: ConfigRecord({"seed-shares": [bytes(SHARE_BYTES)] * 3,
                                                          "key-shares": [bytes(SHARE_BYTES)]})}), SECAGG_UNMASK, None)
     assert set(masked_spec(SPEC)) == set(SPEC) | set(EXTRAS)
 
 
-@pytest.mark.parametrize("tamper", ["plain_arrays", "plain_count", "loss_in_clear", "float_vector", "extra_array",
+@pytest.mark.parametrize("tamper", ["plain_arrays", "plain_count", "loss_in_clear", "epsilon_in_clear",
+                                    "float_vector", "extra_array",
                                     "no_metrics", "long_key", "extra_field", "short_share", "mismatched_lists",
                                     "string_field", "config_in_masked", "free_text_name", "long_signature",
                                     "unsigned"])
@@ -253,6 +255,8 @@ def test_secure_allow_list_refuses_anything_else(tamper):
         content[METRICS] = MetricRecord({NUM_EXAMPLES: 12})
     elif tamper == "loss_in_clear":
         content[METRICS] = MetricRecord({"train-loss": 0.3})
+    elif tamper == "epsilon_in_clear":  # a hospital's cumulative ε tells of its other federations
+        content[METRICS] = MetricRecord({"epsilon": 2.0, "delta": 1e-5})
     elif tamper in ("float_vector", "extra_array"):
         arrays = {k: a.numpy() for k, a in content[MASKED].items()}
         if tamper == "float_vector":
