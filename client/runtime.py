@@ -15,7 +15,9 @@ run's submitter sent would then decide how hospital data are read and what leave
    between messages;
 4. pushes the reply and the node state back to the SuperNode.
 
-A deployed hospital must configure ``approved-apps`` and ``audit-log``; without them every task is refused.
+A deployed hospital must configure ``approved-apps``, ``audit-log`` and ``consortium-key``; without them every task
+is refused (without the consortium's public key, no round could be checked). How it reaches the SuperNode and the
+loop that serves tasks: :mod:`shared.task_runtime`.
 """
 
 from __future__ import annotations
@@ -32,59 +34,37 @@ from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.serde import context_from_proto, fab_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (AcquireTaskRequest, PullAppMessagesRequest,  # pylint: disable=E0611
-                                    PullTaskInputRequest, SendTaskHeartbeatRequest)
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
 from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.inflatable.inflatable_protobuf_utils import (make_confirm_message_received_fn_protobuf,
                                                                  make_pull_object_fn_protobuf)
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
-                                         SuperExecAuthHttpInterceptor)
-from flwr.supercore.retry import RetryInvoker, exponential
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from client.approval import APPROVED_APPS_KEY, find_approval, store_pending
-from client.audit import REFUSED, AuditLog, message_entry
-from client.guard import AUDIT_LOG_KEY
+from client.approval import APPROVED_APPS_KEY
+from client.audit import AUDIT_LOG_KEY, REFUSED, AuditLog, message_entry
+from shared.app_packages import find_approval, store_pending
 from shared.errors import RetuneError
+from shared.task_runtime import RuntimeSettings, TaskRuntime, runtime_client, task_retries
 
 log = logging.getLogger(__name__)
-#: The Runtime API call a SuperExec signs with the shared secret (as Flower's SuperExec does).
-_ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 #: What the server learns when a hospital refuses a run's app package (the detail stays at the hospital).
 NOT_APPROVED = "this hospital has not approved the run's app package; its IT reviews it with `retune approve`"
-NOT_CONFIGURED = "this hospital's runtime is not configured (approved list or audit log missing)"
+NOT_CONFIGURED = ("this hospital's runtime is not configured (approved list, audit log or consortium key "
+                  "missing)")
+#: Node-config keys a deployed hospital must set: without them its runtime serves nothing.
+REQUIRED_KEYS = (APPROVED_APPS_KEY, AUDIT_LOG_KEY, "consortium-key")
 #: Seconds to wait for a task's message to arrive whole from the SuperNode (Flower's default is two hours, which
 #: a message whose transfer a restarting SuperLink cut off would hold this runtime for).
 PULL_TIMEOUT = 120.0
 
 App = Callable[[Message, Context], Message]
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    """How the runtime reaches its SuperNode's Runtime API.
-
-    Parameters
-    ----------
-    runtime_api : str
-        ``host:port`` of the SuperNode's Runtime API (``flower-supernode --host/--port``, default 127.0.0.1:9094).
-    secret : bytes
-        The SuperExec shared secret (``--superexec-auth-secret-file`` of the SuperNode).
-    root_certificates : str | None
-        CA of the Runtime API's TLS certificate; None: plain HTTP on the hospital's internal network.
-    poll_interval : float
-        Seconds between task polls when idle (default 0.2).
-    """
-
-    runtime_api: str
-    secret: bytes
-    root_certificates: str | None = None
-    poll_interval: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -96,26 +76,6 @@ class TaskOutcome:
     fab_hash: str
     served: bool
     detail: str = ""
-
-
-def _retries() -> RetryInvoker:
-    """Retry a task's calls through a short SuperNode outage (transport errors, 502/503/504) for up to a minute.
-
-    Flower's own invoker is made for one-shot task processes: on a 401 it sends SIGINT to its own process, which
-    would stop this long-lived runtime; here every other error ends the task in hand, never the runtime.
-    """
-    return RetryInvoker(lambda: exponential(max_delay=10), (httpx.TransportError, httpx.HTTPStatusError),
-                        max_tries=None, max_time=60.0,
-                        should_giveup=lambda exc: isinstance(exc, httpx.HTTPStatusError)
-                        and exc.response.status_code not in (502, 503, 504))
-
-
-def _client(settings: RuntimeSettings, *interceptors, retries: RetryInvoker | None = None) -> RuntimeHttpClient:
-    return RuntimeHttpClient.from_server_address(
-        server_address=settings.runtime_api, insecure=settings.root_certificates is None,
-        root_certificates=settings.root_certificates,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
-        retry_invoker=retries)
 
 
 def pull_task(client: RuntimeHttpClient) -> tuple[Message, Context, Fab]:
@@ -138,10 +98,12 @@ def pull_task(client: RuntimeHttpClient) -> tuple[Message, Context, Fab]:
 
 
 def approval_problem(context: Context, fab_hash: str, fab_content: bytes) -> str | None:
-    """Why the run's app package may not be served here (None: approved). Reads only the approved list."""
-    approved, audit = context.node_config.get(APPROVED_APPS_KEY), context.node_config.get(AUDIT_LOG_KEY)
-    if not approved or not audit:
-        return f"node config lacks {APPROVED_APPS_KEY!r} or {AUDIT_LOG_KEY!r}: a deployed hospital needs both"
+    """Why the run's app package may not be served here (None: approved). Reads only the node config and the
+    approved list."""
+    missing = [key for key in REQUIRED_KEYS if not context.node_config.get(key)]
+    if missing:
+        return f"node config lacks {', '.join(map(repr, missing))}: a deployed hospital needs {', '.join(REQUIRED_KEYS)}"
+    approved = context.node_config[APPROVED_APPS_KEY]
     if hashlib.sha256(fab_content).hexdigest() != fab_hash:
         return f"the app package's content does not match its hash {fab_hash[:16]}"
     if find_approval(Path(str(approved)), fab_hash) is None:
@@ -164,7 +126,7 @@ def serve_task(message: Message, context: Context, fab_hash: str, fab_content: b
     if problem is None:
         reply = app(message, context)
         return reply, TaskOutcome(meta.run_id, meta.message_type, fab_hash, served=True)
-    configured = context.node_config.get(APPROVED_APPS_KEY) and context.node_config.get(AUDIT_LOG_KEY)
+    configured = all(context.node_config.get(key) for key in REQUIRED_KEYS)
     reason = NOT_APPROVED if configured else NOT_CONFIGURED
     log.warning("refused a %s message of run %s: %s", meta.message_type, meta.run_id, problem)
     audit_path = context.node_config.get(AUDIT_LOG_KEY)
@@ -177,20 +139,19 @@ def serve_task(message: Message, context: Context, fab_hash: str, fab_content: b
     return reply, TaskOutcome(meta.run_id, meta.message_type, fab_hash, served=False, detail=problem)
 
 
-class HospitalRuntime:
+class HospitalRuntime(TaskRuntime):
     """Acquires the SuperNode's ClientApp tasks one at a time and serves each with :func:`serve_task`.
 
     ``app`` defaults to the installed :data:`client.app.app` (imported on first use, never from a run's package).
     """
 
+    component, task_type, peer = "flwr-clientapp", TaskType.CLIENT_APP, "the SuperNode's Runtime API"
+
     def __init__(self, settings: RuntimeSettings, app: App | None = None,
                  on_task: Callable[[TaskOutcome, float], None] | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self._app = app
         self._on_task = on_task
-        self._acquirer = _client(settings, SuperExecAuthHttpInterceptor(master_secret=settings.secret,
-                                                                        protected_methods={_ACQUIRE}))
-        self._stopped = False
 
     @property
     def app(self) -> App:
@@ -200,28 +161,18 @@ class HospitalRuntime:
             self._app = app
         return self._app
 
-    def stop(self) -> None:
-        """Finish the task in hand, then return from :meth:`serve_forever`."""
-        self._stopped = True
-
-    def poll_once(self) -> TaskOutcome | None:
-        """Acquire and serve at most one task; None when the SuperNode had none."""
-        response = self._acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        if not response.HasField("task") or not response.token:
-            return None
-        return self._run_task(response.token, response.task.fab_hash)
-
-    def _run_task(self, token: str, announced_hash: str) -> TaskOutcome:
+    def serve(self, token: str, fab_hash: str) -> TaskOutcome:
         start = time.perf_counter()
-        client = _client(self.settings, RuntimeTokenHttpInterceptor(token), retries=_retries())
+        client = runtime_client(self.settings, self.component, RuntimeTokenHttpInterceptor(token),
+                                retries=task_retries())
         heartbeat = HeartbeatSender(lambda: _heartbeat(client))
         heartbeat.start()
         context: Context | None = None
         status, details = SubStatus.FAILED, "the hospital runtime failed on this task"
         try:
             message, context, fab = pull_task(client)
-            fab_hash = fab.hash_str if not announced_hash or fab.hash_str == announced_hash else "mismatch"
-            reply, outcome = serve_task(message, context, fab_hash, fab.content, self.app)
+            announced = fab.hash_str if not fab_hash or fab.hash_str == fab_hash else "mismatch"
+            reply, outcome = serve_task(message, context, announced, fab.content, self.app)
             push_message(client, reply, context)
             if outcome.served:
                 status, details = SubStatus.COMPLETED, ""
@@ -234,46 +185,6 @@ class HospitalRuntime:
         if self._on_task is not None:
             self._on_task(outcome, time.perf_counter() - start)
         return outcome
-
-    def serve_forever(self) -> None:
-        """Serve tasks until :meth:`stop`; a SuperNode that is down is waited for, with a warning; a task that
-        fails on the way (its run stopped, the SuperNode restarted) is logged and the next one served.
-
-        Raises :class:`RetuneError` when the SuperNode refuses this runtime (a wrong SuperExec secret)."""
-        unreachable_since: float | None = None
-        while not self._stopped:
-            try:
-                outcome = self.poll_once()
-            except httpx.HTTPStatusError as exc:
-                if exc.request.url.path.endswith("/acquire-task") and exc.response.status_code in (401, 403):
-                    raise RetuneError(f"the SuperNode at {self.settings.runtime_api} refused this runtime (HTTP "
-                                      f"{exc.response.status_code}): --superexec-secret must hold the SuperNode's "
-                                      "--superexec-auth-secret-file") from None
-                log.warning("a task was abandoned: the SuperNode answered HTTP %d (%s)", exc.response.status_code,
-                            exc.request.url.path)
-                time.sleep(self.settings.poll_interval)
-                continue
-            except httpx.TransportError as exc:
-                if unreachable_since is None:
-                    unreachable_since = time.monotonic()
-                    log.warning("the SuperNode's Runtime API at %s is unreachable (%s); retrying",
-                                self.settings.runtime_api, exc)
-                time.sleep(min(5.0, 0.5 + time.monotonic() - unreachable_since))
-                continue
-            except RuntimeError as exc:  # e.g. Flower's "no messages received" for a task cancelled meanwhile
-                log.warning("a task was abandoned: %s", exc)
-                continue
-            except Exception:  # noqa: BLE001  a bug must not stop the hospital's site: log it, serve the next task
-                log.exception("the hospital runtime failed on a task; serving the next one")
-                continue
-            if unreachable_since is not None:
-                log.warning("the SuperNode at %s is reachable again", self.settings.runtime_api)
-                unreachable_since = None
-            if outcome is None:
-                time.sleep(self.settings.poll_interval)
-
-    def close(self) -> None:
-        self._acquirer.close()
 
 
 def _heartbeat(client: RuntimeHttpClient) -> bool:

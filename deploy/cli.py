@@ -27,7 +27,9 @@ from deploy.cli_gateway import gateway
 from deploy.cli_hospital import hospital_app
 from deploy.cli_keys import keys
 from deploy.cli_phantom import phantom
+from deploy.cli_redteam import redteam
 from deploy.cli_roster import roster
+from deploy.cli_server import server_app
 from deploy.cli_simulate import simulate
 from deploy.cli_options import (AdaptorKindOpt, ContinualOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt,
                              LoraTargetsOpt, LoraTowersOpt, LwfWeightOpt, lora_settings)
@@ -41,6 +43,7 @@ app = typer.Typer(help="Federated RE-tune fine-tuning of chest X-ray vision-lang
 app.add_typer(data_app, name="data")
 app.add_typer(audit_app, name="audit")
 app.add_typer(hospital_app, name="hospital")
+app.add_typer(server_app, name="server")
 app.add_typer(federation_app, name="federation")
 app.add_typer(vqa_app, name="vqa")
 app.command()(ask)
@@ -48,6 +51,7 @@ app.command()(gateway)
 app.command()(roster)
 app.command()(simulate)
 app.command()(approve)
+app.command()(redteam)
 app.command()(keys)
 app.command(name="build-backbone")(build_backbone)
 app.command()(certs)

@@ -48,7 +48,8 @@ def serve(
 ) -> None:
     """Serve the SuperNode's tasks with the installed retune-fl: approved app packages only, nothing from a run."""
     from client.approval import running_code
-    from client.runtime import HospitalRuntime, RuntimeSettings, TaskOutcome
+    from client.runtime import HospitalRuntime, TaskOutcome
+    from shared.task_runtime import RuntimeSettings
     from shared.errors import RetuneError
 
     try:

@@ -5,7 +5,7 @@ Files come read-only from a folder laid out as ``retune federation up`` lays out
 (:class:`deploy.federation.Layout`, here ``./federation``): the operator's ``server/certs`` (``retune certs``) and
 ``server/keys`` (``retune keys``), and each hospital's ``hospital-K/keys`` (``retune hospital keys``) with the
 ``ca.crt`` and ``consortium.pub`` the operator handed it. Each container mounts only what its process reads: the
-signing key only in ``serverapp``; a hospital's data, cache and state (audit log, approved list, ε ledger) only in
+signing key and the operator's approved app packages only in ``serverapp`` (the consortium's own ServerApp runtime); a hospital's data, cache and state (audit log, approved list, ε ledger) only in
 its own runtime, which sits on that hospital's internal network and nowhere else. The SuperLink's port (Control and
 Runtime APIs) is published on the operator host's loopback only; hospitals reach the gateway's port.
 """
@@ -25,7 +25,8 @@ FILES_DIR = "federation"
 VERSION = "0.1.0"
 SERVER = ServerFiles(ca_cert="/app/certs/ca.crt", server_cert="/app/certs/server.pem",
                      server_key="/app/certs/server.key", superexec_secret="/app/certs/superexec.secret",
-                     signing_key="/app/keys/consortium.key", database="/app/state/superlink.db")
+                     signing_key="/app/keys/consortium.key", database="/app/state/superlink.db",
+                     approved_apps="/var/lib/retune-server/approved.json", state="/var/lib/retune-server/state")
 HOSPITAL = HospitalFiles(ca_cert="/app/certs/ca.crt", auth_key="/app/keys/auth.key",
                          superexec_secret="/app/keys/superexec.secret", manifest="/data/manifest.csv", cache="/cache",
                          audit_log="/var/lib/retune/audit.jsonl", approved_apps="/var/lib/retune/approved.json",
@@ -34,7 +35,7 @@ HOSPITAL = HospitalFiles(ca_cert="/app/certs/ca.crt", auth_key="/app/keys/auth.k
 #: Which files each process reads (field names of the files classes): nothing more is mounted.
 READS = {"superlink": ("ca_cert", "server_cert", "server_key", "superexec_secret"),
          "gateway": ("ca_cert", "server_cert", "server_key"),
-         "serverapp": ("ca_cert", "superexec_secret", "signing_key"),
+         "serverapp": ("ca_cert", "superexec_secret", "signing_key", "approved_apps"),
          "hospital": ("ca_cert", "auth_key", "superexec_secret"),
          "runtime": ("superexec_secret", "consortium_key", "roster", "auth_key")}
 #: Image (Dockerfile, target) per service kind.
@@ -86,12 +87,12 @@ def compose(hospitals: int = 2) -> dict:
         "gateway": _service(gateway, SERVER, host_server, networks=["server-internal", "federation"],
                             ports=[f"{GATEWAY_PORT}:{GATEWAY_PORT}"], restart="unless-stopped"),
         "serverapp": _service(serverapp, SERVER, host_server, networks=["server-internal"],
-                              volumes=["server-runs:/app/runs"]),
+                              volumes=["server-runs:/app/runs", f"server-state:{Path(SERVER.state).parent}"]),
     }
     del services["gateway"]["build"]  # the serverapp image, built once for serverapp
     services["gateway"]["depends_on"] = ["superlink"]
     services["serverapp"]["depends_on"] = ["superlink"]
-    volumes = {"superlink-state": {}, "server-runs": {}}
+    volumes = {"superlink-state": {}, "server-runs": {}, "server-state": {}}
     networks: dict = {"federation": {}, "server-internal": {"internal": True}}
     for k in range(hospitals):
         name, internal = f"hospital-{k}", f"hospital-{k}-internal"

@@ -4,8 +4,8 @@
 
 - the operator makes the CA, the SuperLink certificate and the consortium signing key, starts the SuperLink (TLS,
   SuperNode authentication, ``DIR/server/state.db``, process isolation, no run-time installs) on 127.0.0.1, the
-  Fleet gateway and the ServerApp SuperExec (the only holder of the signing key), and registers each hospital's
-  public key;
+  Fleet gateway and its ServerApp runtime (``retune server serve``: approved app packages only, the only holder of
+  the signing key), and registers each hospital's public key;
 - each hospital ``hospital-K`` makes its own key pair, gets phantom chest X-rays as its data, embeds them once,
   approves the app package in ``--app`` (a stand-in for its IT's review) and starts its SuperNode and its own
   runtime, with its audit log, approved list and ε ledger under ``DIR/hospital-K/``.
@@ -60,7 +60,8 @@ class Layout:
         certs, keys = self.server / "certs", self.server / "keys"
         return ServerFiles(str(certs / "ca.crt"), str(certs / "server.pem"), str(certs / "server.key"),
                            str(certs / "superexec.secret"), str(keys / "consortium.key"),
-                           str(self.server / "state.db"))
+                           str(self.server / "state.db"), str(self.server / "approved.json"),
+                           str(self.server / "runtime"))
 
     def hospital_files(self, k: int) -> HospitalFiles:
         h = self.hospital(k)
@@ -158,18 +159,20 @@ def _embed(layout: Layout, record: dict, backbone: str) -> None:
 
 
 def approve_app(layout: Layout, record: dict, app: Path) -> str:
-    """Stand in for each hospital's IT: approve the app package ``flwr run APP`` will send; returns its hash."""
+    """Stand in for the operator and each hospital's IT: approve the app package ``flwr run APP`` will send, in the
+    server runtime's list and every hospital's; returns its hash."""
     from flwr.cli.build import build_fab_from_disk
 
-    from client.approval import AppPackage, add_approval, find_approval
+    from shared.app_packages import AppPackage, add_approval, find_approval
 
     try:
         package = AppPackage.read(build_fab_from_disk(Path(app)))
     except ValueError as exc:
         raise RetuneError(f"{app} is not a Flower app to approve ({exc}): pass --app with the folder you will "
                           "`flwr run`") from None
-    for k in range(len(record["hospitals"])):
-        approved = Path(layout.hospital_files(k).approved_apps)
+    lists = [Path(layout.server_files().approved_apps)] + [Path(layout.hospital_files(k).approved_apps)
+                                                          for k in range(len(record["hospitals"]))]
+    for approved in lists:
         if find_approval(approved, package.fab_hash) is None:
             add_approval(approved, package, "retune federation up", f"local demo: the app package in {app}")
     return package.fab_hash

@@ -6,8 +6,9 @@ Server site (the consortium operator):
   and no run-time dependency installation. It listens where only the operator's host reaches it: its Control API
   (``flwr run``, ``flwr supernode register``) has no authentication in open-source Flower.
 - ``gateway``: ``retune gateway``, the only port hospitals reach; forwards the Fleet API alone (:mod:`deploy.gateway`).
-- ``serverapp``: ``flower-superexec`` that starts the ServerApp of each run; the only holder of the consortium
-  signing key (``RETUNE_CONSORTIUM_KEY``).
+- ``serverapp``: ``retune server serve``, the consortium's own ServerApp runtime (:mod:`server.runtime`): it runs the
+  installed ServerApp for runs of approved app packages only, and is the only holder of the consortium signing key
+  (a file it reads, never an environment variable a run's code could inherit).
 
 Hospital site K:
 
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.signing import SIGNING_KEY_ENV
-
 #: Ports: the SuperLink (Control + Runtime APIs, operator only), the gateway (Fleet API), a SuperNode's Runtime API.
 SUPERLINK_PORT, GATEWAY_PORT, RUNTIME_PORT = 9093, 9092, 9094
 #: Environment of every process: offline, no telemetry, no update check.
@@ -43,6 +42,8 @@ class ServerFiles:
     superexec_secret: str
     signing_key: str
     database: str
+    approved_apps: str
+    state: str
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def node_config(files: HospitalFiles, name: str, extra: dict[str, str] | None = 
 
 def server_services(files: ServerFiles, superlink_host: str, gateway_host: str, superlink_name: str,
                     superlink_port: int = SUPERLINK_PORT, gateway_port: int = GATEWAY_PORT) -> list[Service]:
-    """SuperLink, gateway and ServerApp SuperExec. ``superlink_host``/``gateway_host``: where each listens;
+    """SuperLink, gateway and the ServerApp runtime. ``superlink_host``/``gateway_host``: where each listens;
     ``superlink_name``: how the gateway and the SuperExec reach the SuperLink (a name its certificate holds)."""
     superlink_at = address(superlink_name, superlink_port)
     return [
@@ -99,8 +100,9 @@ def server_services(files: ServerFiles, superlink_host: str, gateway_host: str, 
             "retune", "gateway", "--listen", address(gateway_host, gateway_port), "--superlink", superlink_at,
             "--ca", files.ca_cert, "--cert", files.server_cert, "--key", files.server_key)),
         Service("serverapp", "server", (
-            "flower-superexec", "--runtime-api-address", superlink_at, "--root-certificates", files.ca_cert,
-            "--superexec-auth-secret-file", files.superexec_secret), {SIGNING_KEY_ENV: files.signing_key}),
+            "retune", "server", "serve", "--runtime-api", superlink_at, "--root-certificates", files.ca_cert,
+            "--superexec-secret", files.superexec_secret, "--signing-key", files.signing_key,
+            "--approved-apps", files.approved_apps, "--state", files.state)),
     ]
 
 

@@ -6,20 +6,19 @@ configuration (:func:`shared.backbone.config_embed_dim`) and the backbone's iden
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import RoundCallback, initial_model, run_federation
-from server.state import RunState
+from server.state import RunState, SealRegister
 from shared.backbone import config_embed_dim
 from shared.checkpoint import save_checkpoint
 from shared.config import FederationConfig, run_identity
 from shared.labels import resolve_schema
 from shared.prompts import PromptBank
-from shared.signing import SIGNING_KEY_ENV, load_private_key, sign_checkpoint
+from shared.signing import load_private_key, sign_checkpoint
 from shared.wire import load_record
 
 CHECKPOINT = "checkpoint"
@@ -51,19 +50,21 @@ def save_final(config: FederationConfig, state: RunState, embed_dim: int, signin
 
 
 def make_server_app(config: FederationConfig | None = None, on_round: RoundCallback | None = None,
-                    signing_key: Path | None = None) -> ServerApp:
-    """A ServerApp; with ``config=None`` it reads the Flower run config (``flwr run``). The consortium signing
-    key comes from ``signing_key`` or the server's ``RETUNE_CONSORTIUM_KEY`` environment variable."""
+                    signing_key: Path | None = None, seals: Path | None = None) -> ServerApp:
+    """A ServerApp; with ``config=None`` it reads the Flower run config (``flwr run``). Rounds and the checkpoint are
+    signed with ``signing_key`` (the consortium's key, held by :mod:`server.runtime` or a simulation, never taken
+    from the environment a run's code could read); ``seals``: the register of sealed rounds
+    (:class:`server.state.SealRegister`). Without a key nothing is signed, and hospitals refuse the rounds."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FederationConfig.from_run_config(dict(context.run_config))
-        key_path = signing_key or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
         embed_dim = cfg.embed_dim or config_embed_dim(cfg.backbone)
-        key = load_private_key(key_path) if key_path else None
-        state = run_federation(grid, cfg, embed_dim, on_round, key, context.run_id)
-        save_final(cfg, state, embed_dim, key_path, context.run_id)
+        key = load_private_key(signing_key) if signing_key else None
+        state = run_federation(grid, cfg, embed_dim, on_round, key, context.run_id,
+                               SealRegister(seals) if seals else None)
+        save_final(cfg, state, embed_dim, signing_key, context.run_id)
 
     return app
 

@@ -6,11 +6,14 @@ round, written before it. A crash leaves either the previous state or the new on
 With the consortium's signing key every committed state is **sealed** (:func:`shared.signing.seal`: the state and
 the hash of each file it names), and a resumption checks the seal before anything is used or signed: a run folder
 changed since (adaptors zeroed, a history edited) stops the resumption with a clear error, instead of being carried
-on and signed as the consortium's.
+on and signed as the consortium's. A seal cannot tell an older folder, validly sealed in its day, from the latest
+one; the key holder's :class:`SealRegister`, kept outside the run folders, remembers each folder's last sealed round
+and refuses a folder put back from before it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,34 @@ from shared.signing import SignatureError, check_seal, seal
 STATE = "state.json"
 #: Settings that may differ between a run and its resumption (where things are, not what is computed).
 _LOCATION_KEYS = {"run-dir", "sim-dir", *OPERATIONAL_KEYS}
+
+
+class SealRegister:
+    """The last round sealed in each run folder (by its absolute path), in one JSON file kept by the holder of the
+    signing key outside the run folders (the server runtime's ``--state``; a simulation's ``keys/``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, int]:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def check(self, run_dir: Path, server_round: int) -> None:
+        """Refuse a run folder whose state is older than the last one sealed in it."""
+        sealed = self._read().get(str(Path(run_dir).resolve()), 0)
+        if server_round < sealed:
+            raise RetuneError(f"{run_dir} holds round {server_round} of its run, but round {sealed} was sealed in it: "
+                              "the folder was put back from an earlier state. Restore its latest state or start the "
+                              "run in a new folder")
+
+    def record(self, run_dir: Path, server_round: int) -> None:
+        """Remember that ``server_round`` was sealed in ``run_dir`` (under an exclusive lock, written atomically)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rounds = self._read()
+            rounds[str(Path(run_dir).resolve())] = server_round
+            atomic_write_text(self.path, json.dumps(rounds, indent=1, sort_keys=True))
 
 
 def _comparable(config: dict) -> dict:
@@ -48,16 +79,20 @@ class RunState:
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     backbone: str | None = None
     hospitals: dict[int, str] = field(default_factory=dict)
+    seals: SealRegister | None = None
 
     @classmethod
     def open(cls, config: FederationConfig, initial: ArrayRecord | None,
-             key: Ed25519PrivateKey | None = None) -> RunState:
+             key: Ed25519PrivateKey | None = None, seals: SealRegister | None = None) -> RunState:
         """Resume the run in ``config.run_dir``, or start one from ``initial`` adaptors. With ``key`` the folder's
-        seal is checked first; a folder sealed by a key, opened without one, is refused too."""
+        seal is checked first; a folder sealed by a key, opened without one, is refused too; with ``seals``, a
+        folder older than its last sealed round is refused, and every commit is recorded there."""
         run_dir = Path(config.run_dir)
         path = run_dir / STATE
         if not path.exists():
-            return cls(run_dir, config.to_run_config(), arrays=initial)
+            if seals is not None:
+                seals.check(run_dir, 0)
+            return cls(run_dir, config.to_run_config(), arrays=initial, seals=seals)
         saved = json.loads(path.read_text())
         files = {name: (run_dir / name).read_bytes() for name in (saved["arrays"], saved.get("optimizer")) if name}
         if key is not None or "seal" in saved:
@@ -68,6 +103,8 @@ class RunState:
             except SignatureError as exc:
                 raise RetuneError(f"{run_dir} cannot be resumed: {exc}. Restore the folder from a backup or start "
                                   "the run in a new folder") from None
+        if seals is not None:
+            seals.check(run_dir, saved["server_round"])
         if _comparable(saved["config"]) != _comparable(config.to_run_config()):
             changed = sorted(k for k, v in _comparable(config.to_run_config()).items() if saved["config"].get(k) != v)
             raise RetuneError(f"{run_dir} holds a run with different settings ({', '.join(changed)}): "
@@ -76,7 +113,7 @@ class RunState:
         optimizer = load(files[saved["optimizer"]]) if saved.get("optimizer") else {}
         return cls(run_dir, saved["config"], saved["stage"], saved["round"], saved["server_round"],
                    saved["history"], arrays, optimizer, saved.get("backbone"),
-                   {int(node): name for node, name in saved.get("hospitals", {}).items()})
+                   {int(node): name for node, name in saved.get("hospitals", {}).items()}, seals)
 
     @property
     def done(self) -> bool:
@@ -110,6 +147,8 @@ class RunState:
         if key is not None:
             state["seal"] = seal(state, files, key)
         atomic_write_text(self.run_dir / STATE, json.dumps(state, indent=1))
+        if self.seals is not None:
+            self.seals.record(self.run_dir, self.server_round)
         for old in self.run_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].safetensors"):
             if old.name not in (name, opt_name):
                 old.unlink()

@@ -38,9 +38,6 @@ from shared.errors import RetuneError
 PRIVATE_KEY = "consortium.key"
 PUBLIC_KEY = "consortium.pub"
 SIGNATURE = "adaptors.sig"
-#: Server-only setting (never in the run config, which every hospital receives): the path of the consortium's
-#: signing key, in the environment of the ServerApp's process.
-SIGNING_KEY_ENV = "RETUNE_CONSORTIUM_KEY"
 #: ConfigRecord key under which the server sends the signature of the message's ``arrays``.
 ARRAYS_SIGNATURE = "arrays-signature"
 ALGORITHM = "ed25519"

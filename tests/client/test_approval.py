@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from client.approval import (AppPackage, add_approval, code_manifest, diff_files, find_approval, hospital_code_diff,
-                             pending_path, read_approved, running_code, store_pending)
+from client.approval import code_manifest, hospital_code_diff, running_code
+from shared.app_packages import (AppPackage, add_approval, diff_files, find_approval, pending_path, read_approved,
+                                 store_pending)
 from shared.errors import RetuneError
 from tests.conftest import fab_of, make_app
 

@@ -11,7 +11,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from client.approval import AppPackage, add_approval, pending_path
+from shared.app_packages import AppPackage, add_approval, pending_path
 from client.audit import REFUSED, AuditLog, verify_log
 from client.runtime import NOT_APPROVED, NOT_CONFIGURED, serve_task
 from tests.conftest import fab_of, make_app
@@ -39,7 +39,7 @@ def _message() -> Message:
 
 def _context(tmp_path: Path, **extra: str) -> Context:
     node_config = {"approved-apps": str(tmp_path / "approved.json"), "audit-log": str(tmp_path / "audit.jsonl"),
-                   **extra}
+                   "consortium-key": str(tmp_path / "consortium.pub"), **extra}
     return Context(run_id=3, node_id=9, node_config=node_config, state=RecordDict(), run_config={})
 
 
@@ -85,8 +85,8 @@ def test_a_package_whose_bytes_do_not_match_its_hash_is_refused(tmp_path, packag
     assert reply.has_error() and app.calls == 0 and "does not match" in outcome.detail
 
 
-@pytest.mark.parametrize("missing", ["approved-apps", "audit-log"])
-def test_a_hospital_without_an_approved_list_or_audit_log_serves_nothing(tmp_path, packages, missing):
+@pytest.mark.parametrize("missing", ["approved-apps", "audit-log", "consortium-key"])
+def test_a_hospital_without_an_approved_list_audit_log_or_consortium_key_serves_nothing(tmp_path, packages, missing):
     app, fab = InstalledApp(), packages["plain"]
     context = _context(tmp_path)
     del context.node_config[missing]

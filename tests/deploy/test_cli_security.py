@@ -10,7 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.approval import AppPackage, code_manifest, read_approved, store_pending
+from client.approval import code_manifest
+from shared.app_packages import AppPackage, read_approved, store_pending
 from client.audit import SENT, AuditLog
 from deploy.cli_approve import approve
 from deploy.cli_audit import audit_app

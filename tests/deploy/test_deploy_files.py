@@ -22,7 +22,6 @@ import yaml
 
 from deploy.compose import FILES_DIR, HOSPITAL, SERVER, render
 from deploy.federation import Layout
-from deploy.topology import SIGNING_KEY_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -113,7 +112,7 @@ def _pin(name: str) -> str:
 
 
 @pytest.mark.parametrize("dockerfile,official,app_stage,binary,app_entrypoint", [
-    ("Dockerfile.superlink", "superlink", "serverapp", "flower-superlink", ["flower-superexec"]),
+    ("Dockerfile.superlink", "superlink", "serverapp", "flower-superlink", ["retune"]),
     ("Dockerfile.supernode", "supernode", "clientapp", "flower-supernode", ["retune"]),
 ])
 def test_dockerfiles(dockerfile, official, app_stage, binary, app_entrypoint):
@@ -284,12 +283,17 @@ def test_each_hospital_runs_its_own_runtime_with_every_protection_on(compose):
         assert not any(m.source.endswith(("-data", "-cache", "-state")) for m in _mounts(services[f"hospital-{k}"]))
 
 
-def test_the_signing_key_is_mounted_into_the_serverapp_only(compose):
+def test_the_signing_key_is_read_by_the_consortiums_own_serverapp_runtime_only(compose):
+    """Only ``retune server serve`` (which runs the installed ServerApp for approved packages, never a run's own
+    code) mounts the signing key, names it on its command line, and no environment variable carries it."""
     services = _services(compose)
     holders = [n for n, s in services.items() if any(m.target == SERVER.signing_key for m in _mounts(s))]
     assert holders == ["serverapp"]
-    assert services["serverapp"]["environment"][SIGNING_KEY_ENV] == SERVER.signing_key
-    assert all(SIGNING_KEY_ENV not in s.get("environment", {}) for n, s in services.items() if n != "serverapp")
+    program, args = _parse(services["serverapp"])
+    assert program == "retune serve" and str(args["signing_key"]) == SERVER.signing_key
+    assert str(args["approved_apps"]) == SERVER.approved_apps
+    assert not any(SERVER.signing_key in str(value) for s in services.values()
+                   for value in s.get("environment", {}).values())
 
 
 def test_every_path_a_command_names_is_mounted_read_only_when_a_key(compose):
@@ -346,8 +350,8 @@ def test_no_volume_network_or_key_is_shared_between_sites(compose):
 
 
 def test_mounts_are_what_the_parties_own_commands_write(compose, tmp_path):
-    """Every bind source is a file that `retune certs`, `retune keys` or `retune hospital keys` writes into the
-    layout `retune federation up` uses (or the public files the operator hands each hospital)."""
+    """Every bind source is a file that `retune certs`, `retune keys`, `retune approve` or `retune hospital keys`
+    writes into the layout `retune federation up` uses (or the public files the operator hands each hospital)."""
     from deploy.certs import make_certificates, make_hospital_keys
     from shared.identity import Roster
     from shared.signing import generate_keys
@@ -365,6 +369,10 @@ def test_mounts_are_what_the_parties_own_commands_write(compose, tmp_path):
         shutil.copy(files.ca_cert, hospital.ca_cert)
         shutil.copy(roster, hospital.roster)
         shutil.copy(Path(files.signing_key).with_suffix(".pub"), hospital.consortium_key)
+    from shared.app_packages import AppPackage, add_approval
+    from tests.conftest import fab_of, make_app
+
+    add_approval(Path(files.approved_apps), AppPackage.read(fab_of(make_app(tmp_path / "app"))), "operator")
     binds = {m.source for s in _services(compose).values() for m in _mounts(s) if m.is_bind}
     for source in binds:
         assert (tmp_path / source).is_file(), source

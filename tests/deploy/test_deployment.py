@@ -1,11 +1,13 @@
 """A deployed federation as real processes on 127.0.0.1, brought up by ``retune federation up``: a TLS SuperLink
-with node authentication, a persistent database and process isolation, the Fleet gateway, the ServerApp SuperExec
-with the consortium signing key, and three hospitals, each a SuperNode with its own key and its own runtime
-serving the installed retune-fl, on the offline default backbone. Runs are submitted with Flower's ``flwr run``.
+with node authentication, a persistent database and process isolation, the Fleet gateway, the consortium's own
+ServerApp runtime (the only holder of the signing key), and three hospitals, each a SuperNode with its own key and
+its own runtime serving the installed retune-fl, on the offline default backbone. Runs are submitted with Flower's
+``flwr run``.
 
 What is shown: a run completes (2 stages × 2 rounds) with a signed checkpoint and every message that left each
-hospital in its verified audit log; an app package whose ``client/`` was modified is refused at every hospital
-before any of its code runs, and the run fails loudly; a SuperNode killed mid-round costs that round one hospital
+hospital in its verified audit log; a run whose app package the operator did not approve fails at the server
+runtime before anything is sent or signed; an app package whose ``client/`` was modified (approved by a careless
+operator) is refused at every hospital before any of its code runs, and the run fails loudly; a SuperNode killed mid-round costs that round one hospital
 and the restarted hospital rejoins; the SuperLink and ServerApp killed mid-run and restarted resume to the same final
 adaptors as the uninterrupted run; the Control API is not reachable through the gateway; an unregistered key, a
 plaintext SuperNode, one without the federation CA and a runtime without the SuperExec secret are turned away.
@@ -30,7 +32,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from client.audit import REFUSED, SENT, AuditLog, verify_log
-from client.runtime import HospitalRuntime, RuntimeSettings
+from client.runtime import HospitalRuntime
+from shared.task_runtime import RuntimeSettings
 from deploy.federation import BIN, CONNECTION, Layout, down, load_record, status, up
 from deploy.processes import Process, free_port
 from server.state import STATE
@@ -84,7 +87,7 @@ class Deployment:
             time.sleep(0.2)
 
     def kill(self, service: str) -> None:
-        """SIGKILL a service's whole process group (the ServerApp SuperExec takes its flwr-serverapp with it)."""
+        """SIGKILL a service's whole process group."""
         os.killpg(Process(**load_record(self.root / "fed")["processes"][service]).pid, signal.SIGKILL)
 
     def run(self, run_id: str) -> dict:
@@ -238,11 +241,36 @@ def test_a_secure_aggregation_run_with_signed_key_announcements(deployment, refe
     for k in range(HOSPITALS):
         sent = [e for e in deployment.audit(k) if e["run_id"] == int(run_id) and e["event"] == SENT]
         assert {e["message_type"] for e in sent} == {"train.secagg_setup", "train.secagg_share_keys",
-                                                     "train.secagg_masked", "train.secagg_unmask", "evaluate"}
+                                                     "train.secagg_masked", "train.secagg_consistency",
+                                                     "train.secagg_unmask", "evaluate"}
         assert all("arrays" not in e["records"] for e in sent)  # no plain update left any hospital
 
 
+def test_a_package_the_operator_did_not_approve_fails_at_the_server_before_anything_is_signed(deployment, reference):
+    """Whoever can submit a run cannot get its own ServerApp run with the consortium's key: the server runtime
+    refuses the package before any message is sent, and keeps it for the operator's review."""
+    marker = deployment.root / "the-server-package-code-ran"
+
+    def rogue(app: Path) -> None:
+        with (app / "server" / "app.py").open("a") as f:
+            f.write(f"\nopen({str(marker)!r}, 'w').write('a submitted ServerApp ran with the signing key')\n")
+
+    package = make_app(deployment.root / "rogue" / "retune-fl", rogue)
+    digest = hashlib.sha256(fab_of(package)).hexdigest()
+    proc, run_id = deployment.submit("rogue", package, timeout=20.0)
+    _finish(proc)
+    run = deployment.run(run_id)
+    assert run["status"] == "finished:failed" and "has not approved" in run["status-details"], run
+    assert not marker.exists() and not (deployment.layout.server / "runs" / "rogue").exists()
+    for k in range(HOSPITALS):
+        assert not [e for e in deployment.audit(k) if e["run_id"] == int(run_id)]  # nothing reached a hospital
+    pending = Path(deployment.layout.server_files().approved_apps).parent / "pending" / f"{digest}.fab"
+    assert pending.read_bytes() == fab_of(package)
+
+
 def test_a_package_with_modified_client_code_is_refused_at_every_hospital(deployment, reference):
+    from shared.app_packages import AppPackage, add_approval
+
     marker = deployment.root / "the-package-code-ran"
 
     def tamper(app: Path) -> None:
@@ -251,6 +279,8 @@ def test_a_package_with_modified_client_code_is_refused_at_every_hospital(deploy
 
     tampered = make_app(deployment.root / "tampered" / "retune-fl", tamper)
     digest = hashlib.sha256(fab_of(tampered)).hexdigest()
+    add_approval(Path(deployment.layout.server_files().approved_apps), AppPackage.read(fab_of(tampered)),
+                 "a careless operator")  # the hospitals still refuse it
     proc, run_id = deployment.submit("tampered", tampered, timeout=20.0)
     _finish(proc)
     run = deployment.run(run_id)

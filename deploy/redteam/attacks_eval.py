@@ -1,0 +1,148 @@
+"""Evaluation as an oracle: a server signs adaptors built to single out one image and reads the evaluate reply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from deploy.redteam import attack
+from deploy.redteam.bench import Bench, Hospital, manifest_labels
+from shared.labels import CHEXPERT5
+from shared.prompts import PromptBank
+from shared.wire import METRICS
+
+#: The attacker's run: one stage with every test image (``joint``), adaptors on the wire exactly as built.
+ORACLE_RUN = {"scenario": "joint", "stages": 1, "wire-dtype": "float32"}
+#: Where the attacker's bump fires: cosine to the target above this (phantoms of one hospital differ by more).
+BUMP = 0.995
+TARGETS = 12
+
+
+def oracle_adaptors(target: np.ndarray, prompts: torch.Tensor, averaging: torch.Tensor, bump: float = BUMP
+                    ) -> ArrayRecord:
+    """Adaptors (the default MLP kind) under which the image with embedding ``target`` scores high for every
+    disease and every other image scores exactly 0: the image adaptor fires a ReLU bump only within cosine
+    :data:`BUMP` of the target (everything else maps to the zero vector, which normalises to zero: all tied), and
+    the text adaptor maps each positive prompt to +u and each negative one to −u."""
+    dim = len(target)
+    u = torch.zeros(dim)
+    u[0] = 1.0
+    image_in, image_out = torch.zeros(2 * dim, dim), torch.zeros(dim, 2 * dim)
+    image_bias = torch.zeros(2 * dim)
+    image_in[0] = torch.as_tensor(target) / float(np.linalg.norm(target))
+    image_bias[0] = -bump
+    image_out[:, 0] = u
+    sign = torch.where(averaging[0::2].sum(0) > 0, 1.0, -1.0)  # +1 for a positive prompt, −1 for a negative one
+    a = torch.linalg.lstsq(prompts.double(), sign.double()).solution.float()  # a·t = ±1 on every prompt
+    text_in, text_out = torch.zeros(2 * dim, dim), torch.zeros(dim, 2 * dim)
+    text_in[0], text_in[1] = a, -a
+    text_out[:, 0], text_out[:, 1] = u, -u
+    arrays = {"image_adaptor.net.0.weight": image_in, "image_adaptor.net.0.bias": image_bias,
+              "image_adaptor.net.2.weight": image_out, "image_adaptor.net.2.bias": torch.zeros(dim),
+              "text_adaptor.net.0.weight": text_in, "text_adaptor.net.0.bias": torch.zeros(2 * dim),
+              "text_adaptor.net.2.weight": text_out, "text_adaptor.net.2.bias": torch.zeros(dim)}
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy(), dtype=np.float32)) for k, v in arrays.items()})
+
+
+class Attacker:
+    """What the server computes with the public backbone: embeddings of images it holds, and the prompts."""
+
+    def __init__(self, bench: Bench) -> None:
+        from shared.backbone import cached_backbone
+        from shared.cache import EmbeddingCache
+
+        self.cache = EmbeddingCache(bench.root / "attacker-cache", cached_backbone(bench.backbone))
+        bank = PromptBank(CHEXPERT5)
+        self.prompts, self.averaging = self.cache.texts(bank.texts()), bank.averaging_matrix()
+
+    def embed(self, paths: list[str]) -> np.ndarray:
+        from shared.data.problems import BadFiles
+
+        embeddings, _ = self.cache.images(paths, BadFiles("skip"), show_progress=False)
+        return embeddings
+
+
+def _targets(bench: Bench, hospital: Hospital) -> tuple[list[str], list[str], dict]:
+    """Test images of ``hospital`` the attacker holds, and as many phantoms that are not in its data."""
+    from research.phantom import write_phantom
+
+    truth = manifest_labels(hospital)
+    folder = Path(hospital.node_config["manifest"]).parent
+    tests = [folder / name for name, row in truth.items() if row["split"] == "test"][:TARGETS]
+    outside = bench.root / "attacker-images"
+    if not (outside / "manifest.csv").exists():
+        write_phantom(outside, n=TARGETS, hospital=hospital.index, seed=99, size=64, start=10_000)
+    others = sorted(str(p) for p in (outside / "images").glob("*.png"))[:TARGETS]
+    return [str(p) for p in tests], others, truth
+
+
+def _evaluate(bench: Bench, hospital: Hospital, arrays: ArrayRecord, run_config: dict, run_id: int) -> dict | None:
+    hospital.join(run_id, run_config)
+    reply = bench.send(hospital, "evaluate", arrays, run_config, run_id)
+    return None if reply.has_error() else dict(reply.content[METRICS])
+
+
+def _looks(metrics: dict, disease: str) -> list[float]:
+    return [v for k, v in metrics.items() if k.startswith("auroc/") and k.endswith(f"/{disease}")]
+
+
+@attack("eval-label-oracle", "server", "evaluate adaptors that lift one held image and tie every other test image, "
+        "read each disease's AUROC as 0.5 + 0.5/P (positive), 0.5 − 0.5/N (negative) or 0.5 (not in the test set)")
+def label_oracle(bench: Bench) -> tuple[bool, str]:
+    hospital = bench.reset()[0]
+    attacker = Attacker(bench)
+    tests, others, truth = _targets(bench, hospital)
+    right = total = member_right = 0
+    granted = 0
+    for k, (path, present) in enumerate([(p, True) for p in tests] + [(p, False) for p in others]):
+        target = attacker.embed([path])[0]
+        run = {**ORACLE_RUN, "run-dir": f"runs/oracle-{k}"}  # a new run identity per query
+        metrics = _evaluate(bench, hospital, oracle_adaptors(target, attacker.prompts, attacker.averaging), run,
+                            1000 + k)
+        if metrics is None:
+            member_right += not present  # declined: the attacker learns nothing either way; count it as a miss
+            continue
+        granted += 1
+        shifts = {d: float(np.mean(_looks(metrics, d))) - 0.5 for d in CHEXPERT5 if _looks(metrics, d)}
+        member_right += (any(abs(s) > 1e-9 for s in shifts.values())) == present
+        if present:
+            row = truth[Path(path).relative_to(Path(hospital.node_config["manifest"]).parent).as_posix()]
+            for disease, shift in shifts.items():
+                if row.get(disease) in ("0", "1"):
+                    total += 1
+                    right += (shift > 0) == (row[disease] == "1")
+    queries = 2 * TARGETS
+    label_accuracy = right / total if total else 0.0
+    member_accuracy = member_right / queries
+    held = label_accuracy <= 0.75 and member_accuracy <= 0.75
+    return held, (f"{granted} of {queries} evaluations answered; labels right {right}/{total} "
+                  f"({label_accuracy:.0%}), membership right {member_right}/{queries} ({member_accuracy:.0%}) "
+                  f"(chance ≈ 50%)")
+
+
+@attack("eval-repeat", "server", "ask one (run, stage, round) again and again with other adaptors (another target "
+        "image each time), to scale the oracle to the whole test set within one round")
+def repeat(bench: Bench) -> tuple[bool, str]:
+    hospital = bench.reset()[0]
+    attacker = Attacker(bench)
+    tests, _, _ = _targets(bench, hospital)
+    hospital.join(2000, ORACLE_RUN)
+    answered = 0
+    for target in attacker.embed(tests[:10]):
+        reply = bench.send(hospital, "evaluate", oracle_adaptors(target, attacker.prompts, attacker.averaging),
+                           ORACLE_RUN, 2000)
+        answered += not reply.has_error()
+    return answered <= 1, f"{answered} of 10 evaluations of one round, each with other adaptors, answered"
+
+
+@attack("eval-unlimited", "server", "ask for evaluations under ever new run identities, to collect as many "
+        "replies as needed (the hospital's floor here: eval-max-releases = 8)")
+def unlimited(bench: Bench) -> tuple[bool, str]:
+    hospital = bench.reset({"eval-max-releases": 8})[0]
+    arrays = bench.initial(ORACLE_RUN, Attacker(bench).prompts.shape[1])
+    granted = sum(_evaluate(bench, hospital, arrays, {**ORACLE_RUN, "run-dir": f"runs/many-{k}"}, 3000 + k)
+                  is not None for k in range(12))
+    return granted <= 8, f"{granted} of 12 evaluations answered"

@@ -1,0 +1,159 @@
+"""Secure aggregation against an active server, alone or with a colluding peer: the server runs the protocol's own
+code (:mod:`server.secagg`) and manipulates what it sends."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from deploy.redteam import attack
+from deploy.redteam.attacks_rounds import PLAIN_RUN, _dim, _train
+from deploy.redteam.bench import Bench, Hospital, server_identity
+from shared.secagg import Layout, SecAggError, agree, combine_secret, decode_sum, pair_mask, public_key, self_mask
+from shared.wire import ARRAYS, MASKED, METRICS, NUM_EXAMPLES, SECAGG
+
+SECURE_RUN = {**PLAIN_RUN, "secure-aggregation": True}
+
+
+def _secure_round(bench: Bench, hospitals: list[Hospital], run: dict, run_id: int, tamper_of=None):
+    """One secure round (stage 1, round 1) with the server's own protocol code, its messages rewritten by
+    ``tamper_of(grid)``; returns (result, grid)."""
+    from server.secagg import secure_round
+
+    for hospital in hospitals:
+        hospital.join(run_id, run)
+    grid = bench.grid(hospitals)
+    grid.tamper = tamper_of(grid) if tamper_of is not None else None
+    content = bench.round_content(bench.initial(run, _dim(bench)), run, run_id, 0, 0, "train")
+    with server_identity(run_id):
+        result = secure_round(grid, grid.get_node_ids(), content, 1, timeout=None)
+    return result, grid
+
+
+def _total(result) -> dict[str, np.ndarray]:
+    """The secure sum as Σ n_i·w_i (the average times the examples)."""
+    return {k: a.numpy().astype(np.float64) * result.num_examples for k, a in result.arrays.items()}
+
+
+def _true_update(bench: Bench, hospital: Hospital, run: dict) -> tuple[dict[str, np.ndarray], int]:
+    """What ``hospital`` trains in this round (ground truth: the same training, asked in the clear in a run of its
+    own; without DP it is deterministic)."""
+    plain = {k: v for k, v in run.items() if k != "secure-aggregation"}
+    hospital.join(999, plain)
+    reply = _train(bench, hospital, plain, 999)
+    return ({k: a.numpy().astype(np.float64) for k, a in reply.content[ARRAYS].items()},
+            int(reply.content[METRICS][NUM_EXAMPLES]))
+
+
+@attack("secagg-rerun-subtract", "server", "run a secure round with hospitals {H, A, B, C}, run it again without H "
+        "under a new run identity (another run-dir), and subtract the sums (no DP: training repeats exactly)")
+def rerun_subtract(bench: Bench) -> tuple[bool, str]:
+    hospitals = bench.reset()
+    target = hospitals[0]
+    first, _ = _secure_round(bench, hospitals, {**SECURE_RUN, "run-dir": "runs/study"}, 60)
+    if first.arrays is None:
+        return True, f"no first sum ({first.failure})"
+    again, grid = _secure_round(bench, hospitals[1:], {**SECURE_RUN, "run-dir": "runs/study-again"}, 61)
+    if again.arrays is None:
+        refusals = [r.error.reason for _, _, r in grid.received if r.has_error()]
+        return True, f"no second sum: {len(refusals)} refusal(s) ({(refusals or [again.failure])[0][:80]})"
+    recovered = {k: v - _total(again)[k] for k, v in _total(first).items()}
+    count = first.num_examples - again.num_examples
+    truth, n = _true_update(bench, target, {**SECURE_RUN, "run-dir": "runs/study"})
+    error = max(float(np.max(np.abs(recovered[k] / max(count, 1) - truth[k]))) for k in truth)
+    return False, f"{target.name}'s update recovered to {error:.1e} (its example count: {count}, true {n})"
+
+
+@attack("secagg-inconsistent-views", "server + 1 peer", "tell H that H and C survived and A dropped, and A that A "
+        "and C survived and H dropped (C colludes: it signs and reveals everything), then rebuild H's self-mask seed "
+        "and mask key from the shares (3 hospitals, threshold 2)")
+def inconsistent_views(bench: Bench) -> tuple[bool, str]:
+    from client.secagg import STATE_KEY
+    from shared.identity import load_identity, sign
+
+    hospitals = bench.reset()[:3]
+    target, honest, colluder = hospitals
+    index = {h.node_id: k + 1 for k, h in enumerate(sorted(hospitals, key=lambda h: h.node_id))}
+    views = {target.node_id: ([target, colluder], [honest]), honest.node_id: ([honest, colluder], [target]),
+             colluder.node_id: ([target, honest, colluder], [])}
+    captured: dict[str, object] = {}
+    consistency = any(kind.endswith("secagg_consistency") for kind in _protocol_stages())
+
+    def tamper_of(grid):
+        def tamper(msg: Message) -> Message | None:
+            stage, node = msg.metadata.message_type.partition(".")[2], msg.metadata.dst_node_id
+            if stage == "secagg_masked":
+                captured["arrays"] = msg.content[ARRAYS]
+            if stage not in ("secagg_consistency", "secagg_unmask"):
+                return msg
+            if "colluder" not in captured:  # the colluding peer hands the server everything it holds
+                captured["colluder"] = dict(colluder.context.state[STATE_KEY].items())
+            record = dict(msg.content[SECAGG].items())
+            survivors, dropped = (sorted(index[h.node_id] for h in group) for group in views[node])
+            record["survivors"] = survivors
+            record.pop("dropped", None)
+            if dropped:
+                record["dropped"] = dropped
+            if stage == "secagg_unmask" and consistency:  # its own signature and the colluder's, of its set
+                from shared.identity import survivors_view
+                from shared.secagg import PROTOCOL
+
+                own = next(r.content[SECAGG]["signature"] for kind, k, r in grid.received
+                           if kind.endswith("secagg_consistency") and hospitals[k].node_id == node
+                           and not r.has_error())
+                view = survivors_view(PROTOCOL, msg.metadata.run_id, record["session"], survivors, dropped)
+                record["signers"] = [index[node], index[colluder.node_id]]
+                record["signatures"] = [own, sign(load_identity(colluder.node_config["secagg-key"]), view)]
+            return Message(RecordDict({SECAGG: ConfigRecord(record)}), dst_node_id=node,
+                           message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
+
+        return tamper
+
+    _, grid = _secure_round(bench, hospitals, {**SECURE_RUN, "run-dir": "runs/views"}, 70, tamper_of)
+    replies = {(kind.partition(".")[2], k): r for kind, k, r in grid.received}
+    unmask = {k: r for (stage, k), r in replies.items() if stage == "secagg_unmask"}
+    return _rebuild(target, honest, colluder, index, captured, replies, unmask)
+
+
+def _protocol_stages() -> tuple[str, ...]:
+    """The stages of the installed protocol (the attack follows whichever the hospitals speak)."""
+    from shared import wire
+
+    return tuple(getattr(wire, "SECURE_STAGES", ()))
+
+
+def _rebuild(target: Hospital, honest: Hospital, colluder: Hospital, index: dict[int, int], captured: dict,
+             replies: dict, unmask: dict) -> tuple[bool, str]:
+    """The server's arithmetic: H's self-mask seed from H's own share and C's, H's mask key from A's share and
+    C's, then H's masked vector unmasked alone."""
+    mine, theirs = unmask.get(target.index), unmask.get(honest.index)
+    if mine is None or theirs is None or mine.has_error() or theirs.has_error():
+        why = next((r.error.reason for r in (mine, theirs) if r is not None and r.has_error()), "no answer")
+        return True, f"no unmask shares from the honest hospitals ({why[:90]})"
+    state = captured["colluder"]
+    sources = list(state["sources"])
+    colluder_seed = dict(zip(sources, state["seed-shares"]))
+    colluder_key = dict(zip(sources, state["key-shares"]))
+    h = index[target.node_id]
+    survivors = sorted([h, index[colluder.node_id]])
+    seed_share = dict(zip(survivors, mine.content[SECAGG]["seed-shares"]))[h]
+    key_share = theirs.content[SECAGG]["key-shares"][0]
+    try:
+        seed = combine_secret([seed_share, colluder_seed[h]], 2)
+        sk1 = combine_secret([key_share, colluder_key[h]], 2)
+    except SecAggError as exc:
+        return True, f"the shares do not rebuild H's secrets ({exc})"
+    layout = Layout.of({k: tuple(a.shape) for k, a in captured["arrays"].items()})
+    masked = replies[("secagg_masked", target.index)].content[MASKED]
+    y = layout.join({k: a.numpy() for k, a in masked.items()})
+    session = bytes(state["session"])
+    y = y - self_mask(seed, session, h, len(y))
+    keys = dict(zip(state["indices"], state["pk1s"]))
+    for j in [i for i in state["indices"] if i != h]:
+        mask = pair_mask(agree(sk1, keys[j]), session, h, j, len(y))
+        y = y - mask if j > h else y + mask  # H added its masks with peers above it, subtracted the others
+    if public_key(sk1) != keys[h]:
+        return True, "the rebuilt key is not H's"
+    update = decode_sum(layout, y)
+    return False, (f"{target.name}'s masked update unmasked alone: {update.num_examples} examples, adaptors "
+                   f"{sorted(update.averages)[:2]}…")
