@@ -6,7 +6,8 @@ whoever reaches that port can submit a run, whose app package then runs on the s
 unregister hospitals. So the SuperLink listens on an address only the operator's host reaches (``127.0.0.1`` or a
 private interface), and hospitals connect to this gateway instead. It terminates TLS with the SuperLink's
 certificate, forwards ``POST /v1/fleet/*`` to the SuperLink over TLS, and answers every other request with 403
-without contacting the SuperLink.
+without contacting the SuperLink. A request body over :data:`MAX_BODY` is answered with 413 as soon as its declared
+length or the bytes read so far pass the limit: the gateway never holds more than the limit of one request.
 """
 
 from __future__ import annotations
@@ -41,9 +42,23 @@ def _headers(items) -> dict[str, str]:
     return {k: v for k, v in items if k.lower() not in _HOP_BY_HOP}
 
 
-def gateway_app(superlink: str, ca_file: str | None) -> Starlette:
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None once it is known to be longer than ``limit`` (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def gateway_app(superlink: str, ca_file: str | None, max_body: int = MAX_BODY) -> Starlette:
     """An ASGI app forwarding the Fleet API to ``https://superlink`` (``ca_file`` verifies its certificate; None:
-    plain HTTP, for a SuperLink started with ``--insecure`` in tests only)."""
+    plain HTTP, for a SuperLink started with ``--insecure`` in tests only); bodies over ``max_body`` get 413."""
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else False
     scheme = "https" if ca_file else "http"
     client = httpx.AsyncClient(base_url=f"{scheme}://{superlink}", verify=verify,
@@ -54,8 +69,8 @@ def gateway_app(superlink: str, ca_file: str | None) -> Starlette:
         if not forwarded(request.method, path):
             log.warning("refused %s %s from %s", request.method, path, request.client.host if request.client else "?")
             return PlainTextResponse(REFUSED, status_code=403)
-        body = await request.body()
-        if len(body) > MAX_BODY:
+        body = await _body(request, max_body)
+        if body is None:
             return PlainTextResponse("request too large\n", status_code=413)
         try:
             upstream = await client.post(path, content=body, headers=_headers(request.headers.items()),

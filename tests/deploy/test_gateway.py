@@ -69,3 +69,41 @@ def test_everything_else_is_refused_without_reaching_the_superlink(upstream, met
 def test_an_unreachable_superlink_is_a_503(tmp_path):
     with TestClient(gateway_app(f"127.0.0.1:{free_port()}", ca_file=None)) as client:
         assert client.post("/v1/fleet/pull-messages", content=b"").status_code == 503
+
+
+def _asgi_post(app, path: str, chunks: int, chunk: bytes, headers: list | None = None) -> tuple[int, int]:
+    """POST a body of ``chunks`` × ``chunk`` to the ASGI ``app`` as a server would stream it; returns (status, how
+    many chunks the app read)."""
+    import asyncio
+
+    read, status = [0], []
+
+    async def receive():
+        read[0] += 1
+        return {"type": "http.request", "body": chunk, "more_body": read[0] < chunks}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "https",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": headers or [], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 9092)}
+    asyncio.run(app(scope, receive, send))
+    return status[0], read[0]
+
+
+def test_an_oversized_body_is_refused_before_it_is_read_whole(upstream):
+    """A body over the limit is answered with 413 once the bytes read pass the limit (or at once, when its declared
+    length does): the gateway does not read the rest, and the SuperLink never sees it."""
+    address, seen = upstream
+    seen.clear()
+    chunk, limit = b"x" * 65536, 4 * 65536
+    app = gateway_app(address, ca_file=None, max_body=limit)
+    status, read = _asgi_post(app, "/v1/fleet/push-object", 64, chunk)  # streamed, no declared length
+    assert status == 413 and read == limit // len(chunk) + 1  # not the 64 chunks
+    status, read = _asgi_post(app, "/v1/fleet/push-object", 64, chunk, [(b"content-length", b"4194304")])
+    assert status == 413 and read == 0  # the declared length says it all
+    with TestClient(app) as client:
+        assert client.post("/v1/fleet/push-object", content=b"x" * limit).status_code == 200
+    assert [path for _, path, _, _ in seen] == ["/v1/fleet/push-object"]
