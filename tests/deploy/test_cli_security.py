@@ -108,6 +108,39 @@ def test_approve_shows_the_diff_and_that_package_hospital_code_never_runs(tmp_pa
     assert [e["note"] for e in json.loads(listing.read_text())["approved"]] == ["", "v2"]
 
 
+def _with_entry(fab: Path, name: str, data: bytes, out: Path) -> Path:
+    """``fab`` with one more file ``name`` (a package anyone can zip by hand)."""
+    import zipfile
+
+    with zipfile.ZipFile(fab) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            target.writestr(info, source.read(info))
+        target.writestr(name, data)
+    return out
+
+
+def test_approve_shows_what_the_package_holds_as_text_never_as_markup(tmp_path, fabs):
+    """A file named with terminal markup must show as it is named: rendered as markup, ``[conceal]...[/conceal]``
+    hid the name of the file it wraps from IT's review."""
+    hidden = "[conceal]server/exfiltrate.py[/conceal]"
+    fab = _with_entry(fabs["v1"], hidden, b"import os\n", tmp_path / "sneaky.fab")
+    shown = runner.invoke(_app(), ["approve", "--list", str(tmp_path / "approved.json"), "--fab", str(fab), "--show"],
+                          env={"COLUMNS": "400"})
+    assert shown.exit_code == 0, shown.output
+    assert hidden in shown.stdout
+
+
+def test_approve_shows_the_default_run_config_against_the_hospitals_floor(tmp_path, fabs):
+    shown = runner.invoke(_app(), ["approve", "--list", str(tmp_path / "approved.json"), "--fab", str(fabs["v1"]),
+                                   "--show", "--node-config", 'require-secure-aggregation=true dp-max-epsilon=8'],
+                          env={"COLUMNS": "400"})
+    assert shown.exit_code == 0, shown.output
+    rows = {line.split("│")[1].strip(): line for line in shown.stdout.splitlines() if line.count("│") >= 5}
+    assert "required" in rows["secure aggregation"] and "REFUSED" in rows["secure aggregation"]
+    assert "ok" in rows["adaptor kind"] and "ε ≤ 8 over all runs" in rows["DP-SGD"]
+    assert "a run may override the defaults" in shown.stdout
+
+
 def test_approve_lists_refused_packages_and_shows_the_installed_runtime(tmp_path, fabs):
     listing = tmp_path / "approved.json"
     stored = store_pending(listing, fabs["v2"].read_bytes(), AppPackage.from_file(fabs["v2"]).fab_hash)
