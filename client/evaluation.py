@@ -7,9 +7,9 @@ there; with P and N in the same reply, one evaluate message gives one patient's 
 evaluation policy (:class:`client.floor.EvaluationPolicy`, node config) a reply is built so that this learns
 nothing useful, and monitoring keeps its accuracy (``docs/security.md`` has the numbers):
 
-- **Ties are broken at random** (the hospital's CSPRNG, fresh per reply): a trained model scores images apart, so
-  its AUROC does not change; the attack's tied images become a random order, whose AUROC spreads by about
-  sqrt((P + N + 1) / (12·P·N)), twice the 0.5/P the lifted image moves it by.
+- **Ties are broken at random** (one order of the images per reply, from the hospital's CSPRNG): a trained model
+  scores images apart, so its AUROC does not change; the attack's tied images become a random order, whose AUROC
+  spreads by about sqrt((P + N + 1) / (12·P·N)), twice the 0.5/P the lifted image moves it by.
 - **Gaussian noise** of ``noise / min(P, N)`` on each AUROC (the most one image's score can move it), from the same
   CSPRNG: a server that places an image's score deliberately (the attack without ties, two evaluations compared)
   sees that move under noise, once per evaluation it is granted.
@@ -50,10 +50,10 @@ def coarse(count: int, step: int) -> int:
     return max(step, step * int(round(count / step)))
 
 
-def auroc_random_ties(labels: np.ndarray, scores: np.ndarray, rng: SecureRandom) -> float:
-    """AUROC (Mann-Whitney U over P positives and N negatives, both present) with tied scores put in a random
-    order: equal scores count 0 or 1 at random instead of 0.5 each."""
-    order = np.lexsort((rng.uniform(len(scores)), scores))
+def auroc_random_ties(labels: np.ndarray, scores: np.ndarray, tiebreak: np.ndarray) -> float:
+    """AUROC (Mann-Whitney U over P positives and N negatives, both present) with tied scores ordered by
+    ``tiebreak`` (one random key per image): equal scores count 0 or 1 instead of 0.5 each."""
+    order = np.lexsort((tiebreak, scores))
     ranks = np.empty(len(scores))
     ranks[order] = np.arange(1, len(scores) + 1)
     positive = labels == 1
@@ -65,8 +65,10 @@ def auroc_random_ties(labels: np.ndarray, scores: np.ndarray, rng: SecureRandom)
 def released_metrics(logits: np.ndarray, labels: np.ndarray, parts: dict[str, np.ndarray],
                      diseases: tuple[str, ...], policy: EvaluationPolicy, rng: SecureRandom) -> dict[str, float]:
     """Per test part (``{part: rows}``) and disease, ``auroc/<part>/<disease>`` with ``pos``/``neg`` counts, as the
-    policy releases them; ``num-examples`` is the coarsened size of the part ``all``."""
+    policy releases them; ``num-examples`` is the coarsened size of the part ``all``. One random order of the images
+    breaks every tie of the release (parts that share images cannot be averaged to undo it)."""
     metrics: dict[str, float] = {"num-examples": coarse(len(parts["all"]), policy.count_step)}
+    tiebreak = rng.uniform(len(logits))
     for part, rows in parts.items():
         for c, disease in enumerate(diseases):
             y = labels[rows, c]
@@ -74,7 +76,7 @@ def released_metrics(logits: np.ndarray, labels: np.ndarray, parts: dict[str, np
             positives, negatives = int(np.sum(y[keep] == 1)), int(np.sum(y[keep] == 0))
             if min(positives, negatives) < policy.min_count:
                 continue
-            value = auroc_random_ties(y[keep], logits[rows, c][keep], rng)
+            value = auroc_random_ties(y[keep], logits[rows, c][keep], tiebreak[rows][keep])
             value += float(rng.normal(1)[0]) * policy.noise / min(positives, negatives)
             metrics[f"auroc/{part}/{disease}"] = float(np.clip(value, 0.0, 1.0))
             metrics[f"pos/{part}/{disease}"] = coarse(positives, policy.count_step)

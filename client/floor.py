@@ -41,6 +41,34 @@ from shared.secagg import MIN_PARTICIPANTS
 #: What the server learns when a run asks for less than a hospital's floor (the detail stays at the hospital).
 FLOOR_REFUSED = "refused: the run asks for less protection than this hospital's privacy floor"
 EVALUATION_MODES = ("noised", "none")
+#: Every node-config key of the floor (what ``retune federation up --floor`` and ``retune redteam`` accept).
+FLOOR_KEYS = ("require-secure-aggregation", "secagg-min-hospitals", "secagg-max-colluders", "adaptor-kinds",
+              "max-lora-rank", "lora-towers", "dp-max-epsilon", "dp-delta", "dp-target-epsilon", "dp-noise",
+              "dp-max-grad-norm", "dp-accountant", "dp-count-noise", "evaluation", "eval-noise", "eval-min-count",
+              "eval-count-step", "eval-max-releases")
+
+
+def parse_node_config(text: str) -> dict[str, Any]:
+    """``key=value ...`` as ``flower-supernode --node-config`` takes it (strings quoted: ``name="st-mary"``)."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args([text])
+    except (ValueError, click.ClickException):
+        raise RetuneError(f"{text!r} is not a node config: write key=value pairs separated by spaces, strings in "
+                          'double quotes (name="st-mary" require-secure-aggregation=true)') from None
+
+
+def floor_settings(text: str) -> dict[str, Any]:
+    """The privacy-floor keys of ``key=value ...``, checked: floor keys only, each valid."""
+    values = parse_node_config(text)
+    unknown = sorted(set(values) - set(FLOOR_KEYS))
+    if unknown:
+        raise RetuneError(f"{', '.join(unknown)}: not a privacy-floor key; the floor's keys are "
+                          f"{', '.join(FLOOR_KEYS)}")
+    PrivacyFloor.from_node_config(values)
+    return values
 
 
 @dataclass(frozen=True)
@@ -55,19 +83,20 @@ class EvaluationPolicy:
         once per (run, stage, round); ``none``: the hospital declines every evaluate message.
     noise : float
         Standard deviation of the noise on an AUROC over P positives and N negatives, as a multiple of
-        1 / min(P, N), the most one image's score can move that AUROC (default 0.15).
+        1 / min(P, N), the most one image's score can move that AUROC (default 0.1).
     min_count : int
-        A disease with fewer positives or negatives than this in a test part is withheld (default 5).
+        A disease with fewer positives or negatives than this in a test part is withheld (default 2: a lone positive's
+        or negative's rank is not released).
     count_step : int
-        Positive, negative and image counts are released rounded to a multiple of this (default 5).
+        Positive, negative and image counts are released rounded to a multiple of this (default 2).
     max_releases : int
         The most evaluate replies this hospital ever releases, across all runs (default 200); then it declines.
     """
 
     mode: str = "noised"
-    noise: float = 0.15
-    min_count: int = 5
-    count_step: int = 5
+    noise: float = 0.1
+    min_count: int = 2
+    count_step: int = 2
     max_releases: int = 200
 
     def __post_init__(self) -> None:
