@@ -1,7 +1,8 @@
 """The hospital's audit log: one JSON line per reply that left (or was refused), hash-chained, append-only.
 
-Each entry says what crossed the boundary without holding it: run, message type, stage/round, record keys,
-array names/shapes/dtypes, metric keys, byte count and :func:`content_sha256` of the outgoing content. Each entry
+Each entry says what crossed the boundary: run, message type, stage/round, record keys, array names/shapes/dtypes
+(not their values), the scalar metrics with their values (an evaluation's released figures among them), byte
+count and :func:`content_sha256` of the outgoing content. Each entry
 holds ``prev`` (the previous entry's ``hash``, :data:`GENESIS` for the first) and ``hash`` =
 sha256 of the entry's canonical JSON (sorted keys, no spaces, ASCII) without ``hash``. Changing, deleting or
 reordering a line breaks the chain at that line (:func:`verify_log`); cutting lines off the end does not, so keep
@@ -90,9 +91,10 @@ def _jsonable(value: Any) -> str:
 
 
 def describe_content(content: RecordDict) -> dict[str, Any]:
-    """Record keys, array names/shapes/dtypes, metric keys and byte count of a reply's content."""
+    """Record keys, array names/shapes/dtypes, metric keys and values, and byte count of a reply's content."""
     arrays: dict[str, dict[str, Any]] = {}
     metric_keys: list[str] = []
+    metric_values: dict[str, Any] = {}
     size = 0
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
@@ -102,11 +104,12 @@ def describe_content(content: RecordDict) -> dict[str, Any]:
                 size += len(array.data)
         elif isinstance(record, MetricRecord):
             metric_keys += sorted(record.keys()) if name == "metrics" else [f"{name}/{k}" for k in record.keys()]
+            metric_values.update({k if name == "metrics" else f"{name}/{k}": v for k, v in record.items()})
             size += record.count_bytes()
         else:
             size += record.count_bytes()
     return {"records": sorted(content.keys()), "arrays": arrays, "metric_keys": sorted(metric_keys),
-            "bytes": size, "sha256": content_sha256(content)}
+            "metric_values": metric_values, "bytes": size, "sha256": content_sha256(content)}
 
 
 def message_entry(event: str, msg: Message, content: RecordDict | None = None, **extra: Any) -> dict[str, Any]:

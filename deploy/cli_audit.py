@@ -38,10 +38,14 @@ def show(
     log: Annotated[Path, typer.Argument(help="The audit log (the SuperNode's node config `audit-log`).")],
     run: Annotated[Optional[int], typer.Option(help="Only this run's entries.")] = None,
     last: Annotated[int, typer.Option(help="Show the last N entries (0: all).")] = 50,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Also show the scalar metrics each reply carried, with "
+                                                            "their values (an evaluation's released figures).")]
+    = False,
 ) -> None:
     """What left the hospital (or was refused), one line per reply: time, event, run, message, stage/round, the
     records and bytes sent, and why a reply was refused."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from client.audit import AuditLog, verify_log
@@ -53,11 +57,16 @@ def show(
     for column in ("time (UTC)", "event", "run", "message", "stage.round", "records", "bytes"):
         table.add_column(column, no_wrap=True, justify="right" if column == "bytes" else "left")
     table.add_column("reason", overflow="fold")
+    if metrics:
+        table.add_column("metrics", overflow="fold")
     for e in shown:
         where = f"{e['stage'] + 1}.{e['round'] + 1}" if "stage" in e and "round" in e else ""
-        table.add_row(e.get("time", "")[:19].replace("T", " "), e.get("event", ""), str(e.get("run_id", "")),
-                      e.get("message_type", ""), where, "+".join(e.get("records", [])), f"{e.get('bytes', 0):,}",
-                      e.get("reason", ""))
+        values = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in sorted(e.get("metric_values", {}).items()))
+        cells = [e.get("time", "")[:19].replace("T", " "), e.get("event", ""), str(e.get("run_id", "")),
+                 e.get("message_type", ""), where, "+".join(e.get("records", [])), f"{e.get('bytes', 0):,}",
+                 e.get("reason", ""), *([values] if metrics else [])]
+        table.add_row(*(escape(str(cell)) for cell in cells))
     Console(highlight=False, width=max(160, Console().width)).print(table)
     if not report.ok:
         typer.echo(f"BAD {log} line {report.bad_line}: {report.problem}", err=True)

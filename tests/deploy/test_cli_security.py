@@ -56,6 +56,16 @@ def test_audit_verify_head_detects_a_cut_off_end(tmp_path):
     assert result.exit_code == 1 and "cut off" in result.output
 
 
+def test_audit_show_can_show_the_values_each_reply_carried(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append({"event": SENT, "message_type": "evaluate", "records": ["metrics", "site"], "bytes": 40,
+                "metric_values": {"auroc/all/Edema": 0.81234, "pos/all/Edema": 15}, "reason": "[bold]x[/bold]"})
+    shown = runner.invoke(_app(), ["audit", "show", str(log.path), "--metrics"], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    assert "auroc/all/Edema=0.8123" in shown.stdout and "pos/all/Edema=15" in shown.stdout
+    assert "[bold]x[/bold]" in shown.stdout  # text from a reply is shown as written, never as markup
+
+
 @pytest.fixture(scope="module")
 def fabs(tmp_path_factory) -> dict[str, Path]:
     """The app package built from this checkout, and one whose client/site.py and pyproject changed."""
