@@ -95,8 +95,8 @@ def label_oracle(bench: Bench) -> tuple[bool, str]:
     hospital = bench.reset()[0]
     attacker = Attacker(bench)
     tests, others, truth = _targets(bench, hospital)
-    right = total = member_right = 0
-    granted = 0
+    calls = {True: [0, 0], False: [0, 0]}  # truth -> [called right, cells]
+    member_right = granted = 0
     for k, (path, present) in enumerate([(p, True) for p in tests] + [(p, False) for p in others]):
         target = attacker.embed([path])[0]
         run = {**ORACLE_RUN, "run-dir": f"runs/oracle-{k}"}  # a new run identity per query
@@ -112,15 +112,17 @@ def label_oracle(bench: Bench) -> tuple[bool, str]:
             row = truth[Path(path).relative_to(Path(hospital.node_config["manifest"]).parent).as_posix()]
             for disease, shift in shifts.items():
                 if row.get(disease) in ("0", "1"):
-                    total += 1
-                    right += (shift > 0) == (row[disease] == "1")
+                    positive = row[disease] == "1"
+                    calls[positive][0] += (shift > 0) == positive
+                    calls[positive][1] += 1
     queries = 2 * TARGETS
-    label_accuracy = right / total if total else 0.0
+    balanced = float(np.mean([right / cells for right, cells in calls.values() if cells]))
     member_accuracy = member_right / queries
-    held = label_accuracy <= 0.75 and member_accuracy <= 0.75
-    return held, (f"{granted} of {queries} evaluations answered; labels right {right}/{total} "
-                  f"({label_accuracy:.0%}), membership right {member_right}/{queries} ({member_accuracy:.0%}) "
-                  f"(chance ≈ 50%)")
+    held = balanced <= 0.75 and member_accuracy <= 0.75
+    (pos_right, pos), (neg_right, neg) = calls[True], calls[False]
+    return held, (f"{granted} of {queries} evaluations answered; labels right: positives {pos_right}/{pos}, "
+                  f"negatives {neg_right}/{neg} (balanced {balanced:.0%}), membership {member_right}/{queries} "
+                  f"({member_accuracy:.0%}); chance 50%")
 
 
 @attack("eval-repeat", "server", "ask one (run, stage, round) again and again with other adaptors (another target "

@@ -157,3 +157,52 @@ def _rebuild(target: Hospital, honest: Hospital, colluder: Hospital, index: dict
     update = decode_sum(layout, y)
     return False, (f"{target.name}'s masked update unmasked alone: {update.num_examples} examples, adaptors "
                    f"{sorted(update.averages)[:2]}…")
+
+
+@attack("secagg-key-substitution", "server", "relay the server's own X25519 keys under a member hospital's name (and "
+        "its signature) at key sharing, to decrypt the shares meant for it")
+def key_substitution(bench: Bench) -> tuple[bool, str]:
+    from shared.secagg import new_key_pair
+
+    hospitals = bench.reset()[:3]
+
+    def tamper_of(grid):
+        def tamper(msg: Message) -> Message | None:
+            if not msg.metadata.message_type.endswith("secagg_share_keys"):
+                return msg
+            record = dict(msg.content[SECAGG].items())
+            pk1, pk2 = list(record["pk1"]), list(record["pk2"])
+            pk1[1], pk2[1] = new_key_pair()[1], new_key_pair()[1]  # keys the server holds, under hospital 1's name
+            record.update(pk1=pk1, pk2=pk2)
+            return Message(RecordDict({SECAGG: ConfigRecord(record)}), dst_node_id=msg.metadata.dst_node_id,
+                           message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
+
+        return tamper
+
+    _, grid = _secure_round(bench, hospitals, {**SECURE_RUN, "run-dir": "runs/substitute"}, 80, tamper_of)
+    shares = [r for kind, _, r in grid.received if kind.endswith("secagg_share_keys") and not r.has_error()]
+    return not shares, (f"{len(shares)} hospital(s) encrypted their shares to the substituted keys" if shares else
+                        "every hospital refused the substituted keys: no share was encrypted")
+
+
+@attack("secagg-second-mask", "server", "ask a hospital for a second masked vector in the same session (two vectors "
+        "under the same masks give away the difference of two updates), then set the round up again mid-way")
+def second_mask(bench: Bench) -> tuple[bool, str]:
+    hospitals = bench.reset()[:3]
+    captured: dict[int, Message] = {}
+
+    def tamper_of(grid):
+        def tamper(msg: Message) -> Message | None:
+            if msg.metadata.message_type.endswith("secagg_masked"):
+                captured[msg.metadata.dst_node_id] = msg
+            return msg
+
+        return tamper
+
+    _, grid = _secure_round(bench, hospitals, {**SECURE_RUN, "run-dir": "runs/again"}, 90, tamper_of)
+    target = hospitals[0]
+    replay = captured[target.node_id]
+    again = target.handle(bench.message(target, replay.metadata.message_type, RecordDict(dict(replay.content.items())),
+                                        90))
+    leaked = [] if again.has_error() else ["a second masked vector in the session"]
+    return not leaked, ("; ".join(leaked) if leaked else f"refused ({again.error.reason[:80]})")

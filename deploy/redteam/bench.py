@@ -77,12 +77,13 @@ class Hospital:
 class Bench:
     """A consortium of phantom hospitals under ``root``, and the attacking server's keys.
 
-    ``floor``: node-config keys every hospital adds (a scenario's privacy floor); ``backbone``: what the hospitals
-    embed with (the attacker uses the same public backbone).
+    ``backbone``: what the hospitals embed with (the attacker uses the same public backbone); ``floor``: node-config
+    keys every hospital has (the privacy officer's own floor, under which the attacks run; a scenario may add more).
     """
 
     root: Path
     backbone: str
+    floor: dict[str, Any] = field(default_factory=dict)
     hospitals: list[Hospital] = field(default_factory=list)
     signing_key: Ed25519PrivateKey | None = None
     public_key: Path | None = None
@@ -117,14 +118,14 @@ class Bench:
 
     def reset(self, floor: dict[str, Any] | None = None) -> list[Hospital]:
         """Every hospital with a fresh state folder (audit log, ledgers, records), a fresh installed app and the
-        node config of the scenario: the defaults plus ``floor``."""
+        node config of the scenario: the bench's floor plus the scenario's ``floor``."""
         from client.app import make_client_app
 
         for hospital in self.hospitals:
             state = hospital.folder / "state"
             for path in sorted(state.rglob("*"), reverse=True) if state.exists() else []:
                 path.unlink() if path.is_file() else path.rmdir()
-            hospital.node_config = {**hospital.base_config, **(floor or {})}
+            hospital.node_config = {**hospital.base_config, **self.floor, **(floor or {})}
             hospital.app = make_client_app()
             hospital.context = None
         return self.hospitals

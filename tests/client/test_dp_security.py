@@ -161,3 +161,32 @@ def test_a_round_asked_again_gets_the_same_update_and_no_new_charge(tmp_path, da
     changed = released_key("run-identity", 0, 0, "other global adaptors")  # same round, other adaptors: a new release
     release_dp_round(other, x, y, prompts, config, privacy, 2, ("run-identity", 0, 0), changed, 5.0)
     assert len(privacy.spent) == 4
+
+
+def test_a_dp_hospitals_reply_carries_no_exact_count_and_no_epsilon(tmp_path):
+    """In a class-incremental stage the example count is positives + ⌈(N − positives) / 2⌉: exact, it gives the
+    training positives of a disease away; a cumulative ε tells of the hospital's other federations. Through the
+    installed ClientApp: the count leaves noised (dp-count-noise, charged), no ε or δ leaves at all."""
+    from client.site import load_site, site_settings
+    from deploy.redteam.bench import Bench
+    from shared.config import FederationConfig
+    from shared.continual import stage_examples
+    from shared.wire import METRICS, NUM_EXAMPLES
+
+    bench = Bench.build(tmp_path, "retune-tiny-random", hospitals=1, images=80, size=32)
+    hospital = bench.reset({"dp-max-epsilon": 100.0, "dp-count-noise": 10.0, "dp-accountant": "rdp"})[0]
+    runs = [{"scenario": "class", "stages": 5, "wire-dtype": "float32", "run-dir": f"runs/{k}"} for k in range(4)]
+    config = FederationConfig.from_run_config(runs[0])
+    site = load_site(config, site_settings(config, hospital.node_config))
+    _, labels = stage_examples(site.tasks, 0, site.train.labels, site.diseases, config.continual_method)
+    exact = int((~np.isnan(labels)).any(axis=1).sum())
+    counts = []
+    for k, run in enumerate(runs):
+        hospital.join(10 + k, run)
+        reply = bench.send(hospital, "train", bench.initial(run, 128), run, 10 + k)
+        assert not reply.has_error(), reply.error.reason
+        assert set(reply.content[METRICS].keys()) == {NUM_EXAMPLES}
+        counts.append(int(reply.content[METRICS][NUM_EXAMPLES]))
+    assert counts != [exact] * 4 and all(c >= 1 for c in counts)  # exact four times: p ≈ 3e-6 with σ = 10
+    ledger = json.loads((hospital.folder / "state" / "privacy-ledger.json").read_text())["entries"]
+    assert [(e["sample_rate"], e["steps"], e["noise_multiplier"]) for e in ledger[1::2]] == [(1.0, 1, 10.0)] * 4
