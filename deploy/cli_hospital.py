@@ -49,13 +49,10 @@ def serve(
     """Serve the SuperNode's tasks with the installed retune-fl: approved app packages only, nothing from a run."""
     from client.approval import running_code
     from client.runtime import HospitalRuntime, TaskOutcome
-    from shared.task_runtime import RuntimeSettings
+    from shared.task_runtime import RuntimeSettings, read_secret
     from shared.errors import RetuneError
 
-    try:
-        secret = superexec_secret.read_bytes()
-    except OSError as exc:
-        raise RetuneError(f"cannot read the SuperExec secret {superexec_secret}: {exc.strerror}") from None
+    secret = read_secret(superexec_secret)
     logging.getLogger("client").setLevel(logging.INFO)
     logging.getLogger("flwr").setLevel(logging.WARNING)
 

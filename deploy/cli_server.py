@@ -41,13 +41,9 @@ def serve(
     """Serve the SuperLink's ServerApp tasks with the installed retune-fl: approved app packages only, signed with
     the key only this process reads."""
     from server.runtime import RunOutcome, ServerRuntime
-    from shared.errors import RetuneError
-    from shared.task_runtime import RuntimeSettings
+    from shared.task_runtime import RuntimeSettings, read_secret
 
-    try:
-        secret = superexec_secret.read_bytes()
-    except OSError as exc:
-        raise RetuneError(f"cannot read the SuperExec secret {superexec_secret}: {exc.strerror}") from None
+    secret = read_secret(superexec_secret)
     logging.getLogger("server").setLevel(logging.INFO)
     logging.getLogger("flwr").setLevel(logging.WARNING)
 

@@ -72,6 +72,17 @@ class _LogLines(logging.Handler):
         self.queue.put(self.format(record) + "\n")
 
 
+def approval_problem(approved: Path, fab_hash: str, content: bytes) -> str | None:
+    """Why a run's package may not be served (None: it is in the ``approved`` list); a refused package is kept for
+    review beside the list."""
+    if hashlib.sha256(content).hexdigest() != fab_hash:
+        return f"the app package's content does not match its hash {fab_hash[:16]}"
+    if find_approval(approved, fab_hash) is None:
+        return f"app package {fab_hash} is not in {approved}; kept for review at " \
+               f"{store_pending(approved, content, fab_hash)}"
+    return None
+
+
 class ServerRuntime(TaskRuntime):
     """Acquires the SuperLink's ServerApp tasks and serves approved ones with ``app`` (default: the installed
     ServerApp with ``signing_key`` and the seal register under ``state``)."""
@@ -97,15 +108,6 @@ class ServerRuntime(TaskRuntime):
             self._app = make_server_app(signing_key=self.key_path, seals=self.state / "seals.json")
         return self._app
 
-    def approval_problem(self, fab_hash: str, content: bytes) -> str | None:
-        """Why the run's package may not be served (None: approved); a refused package is kept for review."""
-        if hashlib.sha256(content).hexdigest() != fab_hash:
-            return f"the app package's content does not match its hash {fab_hash[:16]}"
-        if find_approval(self.approved, fab_hash) is None:
-            return f"app package {fab_hash} is not in {self.approved}; kept for review at " \
-                   f"{store_pending(self.approved, content, fab_hash)}"
-        return None
-
     def serve(self, token: str, fab_hash: str) -> RunOutcome:
         grid = HttpGrid(self.settings.runtime_api, insecure=self.settings.root_certificates is None,
                         root_certificates=Path(self.settings.root_certificates).read_bytes()
@@ -126,7 +128,7 @@ class ServerRuntime(TaskRuntime):
             uploader = start_log_uploader(lines, 0, run.run_id, client)
             handler = _LogLines(lines)
             logging.getLogger().addHandler(handler)
-            problem = self.approval_problem(fab.hash_str, fab.content)
+            problem = approval_problem(self.approved, fab.hash_str, fab.content)
             if problem is not None:
                 log.warning("refused run %d: %s", run.run_id, problem)
                 details = NOT_APPROVED

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -49,6 +50,14 @@ class RuntimeSettings:
     secret: bytes
     root_certificates: str | None = None
     poll_interval: float = 0.2
+
+
+def read_secret(path: Path) -> bytes:
+    """The SuperExec secret a runtime shares with its SuperNode or SuperLink."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise RetuneError(f"cannot read the SuperExec secret {path}: {exc.strerror}") from None
 
 
 def task_retries() -> RetryInvoker:

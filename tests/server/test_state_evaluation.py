@@ -121,3 +121,30 @@ def test_a_tampered_run_folder_is_refused_on_resume(tmp_path, tamper):
         opening_key = load_private_key(generate_keys(tmp_path / "other")[0])
     with pytest.raises(RetuneError, match="cannot be resumed"):
         RunState.open(config, None, opening_key)
+
+
+@pytest.mark.parametrize("putback", ["an earlier round's folder", "the folder deleted"])
+def test_a_run_folder_put_back_from_before_its_last_sealed_round_is_refused(tmp_path, putback):
+    """The attack the seal alone cannot see: copy the run folder after round 1 (validly sealed), let the run go
+    on, then put the copy back (or delete the folder) and resume. The key holder's register remembers round 2."""
+    import shutil
+
+    from server.state import SealRegister
+    from shared.signing import generate_keys, load_private_key
+
+    key = load_private_key(generate_keys(tmp_path / "keys")[0])
+    seals = SealRegister(tmp_path / "runtime" / "seals.json")
+    config = FederationConfig(stages=2, rounds_per_stage=2, run_dir=str(tmp_path / "run"))
+    state = RunState.open(config, _random_record(0), key, seals)
+    state.commit(_random_record(1), {}, {"macro_auroc": 0.6}, key=key)
+    shutil.copytree(tmp_path / "run", tmp_path / "after-round-1")
+    state.commit(_random_record(2), {}, {"macro_auroc": 0.7}, key=key)
+    assert RunState.open(config, None, key, seals).server_round == 2  # the latest folder resumes
+    shutil.rmtree(tmp_path / "run")
+    if putback == "an earlier round's folder":
+        shutil.copytree(tmp_path / "after-round-1", tmp_path / "run")
+        assert RunState.open(config, None, key).server_round == 1  # what the seal alone would have let through
+    with pytest.raises(RetuneError, match="round 2 was sealed in it"):
+        RunState.open(config, None, key, seals)
+    other = FederationConfig(stages=2, rounds_per_stage=2, run_dir=str(tmp_path / "another-run"))
+    assert RunState.open(other, _random_record(0), key, seals).server_round == 0  # a new folder starts afresh
