@@ -104,12 +104,10 @@ def _floor_table(out: Console, run_config: dict, node_config: str) -> None:
     """The package's default run config against the hospital's privacy floor. A run may override its defaults,
     so the floor, not this table, is what protects the hospital: every run is checked against it at every
     message."""
-    from flwr.common.config import parse_config_args
-
-    from client.floor import PrivacyFloor
+    from client.floor import PrivacyFloor, parse_node_config
     from shared.config import FederationConfig
 
-    floor = PrivacyFloor.from_node_config(parse_config_args([node_config]))
+    floor = PrivacyFloor.from_node_config(parse_node_config(node_config))
     config = FederationConfig.from_run_config(run_config)
     table = Table(title="the package's default run config against this hospital's privacy floor")
     for column in ("setting", "this hospital's floor", "the package's default", "verdict"):

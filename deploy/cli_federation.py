@@ -14,6 +14,9 @@ federation_app = typer.Typer(help="A deployed federation as real processes on 12
                                   "authentication, hospital-owned runtimes).", no_args_is_help=True)
 console = Console(stderr=True, highlight=False)
 DirOpt = Annotated[Path, typer.Option("--dir", help="The federation's folder (keys, data, logs, state).")]
+FloorOpt = Annotated[Optional[list[str]], typer.Option(
+    "--floor", help="Hospitals' privacy floor, as node-config keys: 'key=value ...' for every hospital, "
+                    "'hospital-K: key=value ...' for one (repeat; e.g. 'require-secure-aggregation=true').")]
 
 
 @federation_app.callback()
@@ -32,12 +35,14 @@ def up(
     backbone: Annotated[Optional[str], typer.Option(help="The hospitals' backbone (node config; default: the "
                                                          "offline default).")] = None,
     dp_epsilon: Annotated[Optional[float], typer.Option(help="DP-SGD at every hospital with this ε budget.")] = None,
+    floor: FloorOpt = None,
 ) -> None:
     """Start the federation (or restart what is not running), then say how to submit a run."""
     from deploy.federation import CONNECTION, Layout, up as start
 
     with console.status("bringing the federation up (first time: keys, phantom data, embeddings)"):
-        record = start(dir, hospitals, images, image_size, app=app, backbone=backbone, dp_epsilon=dp_epsilon)
+        record = start(dir, hospitals, images, image_size, app=app, backbone=backbone, dp_epsilon=dp_epsilon,
+                       floors=floor)
     layout = Layout(dir.resolve())
     console.print(f"federation up in {layout.root}: SuperLink (Control API) at 127.0.0.1:{record['ports']['superlink']},"
                   f" gateway (Fleet API) at 127.0.0.1:{record['ports']['gateway']}, "
@@ -85,11 +90,12 @@ def status(
 @federation_app.command()
 def compose(
     hospitals: Annotated[int, typer.Option(help="Hospitals in the compose project.")] = 2,
+    floor: FloorOpt = None,
 ) -> None:
     """Print docker-compose.yml for this many hospitals: the same processes and flags as `up`, in containers."""
     from deploy.compose import render
 
-    print(render(hospitals), end="")
+    print(render(hospitals, floor or []), end="")
 
 
 @federation_app.command()

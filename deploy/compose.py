@@ -18,7 +18,7 @@ import yaml
 
 from deploy.federation import Layout
 from deploy.topology import (GATEWAY_PORT, QUIET_ENV, SUPERLINK_PORT, HospitalFiles, ServerFiles, Service, address,
-                             hospital_services, server_services)
+                             hospital_floors, hospital_services, server_services)
 
 #: Where the compose project keeps the parties' files (as ``retune federation up --dir federation`` would).
 FILES_DIR = "federation"
@@ -75,8 +75,9 @@ def _service(service: Service, container, host, *, networks: list[str], volumes:
     return spec
 
 
-def compose(hospitals: int = 2) -> dict:
-    """The compose project as a dict."""
+def compose(hospitals: int = 2, floors: list[str] = ()) -> dict:
+    """The compose project as a dict; ``floors``: the hospitals' privacy floors (``--floor`` specs, see
+    :func:`deploy.topology.hospital_floors`)."""
     layout = Layout(Path(FILES_DIR))  # host paths relative to the compose project
     host_server = layout.server_files()
     superlink, gateway, serverapp = server_services(SERVER, "0.0.0.0", "0.0.0.0", "superlink")
@@ -94,10 +95,13 @@ def compose(hospitals: int = 2) -> dict:
     services["serverapp"]["depends_on"] = ["superlink"]
     volumes = {"superlink-state": {}, "server-runs": {}, "server-state": {}}
     networks: dict = {"federation": {}, "server-internal": {"internal": True}}
-    for k in range(hospitals):
-        name, internal = f"hospital-{k}", f"hospital-{k}-internal"
+    names = [f"hospital-{k}" for k in range(hospitals)]
+    floor_of = hospital_floors(list(floors), names)
+    for k, name in enumerate(names):
+        internal = f"hospital-{k}-internal"
         host = layout.hospital_files(k)
-        supernode, runtime = hospital_services(k, name, HOSPITAL, address("gateway", GATEWAY_PORT), "0.0.0.0", name)
+        supernode, runtime = hospital_services(k, name, HOSPITAL, address("gateway", GATEWAY_PORT), "0.0.0.0", name,
+                                               extra_node_config=floor_of[name])
         services[name] = _service(supernode, HOSPITAL, host, networks=["federation", internal])
         services[name]["depends_on"] = ["gateway"]
         services[f"runtime-{k}"] = _service(
@@ -114,8 +118,8 @@ def compose(hospitals: int = 2) -> dict:
     return {"name": "retune-fl", "services": services, "networks": networks, "volumes": volumes}
 
 
-def render(hospitals: int = 2) -> str:
+def render(hospitals: int = 2, floors: list[str] = ()) -> str:
     """``docker-compose.yml`` as text."""
-    body = yaml.safe_dump(compose(hospitals), sort_keys=False, default_flow_style=False, width=1000)
+    body = yaml.safe_dump(compose(hospitals, floors), sort_keys=False, default_flow_style=False, width=1000)
     return HEADER.format(n=hospitals) + body
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.processes import Process, free_port, port_open, spawn, stop
-from deploy.topology import QUIET_ENV, HospitalFiles, ServerFiles, Service, hospital_services, server_services
+from deploy.topology import (QUIET_ENV, HospitalFiles, ServerFiles, Service, hospital_floors, hospital_services,
+                             server_services)
 from shared.errors import RetuneError
 
 RECORD = "federation.json"
@@ -114,7 +115,8 @@ def services(layout: Layout, record: dict) -> list[Service]:
     listed = server_services(layout.server_files(), HOST, HOST, HOST, ports["superlink"], ports["gateway"])
     for k, name in enumerate(record["hospitals"]):
         listed += hospital_services(k, name, layout.hospital_files(k), f"{HOST}:{ports['gateway']}", HOST, HOST,
-                                    ports["runtime"][k], record.get("node_config", {}))
+                                    ports["runtime"][k], {**record.get("node_config", {}),
+                                                          **record.get("floors", {}).get(name, {})})
     return listed
 
 
@@ -209,8 +211,10 @@ def _register(layout: Layout, record: dict) -> None:
 
 def up(root: Path, hospitals: int = 3, images: int = 300, image_size: int = 128, seed: int = 0,
        app: Path | None = Path("."), backbone: str | None = None, dp_epsilon: float | None = None,
-       timeout: float = 180.0) -> dict:
-    """Start (or restart what is not running of) the federation in ``root``; returns its record."""
+       timeout: float = 180.0, floors: list[str] | None = None) -> dict:
+    """Start (or restart what is not running of) the federation in ``root``; returns its record. ``floors``: each
+    hospital's privacy floor (``key=value ...`` for all, ``hospital-K: key=value ...`` for one; see
+    :func:`deploy.topology.hospital_floors`), kept in the record; given again, they replace it."""
     layout = Layout(Path(root).resolve())
     if (layout.root / RECORD).exists():
         record = load_record(layout.root)
@@ -222,6 +226,9 @@ def up(root: Path, hospitals: int = 3, images: int = 300, image_size: int = 128,
         record = _setup(layout, hospitals, images, image_size, seed, node_config)
         _save_record(layout.root, record)
         _embed(layout, record, backbone or "retune-minilm-phantom")
+    if floors:
+        record["floors"] = hospital_floors(floors, record["hospitals"])
+        _save_record(layout.root, record)
     if app is not None:
         record["approved_app"] = approve_app(layout, record, app)
     started: list[Process] = []

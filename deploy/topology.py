@@ -76,13 +76,33 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def hospital_floors(specs: list[str], names: list[str]) -> dict[str, dict]:
+    """Each hospital's privacy-floor keys from ``--floor`` specs: ``key=value ...`` for every hospital, or
+    ``NAME: key=value ...`` for one (later specs win)."""
+    from client.floor import floor_settings
+    from shared.errors import RetuneError
+
+    floors: dict[str, dict] = {name: {} for name in names}
+    for spec in specs:
+        who, sep, rest = spec.partition(":")
+        targets, text = ([who.strip()], rest) if sep and "=" not in who else (names, spec)
+        unknown = [t for t in targets if t not in floors]
+        if unknown:
+            raise RetuneError(f"--floor {spec!r}: no hospital {unknown[0]!r} (hospitals: {', '.join(names)})")
+        values = floor_settings(text)
+        for target in targets:
+            floors[target].update(values)
+    return floors
+
+
 def node_config(files: HospitalFiles, name: str, extra: dict[str, str] | None = None) -> str:
     """The SuperNode's ``--node-config``: the hospital's name, data and protections (read by its runtime)."""
     values = {"name": name, "manifest": files.manifest, "cache": files.cache, "audit-log": files.audit_log,
               "approved-apps": files.approved_apps, "privacy-ledger": files.privacy_ledger,
               "consortium-key": files.consortium_key, "roster": files.roster, "secagg-key": files.auth_key,
               **(extra or {})}
-    return " ".join(f'{key}="{value}"' for key, value in values.items())
+    return " ".join(f'{key}="{str(value).lower() if isinstance(value, bool) else value}"'
+                    for key, value in values.items())
 
 
 def server_services(files: ServerFiles, superlink_host: str, gateway_host: str, superlink_name: str,

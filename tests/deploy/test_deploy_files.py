@@ -381,3 +381,23 @@ def test_mounts_are_what_the_parties_own_commands_write(compose, tmp_path):
 def test_telemetry_off_everywhere(compose):
     for name, service in _services(compose).items():
         assert service.get("environment", {}).get("FLWR_TELEMETRY_ENABLED") == "0", name
+
+
+def test_each_hospitals_privacy_floor_goes_into_its_own_node_config():
+    """``--floor``: keys for every hospital, or ``hospital-K: ...`` for one; only privacy-floor keys, each valid."""
+    from flwr.common.config import parse_config_args
+
+    from client.floor import PrivacyFloor
+    from deploy.compose import compose as render_compose
+    from shared.errors import RetuneError
+
+    services = render_compose(3, ["eval-max-releases=50", "hospital-1: require-secure-aggregation=true "
+                                                           "secagg-max-colluders=0"])["services"]
+    floors = {k: PrivacyFloor.from_node_config(parse_config_args([_parse(services[f"hospital-{k}"])[1]
+                                                                  ["node_config"]])) for k in range(3)}
+    assert [f.evaluation.max_releases for f in floors.values()] == [50, 50, 50]
+    assert [f.require_secure_aggregation for f in floors.values()] == [False, True, False]
+    assert floors[1].secagg_max_colluders == 0 and floors[0].secagg_max_colluders == 1
+    for bad in ('manifest="/elsewhere.csv"', "hospital-9: evaluation=\"none\"", "eval-noise=-1"):
+        with pytest.raises(RetuneError):
+            render_compose(2, [bad])
