@@ -118,7 +118,7 @@ def _stage_stand_in_biomedclip(folder: Path) -> None:
 
 def test_the_guides_followed_step_by_step(tmp_path):
     operator_md, hospital_md = sections(REPO / "deploy" / "operator.md"), sections(REPO / "deploy" / "hospital-it.md")
-    assert set(operator_md) >= {str(n) for n in range(8)} and set(hospital_md) >= {str(n) for n in range(8)}
+    assert set(operator_md) >= {str(n) for n in range(8)} and set(hospital_md) >= {str(n) for n in range(9)}
     app = make_app(tmp_path / "app" / "retune-fl")
     superlink_port, gateway_port = free_port(), free_port()
     op = Party("operator", tmp_path, {"FED": str(tmp_path / "operator"), "SERVER_NAME": "127.0.0.1",
@@ -183,6 +183,8 @@ def test_the_guides_followed_step_by_step(tmp_path):
         for h in hospitals:
             audit = h.run(hospital_md["7"][0])
             assert "sent" in audit and "arrays+metrics+site" in audit
+        attacked = hospitals[0].run(hospital_md["8"][0])  # the red team, under this hospital's node config
+        assert "attacks held" in attacked and "FAILED" not in attacked
 
         started = subprocess.run([str(BIN / "flwr"), "run", str(app), "retune", "--format", "json", "--run-config",
                                   'stages=1 rounds-per-stage=50 run-dir="runs/study-2"'], env=op.env,
