@@ -35,6 +35,7 @@ from client.approval import running_code
 from client.audit import AUDIT_LOG_KEY, ERROR, REFUSED, SENT, AuditLog, message_entry
 from client.evaluation import EVALUATION_DECLINED
 from client.floor import FLOOR_REFUSED, PrivacyFloor
+from client.secagg_record import SummedBefore
 from shared.config import FederationConfig, run_identity
 from shared.errors import RetuneError
 from shared.secagg import SecAggError
@@ -55,10 +56,13 @@ REFUSED_REPLY = "reply refused at the hospital boundary (not the wire format)"
 UNSIGNED = "global adaptors refused: not signed by the consortium key this hospital trusts for this round"
 ROUND_REFUSED = "round refused: not a later round of this run (replayed or reordered)"
 SECAGG_ABORTED = "secure aggregation aborted at this hospital: the round broke the protocol"
+#: A secure round that would sum an update of this hospital with other hospitals than it agreed to before.
+SUMMED_BEFORE = ("secure aggregation refused: this hospital's update was summed with another set of hospitals before "
+                 "(a new study with other hospitals starts from other adaptors: another seed)")
 APP_FAILED = "the hospital's app failed on this message; the details stay at the hospital"
 AUDIT_UNAVAILABLE = "the hospital's audit log is unavailable"
 PUBLIC_REASONS = (DECLINED_BUDGET, NOTHING_TO_TRAIN, REFUSED_REPLY, UNSIGNED, ROUND_REFUSED, SECAGG_ABORTED, APP_FAILED,
-                  AUDIT_UNAVAILABLE, ARRAYS_NOT_HELD, FLOOR_REFUSED, EVALUATION_DECLINED)
+                  AUDIT_UNAVAILABLE, ARRAYS_NOT_HELD, FLOOR_REFUSED, EVALUATION_DECLINED, SUMMED_BEFORE)
 #: Where a hospital keeps the last global adaptors it verified (``context.state``), which a later message of the run
 #: may name by digest instead of carrying them again (:data:`shared.wire.ARRAYS_DIGEST`).
 HELD_KEY = "retune-held-adaptors"
@@ -170,7 +174,8 @@ def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None 
             reply = call_next(msg, context)
         except Exception as exc:  # noqa: BLE001  the server learns a fixed reason, never the message
             log.exception("the ClientApp failed on a %s message", msg.metadata.message_type)
-            public = SECAGG_ABORTED if isinstance(exc, SecAggError) else APP_FAILED
+            public = SUMMED_BEFORE if isinstance(exc, SummedBefore) else \
+                SECAGG_ABORTED if isinstance(exc, SecAggError) else APP_FAILED
             return record(ERROR, _error(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, public),
                           error_code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
         if reply.has_error():
@@ -234,9 +239,10 @@ def _progress_problem(context: Context, kind: str, position: tuple[int, int], di
 
 
 def round_mod(config_of: ConfigOf, public_key: Path | str | None = None) -> Mod:
-    """A client mod that refuses, before the app sees them, rounds the consortium did not sign for exactly this
-    run, stage, round and kind (``config[ARRAYS_SIGNATURE]``, see :func:`shared.signing.verify_round`), and rounds
-    that are not later than the last one this hospital served in the run (replayed or reordered). ``config_of``: the
+    """A client mod that refuses, before the app sees them, rounds outside the run's schedule (stages ×
+    rounds-per-stage), rounds the consortium did not sign for exactly this run, stage, round and kind
+    (``config[ARRAYS_SIGNATURE]``, see :func:`shared.signing.verify_round`), and rounds that are not later than the
+    last one this hospital served in the run (replayed or reordered). ``config_of``: the
     run's settings as this hospital reads them (their identity is signed); ``public_key`` None: the node config's
     ``consortium-key``; a hospital with neither refuses every round (nothing it cannot verify is trained on)."""
 
@@ -250,6 +256,14 @@ def round_mod(config_of: ConfigOf, public_key: Path | str | None = None) -> Mod:
             if not isinstance(arrays, ArrayRecord) or not isinstance(config, ConfigRecord):
                 raise WireError("the message carries no global adaptors and round to verify")
             position = (int(config["stage"]), int(config["round"]))
+            run = config_of(context)
+            if not (0 <= position[0] < run.stages and 0 <= position[1] < run.rounds_per_stage):
+                log.warning("refused a %s message for stage %d round %d, outside the run's %d × %d rounds",
+                            msg.metadata.message_type, position[0] + 1, position[1] + 1, run.stages,
+                            run.rounds_per_stage)
+                return _error(msg, ErrorCode.MOD_FAILED_PRECONDITION,
+                              f"{ROUND_REFUSED}: stage {position[0] + 1} round {position[1] + 1} is not a round of "
+                              f"this run ({run.stages} stages × {run.rounds_per_stage} rounds)")
             if not path:
                 raise RetuneError(f"this hospital has no {CONSORTIUM_KEY!r} in its node config to verify the "
                                   "consortium's signature with")

@@ -18,7 +18,9 @@ under the sender's key for this session and this hospital; it masks one update p
 (whose masked vectors are in the sum) and the dropped; each hospital checks the sets (disjoint, exactly the
 hospitals it exchanged shares with, itself a survivor, at least the threshold), signs them once with its roster
 identity, and reveals shares only if more than (hospitals + ``secagg-max-colluders``) / 2 of the survivors signed
-exactly the sets it signed. Two different survivor sets would then need a common signer, an honest one signing
+exactly the sets it signed, for exactly the key sharing it took part in (the signature binds the session's
+transcript: every member's fresh keys). A hospital sets up a session once: a server cannot collect two signatures of
+one hospital for one session. Two different survivor sets would then need a common signer, an honest one signing
 twice, unless more peers collude than the hospital allows: a server cannot tell one hospital that H survived (its
 share of H's self-mask seed) and another that H dropped (its share of H's mask key). A hospital told inconsistent
 sets aborts (:class:`shared.secagg.SecAggError`, naming the round in its audit log).
@@ -36,6 +38,7 @@ would sit outside the boundary guard, which must see exactly what leaves.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 
@@ -44,8 +47,8 @@ from flwr.clientapp import ClientApp
 
 from client.floor import PrivacyFloor
 from client.secagg_record import agree_to_sum
-from shared.identity import (IdentityError, Roster, announcement, fingerprint, load_identity, sign, survivors_view,
-                             verify)
+from shared.identity import (IdentityError, Roster, announcement, fingerprint, load_identity, session_transcript, sign,
+                             survivors_view, verify)
 from shared.secagg import (MIN_PARTICIPANTS, PROTOCOL, SESSION_BYTES, Layout, SecAggError, agree, check_threshold,
                            commitment, decrypt_shares, encode_update, encrypt_shares, mask_update, new_key_pair,
                            split_secret)
@@ -54,8 +57,9 @@ from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, 
                          SECAGG_SETUP, SECAGG_SHARE_KEYS, SECAGG_UNMASK, SECURE_METRICS, SITE, ArraySpec, WireError,
                          check_reply, secure_stage)
 
-#: Where a hospital keeps the round's secrets (``context.state``; never sent).
-STATE_KEY = "retune-secagg"
+#: Where a hospital keeps the round's secrets, and the sessions it set up in this Flower run (``context.state``;
+#: never sent).
+STATE_KEY, SESSIONS_KEY = "retune-secagg", "retune-secagg-sessions"
 #: Node-config keys: the hospital's identity key (OpenSSH private key) and the consortium's roster.
 IDENTITY_KEY, ROSTER_KEY = "secagg-key", "roster"
 #: The plain train handler, returning its reply and the digest of the stage data it trained on.
@@ -143,6 +147,11 @@ def _state(context: Context, stage: str, session: bytes) -> dict:
     return state
 
 
+def _sessions(context: Context) -> list[str]:
+    record = context.state.get(SESSIONS_KEY)
+    return list(record["sessions"]) if isinstance(record, ConfigRecord) else []
+
+
 def _save(context: Context, state: dict) -> None:
     context.state[STATE_KEY] = ConfigRecord(state)
 
@@ -176,6 +185,10 @@ def setup(msg: Message, context: Context) -> Message:
     index = _get(params, "index", int)
     position = [_get(params, "stage", int), _get(params, "round", int)]
     name, _, identity = _identity_of(context)
+    seen = _sessions(context)
+    if session.hex() in seen:
+        raise SecAggError("a second setup for a session this hospital set up before: one set of keys per session")
+    context.state[SESSIONS_KEY] = ConfigRecord({"sessions": [*seen, session.hex()]})
     _forget(context)
     sk1, pk1 = new_key_pair()
     sk2, pk2 = new_key_pair()
@@ -233,8 +246,10 @@ def share_keys(msg: Message, context: Context) -> Message:
         destinations.append(j)
         ciphertexts.append(encrypt_shares(state["sk2"], keys[j][1], session, me, j,
                                           seed_shares[position], key_shares[position]))
+    transcript = session_transcript(PROTOCOL, msg.metadata.run_id, session, list(state["position"]), indices, names,
+                                    pk1s, pk2s, threshold)
     state.update({"stage": SECAGG_MASKED, "threshold": threshold, "seed": seed, "indices": indices,
-                  "pk1s": pk1s, "pk2s": pk2s, "names": names})
+                  "pk1s": pk1s, "pk2s": pk2s, "names": names, "transcript": transcript})
     _save(context, state)
     return _reply(msg, context, {"destinations": destinations, "ciphertexts": ciphertexts,
                                  "commitment": commitment(session, me, seed)})
@@ -282,7 +297,8 @@ def masked(msg: Message, context: Context, train: TrainFn) -> Message:
     content[METRICS] = MetricRecord(plain)
     content[SITE] = reply.content[SITE]
     state.update({"stage": SECAGG_CONSISTENCY, "sources": sources, "start": arrays_digest(incoming).hex(),
-                  "data": data, "seed-shares": [s for s, _ in shares], "key-shares": [k for _, k in shares]})
+                  "data": data, "update": hashlib.sha256(update.tobytes()).hexdigest(),
+                  "seed-shares": [s for s, _ in shares], "key-shares": [k for _, k in shares]})
     _save(context, state)
     return Message(content, reply_to=msg)
 
@@ -309,10 +325,10 @@ def consistency(msg: Message, context: Context) -> Message:
     state = _state(context, SECAGG_CONSISTENCY, session)
     survivors, dropped = _view(params, state)
     name_of = dict(zip(state["indices"], state["names"]))
-    agree_to_sum(context.node_config, context.state, state["name"], state["start"], state["data"],
+    agree_to_sum(context.node_config, context.state, state["name"], state["start"], state["data"], state["update"],
                  [name_of[i] for i in survivors])
     _, _, identity = _identity_of(context)
-    signature = sign(identity, survivors_view(PROTOCOL, msg.metadata.run_id, session, survivors, dropped))
+    signature = sign(identity, survivors_view(state["transcript"], survivors, dropped))
     state.update({"stage": SECAGG_UNMASK, "survivors": survivors, "dropped": dropped})
     _save(context, state)
     return _reply(msg, context, {"signature": signature})
@@ -333,7 +349,7 @@ def unmask(msg: Message, context: Context) -> Message:
         raise SecAggError(f"stage {stage + 1} round {round_ + 1}: signatures of hospitals that are not survivors")
     _, roster, _ = _identity_of(context)
     name_of = dict(zip(state["indices"], state["names"]))
-    view = survivors_view(PROTOCOL, msg.metadata.run_id, session, state["survivors"], state["dropped"])
+    view = survivors_view(state["transcript"], state["survivors"], state["dropped"])
     valid = sum(isinstance(sig, bytes) and verify(roster.keys[name_of[i]], sig, view)
                 for i, sig in zip(signers, signatures))
     needed = quorum(len(state["indices"]), state["threshold"], _floor(context).secagg_max_colluders)

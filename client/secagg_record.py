@@ -4,9 +4,11 @@ Without DP, local training is deterministic: from the same global adaptors on th
 computes the same update every time it is asked. A server that obtained the secure sum of {H, A, B, C} could ask
 again without H, under any run identity (change a server-side setting such as ``run-dir``), and subtract the sums:
 H's update, exactly. So before it signs a round's survivor set (:func:`client.secagg.consistency`, the last step
-before it reveals any unmask share), a hospital looks up the update it masked, keyed by the digest of the global
-adaptors it started from and the digest of the stage data it trained on, whatever the run: an update it agreed to
-have summed with one set of hospitals is never summed with another. The same set again is fine, and is how a
+before it reveals any unmask share), a hospital looks up the update it masked, whatever the run, by two keys: the
+digest of the global adaptors it started from with the digest of the stage data it trained on, and the digest of the
+encoded update itself (so global adaptors that differ only in bits that change nothing, a ``-0.0`` for a ``0.0``,
+cannot make it a new update): an update it agreed to have summed with one set of hospitals is never summed with
+another. A new study with other hospitals must start from other global adaptors (another ``seed``). The same set again is fine, and is how a
 legitimate resumption completes: a server restarted mid-round asks the same round of the same hospitals, each
 sends the same update (deterministic training, or its DP release kept beside the ledger), and the sum is the one
 it could already have had.
@@ -29,9 +31,15 @@ from shared.secagg import SecAggError
 CONTRIBUTIONS = "secagg-contributions.jsonl"
 
 
+class SummedBefore(SecAggError):
+    """This update was agreed to be summed with another set of hospitals (a rerun, or a new study from the same
+    global adaptors and data)."""
+
+
 def _conflict(entries: list[dict], mine: dict) -> str | None:
     for entry in entries:
-        same = all(entry.get(k) == mine[k] for k in ("hospital", "start", "data"))
+        same = entry.get("hospital") == mine["hospital"] and (
+            all(entry.get(k) == mine[k] for k in ("start", "data")) or entry.get("update") == mine["update"])
         if same and sorted(entry.get("survivors", [])) != mine["survivors"]:
             return (f"this update (global adaptors {mine['start'][:12]}…, stage data {mine['data'][:12]}…) was "
                     f"summed with {', '.join(entry['survivors'])} before; a sum with "
@@ -40,13 +48,14 @@ def _conflict(entries: list[dict], mine: dict) -> str | None:
 
 
 def agree_to_sum(node_config: Mapping[str, Any], state: RecordDict, hospital: str, start: str, data: str,
-                 survivors: list[str]) -> None:
-    """Record that ``hospital``'s update from global adaptors ``start`` on stage data ``data`` may be summed with
-    exactly ``survivors`` (names); :class:`SecAggError` when it was agreed with another set before."""
-    mine = {"hospital": hospital, "start": start, "data": data, "survivors": sorted(survivors)}
+                 update: str, survivors: list[str]) -> None:
+    """Record that ``hospital``'s update (from global adaptors ``start`` on stage data ``data``; its own digest
+    ``update``) may be summed with exactly ``survivors`` (names); :class:`SummedBefore` when it was agreed with
+    another set before."""
+    mine = {"hospital": hospital, "start": start, "data": data, "update": update, "survivors": sorted(survivors)}
     with held_records(node_config, CONTRIBUTIONS, state) as entries:
         problem = _conflict(entries, mine)
         if problem:
-            raise SecAggError(problem)
+            raise SummedBefore(problem)
         if mine not in entries:
             entries.append(mine)

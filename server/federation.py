@@ -87,6 +87,7 @@ class TrainOutcome:
     refused: list[dict[str, str]]
     bytes_up: dict[str, int]
     bytes_down: int
+    agreed: list[int] | None = None
 
 
 def _outgoing(messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
@@ -113,9 +114,10 @@ def _send(grid: Grid, messages: list[Message], arrays: ArrayRecord, held: HeldAr
 
 def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy, hospitals: Hospitals,
                 server_round: int, state: RunState, signing_key: Ed25519PrivateKey | None, run_id: int,
-                held: HeldArrays) -> TrainOutcome:
+                held: HeldArrays, agreed: list[int] | None = None) -> TrainOutcome:
     """Send the global adaptors to every connected hospital (in the wire dtype; not to those that hold them) and
-    aggregate the admitted replies."""
+    aggregate the admitted replies. In secure mode, ``agreed`` (from an earlier attempt of this round whose
+    survivors signed their set) are the only hospitals asked: their updates may be summed with each other only."""
     binding = RoundBinding(run_id, run_identity(config.to_run_config()), state.stage, state.round, "train")
     # secure aggregation masks float32 updates (its vectors are 64-bit whatever the wire dtype): no rounding there
     sent = encoded(state.arrays, "float32" if config.secure_aggregation else config.wire_dtype)
@@ -123,13 +125,15 @@ def train_round(grid: Grid, config: FederationConfig, strategy: AdaptorStrategy,
     train_msgs = _outgoing(strategy.configure_train(
         server_round, decoded(sent), round_config(binding, sent, signing_key), grid), sent)
     if config.secure_aggregation:  # the server sees masked vectors and their unmasked sum only
+        if agreed:
+            train_msgs = [m for m in train_msgs if m.metadata.dst_node_id in agreed]
         arrays, metrics, secure = secure_train(grid, strategy, server_round, train_msgs, config.round_timeout,
                                                hospitals.admit)
         hospitals.names.update(secure.names)
         errors = {m.metadata.src_node_id: m for m in secure.declined}
         return TrainOutcome(arrays, metrics, secure.accepted, _declined(hospitals, errors, errors, config),
                             secure.refused, {hospitals.name(r): secure.bytes_up[r.metadata.src_node_id]
-                                             for r in secure.accepted}, secure.bytes_down)
+                                             for r in secure.accepted}, secure.bytes_down, agreed or secure.agreed)
     by_node, bytes_down = _send(grid, train_msgs, sent, held, config.round_timeout)
     replies = sorted((r for r in by_node.values() if not r.has_error()), key=reply_order)
     admitted, refused = hospitals.admit(replies)
@@ -223,9 +227,12 @@ def run_federation(grid: Grid, config: FederationConfig, embed_dim: int, on_roun
     while not state.done:
         start = time.perf_counter()
         stage, round_, server_round = state.stage, state.round, state.server_round + 1
+        agreed: list[int] | None = None  # secure mode: the survivors an earlier attempt's hospitals signed
         for attempt in range(config.round_retries + 1):
             wait_for_hospitals(grid, config)
-            train = train_round(grid, config, strategy, hospitals, server_round, state, signing_key, run_id, held)
+            train = train_round(grid, config, strategy, hospitals, server_round, state, signing_key, run_id, held,
+                                agreed)
+            agreed = train.agreed
             if len(train.accepted) >= config.min_hospitals and train.arrays is not None:
                 break
             why = "; ".join(f"{d['hospital']}: {d['reason']}" for d in train.declined + train.refused) or "no replies"

@@ -56,7 +56,9 @@ class SecureRound:
     reply per hospital that failed, timed out or was refused at some stage; ``dropped``: node ids that shared keys but
     whose vector is not in the sum; ``bytes_up``: per node, the bytes it sent (key material and masked vector);
     ``masked_bytes``: per node, the bytes of its masked vector; ``bytes_down``: bytes the server sent (key material
-    and, at the masked stage, the global adaptors).
+    and, at the masked stage, the global adaptors); ``agreed``: the survivors once any of them signed the survivor
+    set (those hospitals' updates may from then on only be summed with exactly these: a retry of the round must ask
+    exactly them, see :mod:`client.secagg_record`).
     """
 
     arrays: ArrayRecord | None = None
@@ -71,6 +73,7 @@ class SecureRound:
     refused: list[dict[str, str]] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)
     failure: str | None = None
+    agreed: list[int] = field(default_factory=list)
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -202,6 +205,8 @@ class _Round:
             view["dropped"] = [index[n] for n in self.out.dropped]
         signed = self.send(SECAGG_CONSISTENCY, {n: self.config(**view) for n in survivors})
         signers = sorted(signed)
+        if signers:
+            self.out.agreed = survivors
         if len(signers) < threshold:
             return self.fail(f"{len(signers)} hospital(s) signed the survivor set, fewer than the threshold "
                              f"{threshold}")

@@ -27,7 +27,8 @@ from shared.errors import RetuneError
 
 ROSTER_FORMAT = "retune-roster/1"
 _DOMAIN = b"retune-fl/secagg-announcement/v1\n"
-_DOMAIN_VIEW = b"retune-fl/secagg-survivors/v1\n"
+_DOMAIN_VIEW = b"retune-fl/secagg-survivors/v2\n"
+_DOMAIN_TRANSCRIPT = b"retune-fl/secagg-transcript/v1\n"
 #: The largest signature an announcement may carry (a DER ECDSA P-384 signature is at most 104 bytes).
 MAX_SIGNATURE_BYTES = 160
 
@@ -105,10 +106,21 @@ def announcement(protocol: str, run_id: int, session: bytes, index: int, name: s
     return _DOMAIN + len(head).to_bytes(8, "big") + head + pk1 + pk2
 
 
-def survivors_view(protocol: str, run_id: int, session: bytes, survivors: list[int], dropped: list[int]) -> bytes:
+def session_transcript(protocol: str, run_id: int, session: bytes, position: list[int], indices: list[int],
+                       names: list[str], pk1s: list[bytes], pk2s: list[bytes], threshold: int) -> bytes:
+    """sha256 of everything a hospital accepted at key sharing: the run, session and round, and every member's
+    index, name and fresh public keys. A hospital's keys are new at every setup, so no two setups share a
+    transcript, even under one session id."""
+    body = json.dumps([protocol, run_id, session.hex(), position, indices, names, [k.hex() for k in pk1s],
+                       [k.hex() for k in pk2s], threshold]).encode()
+    return hashlib.sha256(_DOMAIN_TRANSCRIPT + body).digest()
+
+
+def survivors_view(transcript: bytes, survivors: list[int], dropped: list[int]) -> bytes:
     """The bytes a hospital signs in a round's consistency check: which hospitals' masked vectors are in the sum
-    (``survivors``) and which shared keys but are not (``dropped``), by index, for this run and session."""
-    head = json.dumps([protocol, run_id, session.hex(), sorted(survivors), sorted(dropped)]).encode()
+    (``survivors``) and which shared keys but are not (``dropped``), by index, for the key sharing of
+    ``transcript`` (:func:`session_transcript`)."""
+    head = json.dumps([transcript.hex(), sorted(survivors), sorted(dropped)]).encode()
     return _DOMAIN_VIEW + len(head).to_bytes(8, "big") + head
 
 

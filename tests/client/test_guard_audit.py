@@ -273,29 +273,33 @@ def test_round_mod_refuses_unsigned_or_altered_adaptors_before_the_app(tmp_path,
 
 
 @pytest.mark.parametrize("replay", ["earlier round", "earlier stage", "same round other adaptors", "other run",
-                                    "other run config", "evaluate signature on train"])
+                                    "other run config", "evaluate signature on train", "round past the schedule",
+                                    "stage past the schedule"])
 def test_a_replayed_reordered_or_retargeted_round_is_refused(tmp_path, consortium, replay):
     """The server (or anyone holding an old signed message) cannot send a signed round again out of order, into
-    another run or run config, or as another kind of message."""
+    another run or run config, as another kind of message, or past the run's stages × rounds (each extra round
+    would be one more release of the hospital's updates)."""
     private, public = consortium
     marker = tmp_path / "ran"
     app = _app([round_mod(CONFIG_OF, public)], _train_reply, marker)
     context = _context()
-    assert app(_signed(private, stage=1, round_=2), context).has_content()  # the run is at stage 2, round 3
-    assert app(_signed(private, stage=1, round_=2), context).has_content()  # a retry: the same round, same adaptors
+    assert app(_signed(private, stage=1, round_=1), context).has_content()  # the run is at stage 2, round 2 (of 2 × 3)
+    assert app(_signed(private, stage=1, round_=1), context).has_content()  # a retry: the same round, same adaptors
     other = ArrayRecord({k: Array(np.array(a.numpy()) + 1) for k, a in GLOBAL.items()})
-    msg = {"earlier round": lambda: _signed(private, stage=1, round_=1),
-           "earlier stage": lambda: _signed(private, stage=0, round_=5),
-           "same round other adaptors": lambda: _signed(private, arrays=other),
-           "other run": lambda: _signed(private, stage=1, round_=3, signed_run_id=8),
-           "other run config": lambda: _signed(private, stage=1, round_=3, run="another-run-config"),
-           "evaluate signature on train": lambda: _signed(private, stage=1, round_=3, signed_kind="evaluate")}[replay]()
+    msg = {"earlier round": lambda: _signed(private, stage=1, round_=0),
+           "earlier stage": lambda: _signed(private, stage=0, round_=2),
+           "same round other adaptors": lambda: _signed(private, arrays=other, stage=1, round_=1),
+           "other run": lambda: _signed(private, stage=1, round_=2, signed_run_id=8),
+           "other run config": lambda: _signed(private, stage=1, round_=2, run="another-run-config"),
+           "evaluate signature on train": lambda: _signed(private, stage=1, round_=2, signed_kind="evaluate"),
+           "round past the schedule": lambda: _signed(private, stage=1, round_=3),
+           "stage past the schedule": lambda: _signed(private, stage=2, round_=0)}[replay]()
     marker.unlink()
     reply = app(msg, context)
     assert reply.has_error() and not marker.exists()
     assert reply.error.reason.startswith(ROUND_REFUSED if "round" in replay or "stage" in replay or "adaptors"
-                                         in replay else UNSIGNED)
-    assert app(_signed(private, stage=1, round_=3), context).has_content()  # the next round goes through
+                                         in replay else UNSIGNED), reply.error.reason
+    assert app(_signed(private, stage=1, round_=2), context).has_content()  # the next round goes through
 
 
 def test_hospital_mods_from_node_config(tmp_path, consortium):
@@ -338,21 +342,21 @@ def test_adaptors_named_by_digest_are_the_held_ones_and_verified_as_if_sent(tmp_
 
     app = _app(hospital_mods(CONFIG_OF, audit, public), train_reply)
     context = _context()
-    first = app(_signed(private, "evaluate", stage=1, round_=2), context)
+    first = app(_signed(private, "evaluate", stage=1, round_=0), context)
     assert first.has_content()
-    light = _naming(_signed(private, "train", stage=1, round_=3))
+    light = _naming(_signed(private, "train", stage=1, round_=1))
     assert ARRAYS not in light.content
     reply = app(light, context)
     assert reply.has_content() and arrays_digest(seen[-1]) == arrays_digest(GLOBAL)
     assert arrays_digest(reply.content[ARRAYS]) == arrays_digest(GLOBAL)  # the reply is checked against them too
     other = ArrayRecord({k: Array(np.array(a.numpy()) + 1) for k, a in GLOBAL.items()})
     calls = len(seen)
-    for bad in (_naming(_signed(private, "train", arrays=other, stage=1, round_=4)),  # not held
-                _naming(_signed(private, "train", stage=1, round_=4, signed_kind="evaluate")),  # other kind
-                _naming(_signed(private, "train", stage=1, round_=4, signed_run_id=8))):  # other run
+    for bad in (_naming(_signed(private, "train", arrays=other, stage=1, round_=2)),  # not held
+                _naming(_signed(private, "train", stage=1, round_=2, signed_kind="evaluate")),  # other kind
+                _naming(_signed(private, "train", stage=1, round_=2, signed_run_id=8))):  # other run
         refused = app(bad, context)
         assert refused.has_error() and refused.error.code == ErrorCode.MOD_FAILED_PRECONDITION
-    fresh = app(_naming(_signed(private, "train", stage=1, round_=3)), _context())  # a fresh hospital holds nothing
+    fresh = app(_naming(_signed(private, "train", stage=1, round_=1)), _context())  # a fresh hospital holds nothing
     assert fresh.has_error() and fresh.error.reason == ARRAYS_NOT_HELD
     assert len(seen) == calls  # the app never ran on any of them
     reasons = [e["reason"] for e in _entries(audit) if e["event"] == "error"]

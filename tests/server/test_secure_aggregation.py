@@ -32,11 +32,12 @@ from server.secagg import SecureRound, secure_round, secure_train
 from server.strategy import make_strategy
 from shared.config import FederationConfig
 from shared.model import RetuneModel
-from shared.secagg import EXTRAS, QUANTISATION_ERROR, SecAggError, Layout, encode_update
+from shared.secagg import EXTRAS, PROTOCOL, QUANTISATION_ERROR, SecAggError, Layout, encode_update
 from shared.wire import (ARRAYS, CONFIG, MASKED, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_CONSISTENCY, SECAGG_MASKED,
                          SECAGG_UNMASK, SITE, adaptor_spec, site_record, to_record)
 
 GLOBAL = to_record(RetuneModel(16))
+NEXT = ArrayRecord({name: Array(array.numpy() + np.float32(0.25)) for name, array in GLOBAL.items()})
 BACKBONE = "ef" * 32
 SPEC = adaptor_spec(RetuneModel(16))
 CONFIG_OF = (lambda context: FederationConfig(secure_aggregation=True))  # noqa: E731
@@ -263,8 +264,9 @@ def test_simulation_masks_every_update_and_survives_a_dropout(tmp_path):
     def main(grid: Grid, context: Context) -> None:
         while len(nodes := list(grid.get_node_ids())) < 3:
             time.sleep(0.1)
-        for round_ in (1, 2):
-            results[round_] = secure_round(grid, nodes, train_content(round_), round_, timeout=120)
+        for round_ in (1, 2):  # round 2 from the new global adaptors, as a federation goes on
+            results[round_] = secure_round(grid, nodes, train_content(round_, NEXT if round_ == 2 else GLOBAL),
+                                           round_, timeout=120)
 
     members = identities(tmp_path / "roster", 3)
 
@@ -292,7 +294,7 @@ def test_simulation_masks_every_update_and_survives_a_dropout(tmp_path):
             {n: s.shape for n, s in SPEC.items()}).size
         assert first.bytes_up[reply.metadata.src_node_id] > first.masked_bytes[reply.metadata.src_node_id]
 
-    assert_is_fedavg(second, [0, 1])
+    assert_is_fedavg(second, [0, 1], NEXT)
     assert len(second.accepted) == 2 and len(second.dropped) == 1
     assert [int(r.content[METRICS]["partition-id"]) for r in second.accepted] == [0, 1]
     assert len(second.declined) == 1 and second.declined[0].metadata.src_node_id == second.dropped[0]
@@ -428,6 +430,31 @@ def test_a_hospital_answers_one_unmask_request_per_round():
     _ask(grid, template)
     with pytest.raises(SecAggError, match="without a secure-aggregation round"):
         _ask(grid, template, dropped=[template.content[SECAGG]["survivors"][0]])
+
+
+def test_a_session_is_set_up_once_and_survivor_signatures_bind_its_transcript():
+    """A server cannot set a hospital up twice under one session id (it would hold the hospital's signatures of two
+    survivor sets for one session), and a survivor-set signature counts only for the key sharing it was given in:
+    signatures by the same hospitals over the same set but another session's transcript open nothing."""
+    from shared.identity import load_identity, session_transcript, sign, survivors_view
+
+    grid, unmask = _through_masked()
+    node, template = next(iter(unmask.items()))
+    setup = next(m for m in grid.sent if m.metadata.dst_node_id == node and m.metadata.message_type.endswith(
+        "secagg_setup"))
+    state = dict(grid.contexts[node].state[STATE_KEY].items())
+    survivors = list(template.content[SECAGG]["survivors"])
+    other = session_transcript(PROTOCOL, 7, bytes(16), list(state["position"]), list(state["indices"]),
+                               list(state["names"]), list(state["pk1s"]), list(state["pk2s"]), state["threshold"])
+    assert other != state["transcript"]
+    keys = {k + 1: load_identity(grid.contexts[n].node_config["secagg-key"])  # as the server numbers them
+            for k, n in enumerate(sorted(grid.contexts))}
+    forged = [sign(keys[i], survivors_view(other, survivors, [])) for i in template.content[SECAGG]["signers"]]
+    with pytest.raises(SecAggError, match="inconsistent survivor sets"):
+        _ask(grid, template, signatures=forged)
+    _ask(grid, template)  # the signatures it was given, over its own transcript, open the round
+    with pytest.raises(SecAggError, match="session this hospital set up before"):
+        grid.app(grid.deliver(setup), grid.contexts[node])
 
 
 def test_a_hospital_masks_once_per_round():
@@ -590,12 +617,27 @@ def test_a_server_that_forges_the_key_exchange_makes_every_honest_hospital_abort
     assert not shares
 
 
-def test_an_update_is_never_summed_with_another_set_of_hospitals_under_any_run(tmp_path):
-    """The rerun-and-subtract attack: a round with all four hospitals, then the same round (same global adaptors,
-    same stage data: without DP the same updates) without hospital 3, under a new Flower run and run identity, and
-    subtract the sums. Each hospital remembers beside its audit log with whom it let each update be summed, and signs
-    no other survivor set for it: no second sum. Asking the same hospitals again (a server restarted mid-round) still
-    completes, with the same sum."""
+def _negative_zero(arrays: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with one 0.0 written as -0.0: other bytes (another digest), the same function, the same update."""
+    out, done = {}, False
+    for name, array in arrays.items():
+        value = array.numpy().copy()
+        zeros = np.flatnonzero(value == 0)
+        if not done and zeros.size:
+            value.flat[zeros[0]], done = np.float32(-0.0), True
+        out[name] = Array(value)
+    assert done
+    return ArrayRecord(out)
+
+
+@pytest.mark.parametrize("start", ["same adaptors", "a -0.0 for a 0.0"])
+def test_an_update_is_never_summed_with_another_set_of_hospitals_under_any_run(tmp_path, start):
+    """The rerun-and-subtract attack: a round with all four hospitals, then the same round (same global adaptors, or
+    the same written with a -0.0 for a 0.0; same stage data: without DP the same updates) without hospital 3, under a
+    new Flower run and run identity, and subtract the sums. Each hospital remembers beside its audit log with whom it
+    let each update be summed (by where it started and by the update itself), and signs no other survivor set for
+    it: no second sum. Asking the same hospitals again (a server restarted mid-round) still completes, with the
+    same sum."""
     members = identities(tmp_path / "roster", 4)
     audit = {"audit-log": str(tmp_path / "a.jsonl")}
     first = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit)
@@ -603,7 +645,8 @@ def test_an_update_is_never_summed_with_another_set_of_hospitals_under_any_run(t
     assert_is_fedavg(summed, [0, 1, 2, 3])
     without = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit)  # a fresh Flower run
     nodes = [n for n, k in without.partition.items() if k != 3]
-    rerun = secure_round(without, nodes, train_content(1), 1, timeout=1)
+    arrays = GLOBAL if start == "same adaptors" else _negative_zero(GLOBAL)
+    rerun = secure_round(without, nodes, train_content(1, arrays), 1, timeout=1)
     assert rerun.arrays is None and not rerun.accepted
     refusals = [r.error.reason for kind, _, r in without.received if kind.endswith(SECAGG_CONSISTENCY)]
     assert len(refusals) == 3 and all("summed with" in reason for reason in refusals)
@@ -614,6 +657,24 @@ def test_an_update_is_never_summed_with_another_set_of_hospitals_under_any_run(t
     for name in resumed.arrays.keys():
         assert np.array_equal(resumed.arrays[name].numpy(), summed.arrays[name].numpy())
     assert _run(first, round_=2).arrays is not None  # another update (the next round) is summed as usual
+
+
+def test_a_retried_round_asks_exactly_the_hospitals_that_signed_their_survivor_set(tmp_path):
+    """A round whose survivors signed their set, but that then failed (two survivors silent at unmask): those
+    hospitals' updates may only be summed with each other, so a retry with everyone (the one that dropped out is
+    back) is refused, and the retry the server makes, with exactly the set that was signed, completes."""
+    members = identities(tmp_path / "roster", 4)
+    audit = {"audit-log": str(tmp_path / "a.jsonl")}
+    first = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit, fail_round={3: 1},
+                      silent={0: {SECAGG_UNMASK}, 1: {SECAGG_UNMASK}})
+    failed = _run(first)
+    assert failed.arrays is None and "needed" in failed.failure
+    assert sorted(first.partition[n] for n in failed.agreed) == [0, 1, 2]
+    everyone = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit)
+    assert _run(everyone).arrays is None
+    again = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit)
+    retried = secure_round(again, [n for n, k in again.partition.items() if k != 3], train_content(1), 1, timeout=1)
+    assert_is_fedavg(retried, [0, 1, 2])
 
 
 class ViewsGrid(LocalGrid):
@@ -628,7 +689,6 @@ class ViewsGrid(LocalGrid):
 
     def send_and_receive(self, messages, timeout=None):
         from shared.identity import load_identity, sign, survivors_view
-        from shared.secagg import PROTOCOL
 
         stage = messages[0].metadata.message_type.split(".")[1] if messages else ""
         if stage not in (SECAGG_CONSISTENCY, SECAGG_UNMASK):
@@ -644,8 +704,9 @@ class ViewsGrid(LocalGrid):
             record.pop("dropped", None)
             if dropped:
                 record["dropped"] = dropped
-            if stage == SECAGG_UNMASK:
-                view = survivors_view(PROTOCOL, 1, record["session"], survivors, dropped)
+            if stage == SECAGG_UNMASK:  # the colluder signs whatever set, for the key sharing it took part in
+                transcript = self.contexts[node_of[self.colluder]].state[STATE_KEY]["transcript"]
+                view = survivors_view(transcript, survivors, dropped)
                 record["signers"] = [index[msg.metadata.dst_node_id], index[node_of[self.colluder]]]
                 record["signatures"] = [self.signed[partition], sign(colluder_key, view)]
             changed.append(Message(RecordDict({SECAGG: ConfigRecord(record)}), dst_node_id=msg.metadata.dst_node_id,
