@@ -11,12 +11,13 @@ nothing useful, and monitoring keeps its accuracy (``docs/security.md`` has the 
   scores images apart, so its AUROC does not change; the attack's tied images become a random order, whose AUROC
   spreads by about sqrt((P + N + 1) / (12·P·N)), twice the 0.5/P the lifted image moves it by.
 - **Gaussian noise** of ``noise / min(P, N)`` on each AUROC (the most one image's score can move it), from the same
-  CSPRNG: a server that places an image's score deliberately (the attack without ties, two evaluations compared)
-  sees that move under noise, once per evaluation it is granted.
+  CSPRNG, one draw per set of images and disease in a reply: a server that places an image's score deliberately
+  (the attack without ties, two evaluations compared) sees that move under noise, once per evaluation it is granted.
 - **Small counts withheld, counts coarsened**: a disease with fewer than ``min_count`` positives or negatives in a
   test part is left out; positive, negative and image counts are rounded to ``count_step``.
-- **One evaluation per (run, stage, round)**: asked again with the same adaptors (a retried or resumed round), the
-  hospital answers with the reply it released, no new draw; with other adaptors it refuses. Every release is kept
+- **One evaluation per (run, stage, round)** of the run's schedule (:func:`client.guard.round_mod` refuses a round
+  past stages × rounds-per-stage): asked again with the same adaptors (a retried or resumed round), the hospital
+  answers with the reply it released, no new draw; with other adaptors it refuses. Every release is kept
   in ``evaluations.jsonl`` beside the audit log, with its values.
 - **At most ``max_releases`` evaluations ever**, across all runs: a server cannot average the noise away by
   asking under new run identities.
@@ -66,9 +67,11 @@ def released_metrics(logits: np.ndarray, labels: np.ndarray, parts: dict[str, np
                      diseases: tuple[str, ...], policy: EvaluationPolicy, rng: SecureRandom) -> dict[str, float]:
     """Per test part (``{part: rows}``) and disease, ``auroc/<part>/<disease>`` with ``pos``/``neg`` counts, as the
     policy releases them; ``num-examples`` is the coarsened size of the part ``all``. One random order of the images
-    breaks every tie of the release (parts that share images cannot be averaged to undo it)."""
+    breaks every tie of the release, and parts over the same images get the same value (in class, label and joint
+    schedules every stage tests on every image: independent draws could be averaged to undo them)."""
     metrics: dict[str, float] = {"num-examples": coarse(len(parts["all"]), policy.count_step)}
     tiebreak = rng.uniform(len(logits))
+    drawn: dict[tuple[bytes, int], float] = {}  # parts over the same images: one value, not independent draws
     for part, rows in parts.items():
         for c, disease in enumerate(diseases):
             y = labels[rows, c]
@@ -76,9 +79,12 @@ def released_metrics(logits: np.ndarray, labels: np.ndarray, parts: dict[str, np
             positives, negatives = int(np.sum(y[keep] == 1)), int(np.sum(y[keep] == 0))
             if min(positives, negatives) < policy.min_count:
                 continue
-            value = auroc_random_ties(y[keep], logits[rows, c][keep], tiebreak[rows][keep])
-            value += float(rng.normal(1)[0]) * policy.noise / min(positives, negatives)
-            metrics[f"auroc/{part}/{disease}"] = float(np.clip(value, 0.0, 1.0))
+            key = (np.sort(rows).tobytes(), c)
+            if key not in drawn:
+                value = auroc_random_ties(y[keep], logits[rows, c][keep], tiebreak[rows][keep])
+                value += float(rng.normal(1)[0]) * policy.noise / min(positives, negatives)
+                drawn[key] = float(np.clip(value, 0.0, 1.0))
+            metrics[f"auroc/{part}/{disease}"] = drawn[key]
             metrics[f"pos/{part}/{disease}"] = coarse(positives, policy.count_step)
             metrics[f"neg/{part}/{disease}"] = coarse(negatives, policy.count_step)
     return metrics
