@@ -18,7 +18,7 @@ from shared.checkpoint import save_checkpoint
 from shared.config import FederationConfig, run_identity
 from shared.labels import resolve_schema
 from shared.prompts import PromptBank
-from shared.signing import load_private_key, sign_checkpoint
+from shared.signing import PrivateKeyLike, load_private_key, sign_checkpoint
 from shared.wire import load_record
 
 CHECKPOINT = "checkpoint"
@@ -36,7 +36,7 @@ def run_record(config: FederationConfig, state: RunState, run_id: int) -> dict:
             "stages": state.stage, "rounds": state.server_round}
 
 
-def save_final(config: FederationConfig, state: RunState, embed_dim: int, signing_key: Path | None = None,
+def save_final(config: FederationConfig, state: RunState, embed_dim: int, signing_key: PrivateKeyLike | None = None,
                run_id: int = 0) -> Path:
     """Write the global adaptors as a checkpoint that ``retune evaluate``/``predict`` read, signed if a key is
     given: the signature covers the adaptors and the sidecar, with the backbone identity and :func:`run_record`."""
@@ -50,21 +50,21 @@ def save_final(config: FederationConfig, state: RunState, embed_dim: int, signin
 
 
 def make_server_app(config: FederationConfig | None = None, on_round: RoundCallback | None = None,
-                    signing_key: Path | None = None, seals: Path | None = None) -> ServerApp:
+                    signing_key: PrivateKeyLike | None = None, seals: Path | None = None) -> ServerApp:
     """A ServerApp; with ``config=None`` it reads the Flower run config (``flwr run``). Rounds and the checkpoint are
     signed with ``signing_key`` (the consortium's key, held by :mod:`server.runtime` or a simulation, never taken
     from the environment a run's code could read); ``seals``: the register of sealed rounds
     (:class:`server.state.SealRegister`). Without a key nothing is signed, and hospitals refuse the rounds."""
     app = ServerApp()
+    key = load_private_key(signing_key) if signing_key else None  # read once, when the app is made
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FederationConfig.from_run_config(dict(context.run_config))
         embed_dim = cfg.embed_dim or config_embed_dim(cfg.backbone)
-        key = load_private_key(signing_key) if signing_key else None
         state = run_federation(grid, cfg, embed_dim, on_round, key, context.run_id,
                                SealRegister(seals) if seals else None)
-        save_final(cfg, state, embed_dim, signing_key, context.run_id)
+        save_final(cfg, state, embed_dim, key, context.run_id)
 
     return app
 

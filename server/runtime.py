@@ -95,8 +95,8 @@ class ServerRuntime(TaskRuntime):
 
         super().__init__(settings)
         self.approved = Path(approved)
-        self.key = load_private_key(signing_key)  # loaded once: a missing or wrong key stops the runtime at start
-        self.key_path, self.state = Path(signing_key), Path(state)
+        self.key = load_private_key(signing_key)  # read once: a missing or wrong key stops the runtime at start
+        self.state = Path(state)
         self._app = app
         self._on_task = on_task
 
@@ -105,7 +105,7 @@ class ServerRuntime(TaskRuntime):
         if self._app is None:
             from server.app import make_server_app
 
-            self._app = make_server_app(signing_key=self.key_path, seals=self.state / "seals.json")
+            self._app = make_server_app(signing_key=self.key, seals=self.state / "seals.json")
         return self._app
 
     def serve(self, token: str, fab_hash: str) -> RunOutcome:

@@ -7,14 +7,16 @@ With the consortium's signing key every committed state is **sealed** (:func:`sh
 the hash of each file it names), and a resumption checks the seal before anything is used or signed: a run folder
 changed since (adaptors zeroed, a history edited) stops the resumption with a clear error, instead of being carried
 on and signed as the consortium's. A seal cannot tell an older folder, validly sealed in its day, from the latest
-one; the key holder's :class:`SealRegister`, kept outside the run folders, remembers each folder's last sealed round
-and refuses a folder put back from before it.
+one; every run folder has an identity of its own (``folder``, random, sealed with the state), and the key holder's
+:class:`SealRegister`, kept outside the run folders, remembers each folder identity's last sealed round: a copy from
+before it is refused wherever it is put back.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +36,9 @@ _LOCATION_KEYS = {"run-dir", "sim-dir", *OPERATIONAL_KEYS}
 
 
 class SealRegister:
-    """The last round sealed in each run folder (by its absolute path), in one JSON file kept by the holder of the
-    signing key outside the run folders (the server runtime's ``--state``; a simulation's ``keys/``)."""
+    """The last round sealed in each run folder, by the folder's identity (``RunState.folder``), in one JSON file kept
+    by the holder of the signing key outside the run folders (the server runtime's ``--state``; a simulation's
+    ``keys/``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -43,21 +46,21 @@ class SealRegister:
     def _read(self) -> dict[str, int]:
         return json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def check(self, run_dir: Path, server_round: int) -> None:
-        """Refuse a run folder whose state is older than the last one sealed in it."""
-        sealed = self._read().get(str(Path(run_dir).resolve()), 0)
+    def check(self, run_dir: Path, folder: str, server_round: int) -> None:
+        """Refuse a run folder whose state is older than the last one sealed in it (wherever it now lies)."""
+        sealed = self._read().get(folder, 0)
         if server_round < sealed:
-            raise RetuneError(f"{run_dir} holds round {server_round} of its run, but round {sealed} was sealed in it: "
-                              "the folder was put back from an earlier state. Restore its latest state or start the "
-                              "run in a new folder")
+            raise RetuneError(f"{run_dir} holds round {server_round} of its run, but round {sealed} was sealed in this "
+                              "run folder: it was put back (or copied) from an earlier state. Restore its latest "
+                              "state or start the run in a new folder")
 
-    def record(self, run_dir: Path, server_round: int) -> None:
-        """Remember that ``server_round`` was sealed in ``run_dir`` (under an exclusive lock, written atomically)."""
+    def record(self, folder: str, server_round: int) -> None:
+        """Remember that ``server_round`` was sealed in ``folder`` (under an exclusive lock, written atomically)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{self.path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             rounds = self._read()
-            rounds[str(Path(run_dir).resolve())] = server_round
+            rounds[folder] = server_round
             atomic_write_text(self.path, json.dumps(rounds, indent=1, sort_keys=True))
 
 
@@ -80,6 +83,7 @@ class RunState:
     backbone: str | None = None
     hospitals: dict[int, str] = field(default_factory=dict)
     seals: SealRegister | None = None
+    folder: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @classmethod
     def open(cls, config: FederationConfig, initial: ArrayRecord | None,
@@ -90,8 +94,6 @@ class RunState:
         run_dir = Path(config.run_dir)
         path = run_dir / STATE
         if not path.exists():
-            if seals is not None:
-                seals.check(run_dir, 0)
             return cls(run_dir, config.to_run_config(), arrays=initial, seals=seals)
         saved = json.loads(path.read_text())
         files = {name: (run_dir / name).read_bytes() for name in (saved["arrays"], saved.get("optimizer")) if name}
@@ -103,8 +105,9 @@ class RunState:
             except SignatureError as exc:
                 raise RetuneError(f"{run_dir} cannot be resumed: {exc}. Restore the folder from a backup or start "
                                   "the run in a new folder") from None
+        folder = saved.get("folder") or str(run_dir.resolve())  # a folder sealed before it had an identity
         if seals is not None:
-            seals.check(run_dir, saved["server_round"])
+            seals.check(run_dir, folder, saved["server_round"])
         if _comparable(saved["config"]) != _comparable(config.to_run_config()):
             changed = sorted(k for k, v in _comparable(config.to_run_config()).items() if saved["config"].get(k) != v)
             raise RetuneError(f"{run_dir} holds a run with different settings ({', '.join(changed)}): "
@@ -113,7 +116,7 @@ class RunState:
         optimizer = load(files[saved["optimizer"]]) if saved.get("optimizer") else {}
         return cls(run_dir, saved["config"], saved["stage"], saved["round"], saved["server_round"],
                    saved["history"], arrays, optimizer, saved.get("backbone"),
-                   {int(node): name for node, name in saved.get("hospitals", {}).items()}, seals)
+                   {int(node): name for node, name in saved.get("hospitals", {}).items()}, seals, folder)
 
     @property
     def done(self) -> bool:
@@ -140,7 +143,8 @@ class RunState:
             files[opt_name] = save({k: np.ascontiguousarray(v) for k, v in optimizer.items()})
         for file, data in files.items():
             atomic_write_bytes(self.run_dir / file, data)
-        state = {"config": self.config, "stage": self.stage, "round": self.round, "server_round": self.server_round,
+        state = {"config": self.config, "folder": self.folder, "stage": self.stage, "round": self.round,
+                 "server_round": self.server_round,
                  "arrays": name, "optimizer": opt_name, "backbone": self.backbone,
                  "hospitals": {str(node): host for node, host in sorted(self.hospitals.items())},
                  "history": self.history}
@@ -148,7 +152,7 @@ class RunState:
             state["seal"] = seal(state, files, key)
         atomic_write_text(self.run_dir / STATE, json.dumps(state, indent=1))
         if self.seals is not None:
-            self.seals.record(self.run_dir, self.server_round)
+            self.seals.record(self.folder, self.server_round)
         for old in self.run_dir.glob("*-[0-9][0-9][0-9][0-9][0-9].safetensors"):
             if old.name not in (name, opt_name):
                 old.unlink()

@@ -123,10 +123,11 @@ def test_a_tampered_run_folder_is_refused_on_resume(tmp_path, tamper):
         RunState.open(config, None, opening_key)
 
 
-@pytest.mark.parametrize("putback", ["an earlier round's folder", "the folder deleted"])
+@pytest.mark.parametrize("putback", ["at its own path", "at another path"])
 def test_a_run_folder_put_back_from_before_its_last_sealed_round_is_refused(tmp_path, putback):
     """The attack the seal alone cannot see: copy the run folder after round 1 (validly sealed), let the run go
-    on, then put the copy back (or delete the folder) and resume. The key holder's register remembers round 2."""
+    on, then put the copy back, where it was or anywhere else, and resume. The key holder's register remembers that
+    round 2 was sealed in that folder (by the folder's own identity, not its path)."""
     import shutil
 
     from server.state import SealRegister
@@ -140,11 +141,13 @@ def test_a_run_folder_put_back_from_before_its_last_sealed_round_is_refused(tmp_
     shutil.copytree(tmp_path / "run", tmp_path / "after-round-1")
     state.commit(_random_record(2), {}, {"macro_auroc": 0.7}, key=key)
     assert RunState.open(config, None, key, seals).server_round == 2  # the latest folder resumes
-    shutil.rmtree(tmp_path / "run")
-    if putback == "an earlier round's folder":
-        shutil.copytree(tmp_path / "after-round-1", tmp_path / "run")
-        assert RunState.open(config, None, key).server_round == 1  # what the seal alone would have let through
-    with pytest.raises(RetuneError, match="round 2 was sealed in it"):
-        RunState.open(config, None, key, seals)
+    where = tmp_path / ("run" if putback == "at its own path" else "run-b")
+    if putback == "at its own path":
+        shutil.rmtree(tmp_path / "run")
+    shutil.copytree(tmp_path / "after-round-1", where)
+    moved = FederationConfig(stages=2, rounds_per_stage=2, run_dir=str(where))
+    assert RunState.open(moved, None, key).server_round == 1  # what the seal alone would have let through
+    with pytest.raises(RetuneError, match="round 2 was sealed in this run folder"):
+        RunState.open(moved, None, key, seals)
     other = FederationConfig(stages=2, rounds_per_stage=2, run_dir=str(tmp_path / "another-run"))
     assert RunState.open(other, _random_record(0), key, seals).server_round == 0  # a new folder starts afresh
