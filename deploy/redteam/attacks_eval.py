@@ -18,7 +18,7 @@ from shared.wire import METRICS
 ORACLE_RUN = {"scenario": "joint", "stages": 1, "wire-dtype": "float32"}
 #: Where the attacker's bump fires: cosine to the target above this (phantoms of one hospital differ by more).
 BUMP = 0.995
-TARGETS = 12
+TARGETS = 24
 
 
 def oracle_adaptors(target: np.ndarray, prompts: torch.Tensor, averaging: torch.Tensor, bump: float = BUMP
@@ -72,7 +72,7 @@ def _targets(bench: Bench, hospital: Hospital) -> tuple[list[str], list[str], di
     truth = manifest_labels(hospital)
     folder = Path(hospital.node_config["manifest"]).parent
     tests = [folder / name for name, row in truth.items() if row["split"] == "test"][:TARGETS]
-    outside = bench.root / "attacker-images"
+    outside = bench.root / f"attacker-images-{TARGETS}"
     if not (outside / "manifest.csv").exists():
         write_phantom(outside, n=TARGETS, hospital=hospital.index, seed=99, size=64, start=10_000)
     others = sorted(str(p) for p in (outside / "images").glob("*.png"))[:TARGETS]
@@ -96,18 +96,16 @@ def label_oracle(bench: Bench) -> tuple[bool, str]:
     attacker = Attacker(bench)
     tests, others, truth = _targets(bench, hospital)
     calls = {True: [0, 0], False: [0, 0]}  # truth -> [called right, cells]
-    member_right = granted = 0
+    scores: dict[bool, list[float]] = {True: [], False: []}  # present -> how far each reply is from 0.5
     for k, (path, present) in enumerate([(p, True) for p in tests] + [(p, False) for p in others]):
         target = attacker.embed([path])[0]
         run = {**ORACLE_RUN, "run-dir": f"runs/oracle-{k}"}  # a new run identity per query
         metrics = _evaluate(bench, hospital, oracle_adaptors(target, attacker.prompts, attacker.averaging), run,
                             1000 + k)
         if metrics is None:
-            member_right += not present  # declined: the attacker learns nothing either way; count it as a miss
             continue
-        granted += 1
         shifts = {d: float(np.mean(_looks(metrics, d))) - 0.5 for d in CHEXPERT5 if _looks(metrics, d)}
-        member_right += (any(abs(s) > 1e-9 for s in shifts.values())) == present
+        scores[present].append(sum(abs(v) for v in shifts.values()))
         if present:
             row = truth[Path(path).relative_to(Path(hospital.node_config["manifest"]).parent).as_posix()]
             for disease, shift in shifts.items():
@@ -115,29 +113,36 @@ def label_oracle(bench: Bench) -> tuple[bool, str]:
                     positive = row[disease] == "1"
                     calls[positive][0] += (shift > 0) == positive
                     calls[positive][1] += 1
-    queries = 2 * TARGETS
+    granted = len(scores[True]) + len(scores[False])
+    if not scores[True] or not scores[False]:
+        return True, f"{granted} of {2 * TARGETS} evaluations answered: nothing to read"
+    # membership: the attacker calibrates on the images it knows are outside (their median distance from 0.5)
+    cut = float(np.median(scores[False]))
+    member_right = sum(v > cut for v in scores[True]) + sum(v <= cut for v in scores[False])
     balanced = float(np.mean([right / cells for right, cells in calls.values() if cells]))
-    member_accuracy = member_right / queries
+    member_accuracy = member_right / granted
     held = balanced <= 0.75 and member_accuracy <= 0.75
     (pos_right, pos), (neg_right, neg) = calls[True], calls[False]
-    return held, (f"{granted} of {queries} evaluations answered; labels right: positives {pos_right}/{pos}, "
-                  f"negatives {neg_right}/{neg} (balanced {balanced:.0%}), membership {member_right}/{queries} "
+    return held, (f"{granted} of {2 * TARGETS} evaluations answered; labels right: positives {pos_right}/{pos}, "
+                  f"negatives {neg_right}/{neg} (balanced {balanced:.0%}), membership {member_right}/{granted} "
                   f"({member_accuracy:.0%}); chance 50%")
 
 
 @attack("eval-repeat", "server", "ask one (run, stage, round) again and again with other adaptors (another target "
-        "image each time), to scale the oracle to the whole test set within one round")
+        "image each time), then rounds past the run's schedule, to scale the oracle to the whole test set in one run")
 def repeat(bench: Bench) -> tuple[bool, str]:
     hospital = bench.reset()[0]
     attacker = Attacker(bench)
     tests, _, _ = _targets(bench, hospital)
-    hospital.join(2000, ORACLE_RUN)
-    answered = 0
-    for target in attacker.embed(tests[:10]):
-        reply = bench.send(hospital, "evaluate", oracle_adaptors(target, attacker.prompts, attacker.averaging),
-                           ORACLE_RUN, 2000)
-        answered += not reply.has_error()
-    return answered <= 1, f"{answered} of 10 evaluations of one round, each with other adaptors, answered"
+    run = {**ORACLE_RUN, "rounds-per-stage": 1}
+    hospital.join(2000, run)
+    same = past = 0
+    for k, target in enumerate(attacker.embed(tests[:10])):
+        arrays = oracle_adaptors(target, attacker.prompts, attacker.averaging)
+        same += not bench.send(hospital, "evaluate", arrays, run, 2000).has_error()  # round 1, again and again
+        past += not bench.send(hospital, "evaluate", arrays, run, 2000, 0, 1 + k).has_error()  # rounds 2 to 11
+    return same <= 1 and past == 0, (f"{same} of 10 evaluations of round 1 with other adaptors answered, {past} of 10 "
+                                     "of rounds past the run's single round")
 
 
 @attack("eval-unlimited", "server", "ask for evaluations under ever new run identities, to collect as many "

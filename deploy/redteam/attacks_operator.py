@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 from deploy.redteam import attack
-from deploy.redteam.bench import Bench
+from deploy.redteam.bench import Bench, brief
 
 #: Programs that import and run a run's own app package (Flower's per-run processes).
 RUNS_SUBMITTED_CODE = ("flower-superexec", "flwr-serverapp", "flwr-clientapp")
@@ -51,7 +51,7 @@ def signing_key(bench: Bench) -> tuple[bool, str]:
     content = _package(bench)
     problem = approval_problem(bench.root / "operator" / "approved.json", hashlib.sha256(content).hexdigest(), content)
     return problem is not None, ("the server runtime (the only holder of the key) refuses the run's package before "
-                                 f"anything runs: {problem[:70]}…" if problem else "an unapproved package was served")
+                                 f"anything runs: {brief(problem, 70)}" if problem else "an unapproved package was served")
 
 
 @attack("state-rollback", "operator", "put back a run folder from an earlier round (validly sealed in its day) and "
@@ -99,7 +99,7 @@ def _tamper_state(bench: Bench, rollback: bool) -> tuple[bool, str]:
     try:
         resumed = server_state.RunState.open(config, arrays, bench.signing_key, *([seals] if seals else []))
     except RetuneError as exc:
-        return True, f"refused ({str(exc)[:90]})"
+        return True, f"refused ({brief(str(exc))})"
     return False, f"the ServerApp resumed at round {resumed.server_round} of a folder " \
                   f"{'put back from round 1' if rollback else 'with adaptors edited'}, to sign it onwards"
 
@@ -131,7 +131,7 @@ def foreign_code(bench: Bench) -> tuple[bool, str]:
     reply, outcome = serve_task(message, hospital.context, hashlib.sha256(package).hexdigest(), package,
                                 lambda msg, context: ran.append(msg) or msg)
     held = reply.has_error() and not ran and not outcome.served
-    return held, (f"refused before anything ran ({reply.error.reason[:60]}…)" if held
+    return held, (f"refused before anything ran ({brief(reply.error.reason, 60)})" if held
                   else "the hospital served a package it never approved")
 
 

@@ -8,25 +8,26 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from deploy.redteam import attack
 from deploy.redteam.attacks_rounds import PLAIN_RUN, _dim, _train
-from deploy.redteam.bench import Bench, Hospital, server_identity
+from deploy.redteam.bench import Bench, Hospital, brief, server_identity
 from shared.secagg import Layout, SecAggError, agree, combine_secret, decode_sum, pair_mask, public_key, self_mask
 from shared.wire import ARRAYS, MASKED, METRICS, NUM_EXAMPLES, SECAGG
 
 SECURE_RUN = {**PLAIN_RUN, "secure-aggregation": True}
 
 
-def _secure_round(bench: Bench, hospitals: list[Hospital], run: dict, run_id: int, tamper_of=None):
-    """One secure round (stage 1, round 1) with the server's own protocol code, its messages rewritten by
-    ``tamper_of(grid)``; returns (result, grid)."""
+def _secure_round(bench: Bench, hospitals: list[Hospital], run: dict, run_id: int, tamper_of=None, arrays=None):
+    """One secure round (stage 1, round 1) with the server's own protocol code, from ``arrays`` (default: the run's
+    initial adaptors), its messages rewritten by ``tamper_of(grid)``; returns (result, grid)."""
     from server.secagg import secure_round
 
     for hospital in hospitals:
         hospital.join(run_id, run)
     grid = bench.grid(hospitals)
     grid.tamper = tamper_of(grid) if tamper_of is not None else None
-    content = bench.round_content(bench.initial(run, _dim(bench)), run, run_id, 0, 0, "train")
+    start = arrays if arrays is not None else bench.initial(run, _dim(bench))
+    content = bench.round_content(start, run, run_id, 0, 0, "train")
     with server_identity(run_id):
-        result = secure_round(grid, grid.get_node_ids(), content, 1, timeout=None)
+        result = secure_round(grid, grid.get_node_ids(), content, 1, timeout=2)  # replies are immediate
     return result, grid
 
 
@@ -45,18 +46,35 @@ def _true_update(bench: Bench, hospital: Hospital, run: dict) -> tuple[dict[str,
             int(reply.content[METRICS][NUM_EXAMPLES]))
 
 
-@attack("secagg-rerun-subtract", "server", "run a secure round with hospitals {H, A, B, C}, run it again without H "
-        "under a new run identity (another run-dir), and subtract the sums (no DP: training repeats exactly)")
+def _negative_zero(arrays):
+    """The same adaptors with one 0.0 written as -0.0: other bytes (another digest), the same function."""
+    from flwr.app import Array, ArrayRecord
+
+    out, flipped = {}, False
+    for name, array in arrays.items():
+        values = np.array(array.numpy())
+        if not flipped and np.any(values == 0):
+            values.flat[int(np.flatnonzero(values == 0)[0])] = -0.0
+            flipped = True
+        out[name] = Array(values)
+    return ArrayRecord(out)
+
+
+@attack("secagg-rerun-subtract", "server", "run a secure round with every hospital, run it again without H under a "
+        "new run identity (another run-dir) from the same global adaptors written with a -0.0 for a 0.0 (other bytes, "
+        "the same function), and subtract the sums (no DP: training repeats exactly)")
 def rerun_subtract(bench: Bench) -> tuple[bool, str]:
     hospitals = bench.reset()
     target = hospitals[0]
     first, _ = _secure_round(bench, hospitals, {**SECURE_RUN, "run-dir": "runs/study"}, 60)
     if first.arrays is None:
-        return True, f"no first sum ({first.failure})"
-    again, grid = _secure_round(bench, hospitals[1:], {**SECURE_RUN, "run-dir": "runs/study-again"}, 61)
+        return True, f"not applicable here: no first sum ({first.failure})"
+    rerun = {**SECURE_RUN, "run-dir": "runs/study-again"}
+    again, grid = _secure_round(bench, hospitals[1:], rerun, 61,
+                                arrays=_negative_zero(bench.initial(rerun, _dim(bench))))
     if again.arrays is None:
         refusals = [r.error.reason for _, _, r in grid.received if r.has_error()]
-        return True, f"no second sum: {len(refusals)} refusal(s) ({(refusals or [again.failure])[0][:80]})"
+        return True, f"no second sum: {len(refusals)} refusal(s) ({brief((refusals or [again.failure])[0], 80)})"
     recovered = {k: v - _total(again)[k] for k, v in _total(first).items()}
     count = first.num_examples - again.num_examples
     truth, n = _true_update(bench, target, {**SECURE_RUN, "run-dir": "runs/study"})
@@ -96,12 +114,11 @@ def inconsistent_views(bench: Bench) -> tuple[bool, str]:
                 record["dropped"] = dropped
             if stage == "secagg_unmask" and consistency:  # its own signature and the colluder's, of its set
                 from shared.identity import survivors_view
-                from shared.secagg import PROTOCOL
 
                 own = next(r.content[SECAGG]["signature"] for kind, k, r in grid.received
                            if kind.endswith("secagg_consistency") and hospitals[k].node_id == node
                            and not r.has_error())
-                view = survivors_view(PROTOCOL, msg.metadata.run_id, record["session"], survivors, dropped)
+                view = survivors_view(captured["colluder"]["transcript"], survivors, dropped)
                 record["signers"] = [index[node], index[colluder.node_id]]
                 record["signatures"] = [own, sign(load_identity(colluder.node_config["secagg-key"]), view)]
             return Message(RecordDict({SECAGG: ConfigRecord(record)}), dst_node_id=node,
@@ -129,7 +146,7 @@ def _rebuild(target: Hospital, honest: Hospital, colluder: Hospital, index: dict
     mine, theirs = unmask.get(target.index), unmask.get(honest.index)
     if mine is None or theirs is None or mine.has_error() or theirs.has_error():
         why = next((r.error.reason for r in (mine, theirs) if r is not None and r.has_error()), "no answer")
-        return True, f"no unmask shares from the honest hospitals ({why[:90]})"
+        return True, f"no unmask shares from the honest hospitals ({brief(why)})"
     state = captured["colluder"]
     sources = list(state["sources"])
     colluder_seed = dict(zip(sources, state["seed-shares"]))
@@ -185,24 +202,35 @@ def key_substitution(bench: Bench) -> tuple[bool, str]:
                         "every hospital refused the substituted keys: no share was encrypted")
 
 
-@attack("secagg-second-mask", "server", "ask a hospital for a second masked vector in the same session (two vectors "
-        "under the same masks give away the difference of two updates), then set the round up again mid-way")
+@attack("secagg-second-mask", "server", "mid-round, after its masked vector, ask a hospital for a second masked "
+        "vector in the same session (two vectors under the same masks give away the difference of two updates), and "
+        "set the session up again to get one under new keys")
 def second_mask(bench: Bench) -> tuple[bool, str]:
     hospitals = bench.reset()[:3]
-    captured: dict[int, Message] = {}
+    captured: dict[str, Message] = {}
 
     def tamper_of(grid):
         def tamper(msg: Message) -> Message | None:
-            if msg.metadata.message_type.endswith("secagg_masked"):
-                captured[msg.metadata.dst_node_id] = msg
-            return msg
+            stage = msg.metadata.message_type.partition(".")[2]
+            if msg.metadata.dst_node_id == hospitals[0].node_id:
+                captured.setdefault(stage, msg)
+            return None if stage in ("secagg_consistency", "secagg_unmask") else msg  # the round stops mid-way
 
         return tamper
 
-    _, grid = _secure_round(bench, hospitals, {**SECURE_RUN, "run-dir": "runs/again"}, 90, tamper_of)
+    _secure_round(bench, hospitals, {**SECURE_RUN, "run-dir": "runs/again"}, 90, tamper_of)
     target = hospitals[0]
-    replay = captured[target.node_id]
-    again = target.handle(bench.message(target, replay.metadata.message_type, RecordDict(dict(replay.content.items())),
-                                        90))
-    leaked = [] if again.has_error() else ["a second masked vector in the session"]
-    return not leaked, ("; ".join(leaked) if leaked else f"refused ({again.error.reason[:80]})")
+
+    def resend(stage: str) -> Message:
+        sent = captured[stage]
+        return target.handle(bench.message(target, sent.metadata.message_type, RecordDict(dict(sent.content.items())),
+                                           90))
+
+    leaked = []
+    if not resend("secagg_masked").has_error():
+        leaked.append("a second masked vector under the session's masks")
+    again = resend("secagg_setup")
+    if not again.has_error() and not resend("secagg_masked").has_error():
+        leaked.append("a masked vector after setting the session up again")
+    said = f"the session set up again: {'refused' if again.has_error() else 'allowed (new keys, nothing masked)'}"
+    return not leaked, ("; ".join(leaked) if leaked else f"a second masked vector refused; {said}")

@@ -36,6 +36,11 @@ from shared.wire import ARRAYS, ARRAYS_DIGEST, CONFIG, encoded, to_record
 SERVER_NODE, FIRST_NODE = 1, 100
 
 
+def brief(text: str, width: int = 90) -> str:
+    """``text`` cut to ``width`` characters for a one-line verdict, with an ellipsis where it was cut."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def _wire(message: Message) -> Message:
     """The message as its receiver gets it: through Flower's protobuf serialisation."""
     return message_from_proto(ProtoMessage.FromString(message_to_proto(message).SerializeToString()))

@@ -17,7 +17,7 @@ from shared.errors import RetuneError
 
 #: The attack modules (each registers its attacks on import).
 MODULES = ("deploy.redteam.attacks_rounds", "deploy.redteam.attacks_eval", "deploy.redteam.attacks_secagg",
-           "deploy.redteam.attacks_operator")
+           "deploy.redteam.attacks_session", "deploy.redteam.attacks_operator")
 
 
 def known_attacks() -> dict:
@@ -47,7 +47,7 @@ def _quiet() -> Iterator[None]:
 
 def run_attacks(names: list[str] | None, backbone: str, images: int, workdir: Path | None = None,
                 on_outcome: Callable[[Outcome], None] | None = None, floor: dict | None = None) -> list[Outcome]:
-    """Run the attacks ``names`` (None: all) against a bench of 4 phantom hospitals of ``images`` images each, whose
+    """Run the attacks ``names`` (None: all) against a bench of 5 phantom hospitals of ``images`` images each, whose
     node config holds ``floor`` (a privacy officer's own floor keys; where and what a hospital reads are the
     bench's)."""
     attacks = known_attacks()
@@ -57,7 +57,7 @@ def run_attacks(names: list[str] | None, backbone: str, images: int, workdir: Pa
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="retune-redteam-"))
     outcomes = []
     with _quiet():
-        bench = Bench.build(root, backbone, hospitals=4, images=images)
+        bench = Bench.build(root, backbone, hospitals=5, images=images)
         bench.floor = dict(floor or {})
         for name in names or list(attacks):
             try:
