@@ -55,9 +55,15 @@ def test_released_metrics_are_noised_withheld_and_coarsened():
     tied = np.zeros((120, 2))
     tied[np.flatnonzero(labels[:, 0])[0], 0] = 1.0  # the oracle's scores
     quiet = EvaluationPolicy(noise=0.0, min_count=2, count_step=1)
-    for _ in range(20):
+    oracle = []
+    for _ in range(200):
         release = released_metrics(tied, labels, same, ("A", "B"), quiet, SecureRandom())
         assert release["auroc/s0/A"] == release["auroc/all/A"]
+        oracle.append(release["auroc/all/A"])
+    # without noise, the oracle's exact 0.5 + 0.5/P becomes the AUROC of a random order: it spreads by
+    # sqrt((P + N + 1) / (12 P N)), about twice the 0.5/P the lifted image moves it by
+    assert np.mean(oracle) == pytest.approx(0.5 + 0.5 / p, abs=0.02)
+    assert np.std(oracle) == pytest.approx(np.sqrt((p + n + 1) / (12 * p * n)), rel=0.25)
     # ... and the same noise too (in class, label and joint schedules every stage tests every image): averaging
     # the parts of one reply would otherwise shrink the noise by the number of stages
     for _ in range(20):
