@@ -22,7 +22,6 @@ loop that serves tasks: :mod:`shared.task_runtime`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.approval import APPROVED_APPS_KEY
 from client.audit import AUDIT_LOG_KEY, REFUSED, AuditLog, message_entry
-from shared.app_packages import find_approval, store_pending
+from shared.app_packages import package_problem
 from shared.errors import RetuneError
 from shared.task_runtime import RuntimeSettings, TaskRuntime, runtime_client, task_retries
 
@@ -102,14 +101,9 @@ def approval_problem(context: Context, fab_hash: str, fab_content: bytes) -> str
     approved list."""
     missing = [key for key in REQUIRED_KEYS if not context.node_config.get(key)]
     if missing:
-        return f"node config lacks {', '.join(map(repr, missing))}: a deployed hospital needs {', '.join(REQUIRED_KEYS)}"
-    approved = context.node_config[APPROVED_APPS_KEY]
-    if hashlib.sha256(fab_content).hexdigest() != fab_hash:
-        return f"the app package's content does not match its hash {fab_hash[:16]}"
-    if find_approval(Path(str(approved)), fab_hash) is None:
-        pending = store_pending(Path(str(approved)), fab_content, fab_hash)
-        return f"app package {fab_hash} is not in {approved}; kept for review at {pending}"
-    return None
+        return (f"node config lacks {', '.join(map(repr, missing))}: a deployed hospital needs "
+                f"{', '.join(REQUIRED_KEYS)}")
+    return package_problem(Path(str(context.node_config[APPROVED_APPS_KEY])), fab_hash, fab_content)
 
 
 def serve_task(message: Message, context: Context, fab_hash: str, fab_content: bytes, app: App

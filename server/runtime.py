@@ -21,7 +21,6 @@ so an older, validly sealed folder put back is refused (:class:`server.state.Sea
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from flwr.supercore.logger import flush_logs, start_log_uploader, stop_log_uploa
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 
-from shared.app_packages import find_approval, store_pending
+from shared.app_packages import package_problem
 from shared.errors import RetuneError
 from shared.task_runtime import RuntimeSettings, TaskRuntime
 
@@ -70,17 +69,6 @@ class _LogLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.queue.put(self.format(record) + "\n")
-
-
-def approval_problem(approved: Path, fab_hash: str, content: bytes) -> str | None:
-    """Why a run's package may not be served (None: it is in the ``approved`` list); a refused package is kept for
-    review beside the list."""
-    if hashlib.sha256(content).hexdigest() != fab_hash:
-        return f"the app package's content does not match its hash {fab_hash[:16]}"
-    if find_approval(approved, fab_hash) is None:
-        return f"app package {fab_hash} is not in {approved}; kept for review at " \
-               f"{store_pending(approved, content, fab_hash)}"
-    return None
 
 
 class ServerRuntime(TaskRuntime):
@@ -128,7 +116,7 @@ class ServerRuntime(TaskRuntime):
             uploader = start_log_uploader(lines, 0, run.run_id, client)
             handler = _LogLines(lines)
             logging.getLogger().addHandler(handler)
-            problem = approval_problem(self.approved, fab.hash_str, fab.content)
+            problem = package_problem(self.approved, fab.hash_str, fab.content)
             if problem is not None:
                 log.warning("refused run %d: %s", run.run_id, problem)
                 details = NOT_APPROVED

@@ -172,3 +172,14 @@ def store_pending(approved_list: Path, content: bytes, fab_hash: str) -> Path:
     if not path.exists() and len(content) <= MAX_PACKAGE_BYTES:
         _atomic_write(path, content)
     return path
+
+
+def package_problem(approved_list: Path, fab_hash: str, content: bytes) -> str | None:
+    """Why a run's app package may not be served (None: ``content`` hashes to ``fab_hash``, which is in the approved
+    list); a refused package is kept for review beside the list (:func:`store_pending`)."""
+    if hashlib.sha256(content).hexdigest() != fab_hash:
+        return f"the app package's content does not match its hash {fab_hash[:16]}"
+    if find_approval(approved_list, fab_hash) is None:
+        return f"app package {fab_hash} is not in {approved_list}; kept for review at " \
+               f"{store_pending(approved_list, content, fab_hash)}"
+    return None

@@ -45,11 +45,11 @@ def signing_key(bench: Bench) -> tuple[bool, str]:
         return False, (f"the deployed {', '.join(exposed)} process, which imports each run's own ServerApp, holds the "
                        f"signing key ({files.signing_key}) in its environment")
     try:
-        from server.runtime import approval_problem
+        from server.runtime import package_problem  # what the server runtime checks before anything runs
     except ImportError:
         return False, "no process of the server site both holds the key and refuses unapproved runs"
     content = _package(bench)
-    problem = approval_problem(bench.root / "operator" / "approved.json", hashlib.sha256(content).hexdigest(), content)
+    problem = package_problem(bench.root / "operator" / "approved.json", hashlib.sha256(content).hexdigest(), content)
     return problem is not None, ("the server runtime (the only holder of the key) refuses the run's package before "
                                  f"anything runs: {brief(problem, 70)}" if problem else "an unapproved package was served")
 
