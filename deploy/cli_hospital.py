@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -50,7 +49,6 @@ def serve(
     from client.approval import running_code
     from client.runtime import HospitalRuntime, TaskOutcome
     from shared.task_runtime import RuntimeSettings, read_secret
-    from shared.errors import RetuneError
 
     secret = read_secret(superexec_secret)
     logging.getLogger("client").setLevel(logging.INFO)
@@ -65,12 +63,7 @@ def serve(
 
     runtime = HospitalRuntime(RuntimeSettings(runtime_api, secret, str(root_certificates) if root_certificates
                                               else None, poll_interval), on_task=report)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: runtime.stop())
     console.print(f"hospital runtime {running_code().code_hash[:16]} (installed retune-fl) serving the SuperNode at "
                   f"{runtime_api}; approved app packages only")
-    try:
-        runtime.serve_forever()
-    finally:
-        runtime.close()
+    runtime.serve_until_signalled()
     console.print("hospital runtime stopped")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -57,10 +56,5 @@ def serve(
     settings = RuntimeSettings(runtime_api, secret, str(root_certificates) if root_certificates else None,
                                poll_interval)
     runtime = ServerRuntime(settings, approved_apps, signing_key, state, on_task=report)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: runtime.stop())
     console.print(f"serving ServerApp tasks of {runtime_api}: approved app packages in {approved_apps} only")
-    try:
-        runtime.serve_forever()
-    finally:
-        runtime.close()
+    runtime.serve_until_signalled()

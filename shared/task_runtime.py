@@ -12,6 +12,7 @@ reach the Runtime API, and the loop that serves tasks until stopped.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,3 +149,12 @@ class TaskRuntime:
 
     def close(self) -> None:
         self._acquirer.close()
+
+    def serve_until_signalled(self) -> None:
+        """:meth:`serve_forever` until SIGTERM or SIGINT (the task in hand is finished first), then :meth:`close`."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+        try:
+            self.serve_forever()
+        finally:
+            self.close()
