@@ -190,13 +190,9 @@ def boundary_guard(spec_fn: SpecFn | None = None, audit_path: Path | str | None 
     return mod
 
 
-#: The run's settings as this hospital reads them from the run config (its identity: :func:`run_of`).
+#: The run's settings as this hospital reads them from the run config (its identity:
+#: :func:`shared.config.run_identity` of them).
 ConfigOf = Callable[[Context], FederationConfig]
-
-
-def run_of(config_of: ConfigOf, context: Context) -> str:
-    """The run's identity (:func:`shared.config.run_identity`) as this hospital computes it."""
-    return run_identity(config_of(context).to_run_config())
 
 
 def floor_mod(config_of: ConfigOf) -> Mod:
@@ -267,7 +263,7 @@ def round_mod(config_of: ConfigOf, public_key: Path | str | None = None) -> Mod:
             if not path:
                 raise RetuneError(f"this hospital has no {CONSORTIUM_KEY!r} in its node config to verify the "
                                   "consortium's signature with")
-            binding = RoundBinding(msg.metadata.run_id, run_of(config_of, context), *position, kind)
+            binding = RoundBinding(msg.metadata.run_id, run_identity(run.to_run_config()), *position, kind)
             signature = config.get(ARRAYS_SIGNATURE)
             verify_round(arrays, binding, signature if isinstance(signature, bytes) else None,
                          load_public_key(str(path)))

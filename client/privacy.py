@@ -207,7 +207,10 @@ class HospitalPrivacy:
         target = self.config.target_epsilon or self.config.max_epsilon
         rounds = max(rounds_left, 1)
         counts = [] if count_noise is None else [Spend(count_noise, 1.0, rounds, "", 0, 0, 0.0)]
-        plan = lambda sigma: self.epsilon(Spend(sigma, sample_rate, steps * rounds, "", 0, 0, 0.0), *counts)  # noqa: E731
+
+        def plan(sigma: float) -> float:
+            return self.epsilon(Spend(sigma, sample_rate, steps * rounds, "", 0, 0, 0.0), *counts)
+
         low, high = 0.3, 2.0
         while plan(high) > target:
             low, high = high, high * 2
@@ -231,11 +234,10 @@ class HospitalPrivacy:
         now = self.path.read_bytes() if self.path.exists() else b""
         if now != self._loaded:
             raise LedgerTampered(f"privacy ledger {self.path} changed while this round held it; not committing")
-        entries = []
+        entries, prev = [], self._chain[-1]["hash"] if self._chain else GENESIS
         for spent in spends:
-            entry = {**asdict(spent), "prev": (entries or self._chain)[-1]["hash"] if entries or self._chain
-                     else GENESIS}
-            entry["hash"] = entry_hash(entry)
+            entry = {**asdict(spent), "prev": prev}
+            entry["hash"] = prev = entry_hash(entry)
             entries.append(entry)
         text = json.dumps({"format": LEDGER_FORMAT, "delta": self.config.delta, "accountant": self.config.accountant,
                            "entries": [*self._chain, *entries]}, indent=1)

@@ -25,9 +25,9 @@ twice, unless more peers collude than the hospital allows: a server cannot tell 
 share of H's self-mask seed) and another that H dropped (its share of H's mask key). A hospital told inconsistent
 sets aborts (:class:`shared.secagg.SecAggError`, naming the round in its audit log).
 
-**Once per update** (:mod:`client.secagg_record`): an update (global adaptors it started from, stage data it
-trained on) that a hospital agreed to have summed with some hospitals is never summed with another set, under any
-run identity, so the rerun-and-subtract attack fails.
+**Once per update** (:mod:`client.secagg_record`): an update (known by the global adaptors it started from with
+the stage data it trained on, and by its own digest) that a hospital agreed to have summed with some hospitals is
+never summed with another set, under any run identity, so the rerun-and-subtract attack fails.
 
 It answers one unmask request per session, after which its secrets are deleted, and never reveals both the seed
 share and the key share of the same peer.

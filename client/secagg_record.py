@@ -8,10 +8,10 @@ before it reveals any unmask share), a hospital looks up the update it masked, w
 digest of the global adaptors it started from with the digest of the stage data it trained on, and the digest of the
 encoded update itself (so global adaptors that differ only in bits that change nothing, a ``-0.0`` for a ``0.0``,
 cannot make it a new update): an update it agreed to have summed with one set of hospitals is never summed with
-another. A new study with other hospitals must start from other global adaptors (another ``seed``). The same set again is fine, and is how a
-legitimate resumption completes: a server restarted mid-round asks the same round of the same hospitals, each
-sends the same update (deterministic training, or its DP release kept beside the ledger), and the sum is the one
-it could already have had.
+another. A new study with other hospitals must start from other global adaptors (another ``seed``). The same set
+again is fine, and is how a legitimate resumption completes: a server restarted mid-round asks the same round of
+the same hospitals, each sends the same update (deterministic training, or its DP release kept beside the ledger),
+and the sum is the one it could already have had.
 
 The record lives beside the audit log (``secagg-contributions.jsonl``, one JSON line per agreement, appended under
 an exclusive lock and fsync'ed before the signature leaves); a hospital without an audit log keeps it in the

@@ -199,7 +199,8 @@ def stage_test_rows(site: Site, stage: int) -> np.ndarray:
 
 
 def test_parts(site: Site, stage: int) -> dict[str, np.ndarray]:
-    """The test rows a site scores after ``stage``: each stage's (``s<j>``, j ≤ ``stage``) and all of them (``all``)."""
+    """The test rows a site scores after ``stage``: each stage's (``s<j>``, j ≤ ``stage``) and all of them
+    (``all``)."""
     parts = {f"s{j}": site.tasks[j].test_rows for j in range(stage + 1)}
     parts["all"] = stage_test_rows(site, stage)
     return parts

@@ -5,8 +5,9 @@ Files come read-only from a folder laid out as ``retune federation up`` lays out
 (:class:`deploy.federation.Layout`, here ``./federation``): the operator's ``server/certs`` (``retune certs``) and
 ``server/keys`` (``retune keys``), and each hospital's ``hospital-K/keys`` (``retune hospital keys``) with the
 ``ca.crt`` and ``consortium.pub`` the operator handed it. Each container mounts only what its process reads: the
-signing key and the operator's approved app packages only in ``serverapp`` (the consortium's own ServerApp runtime); a hospital's data, cache and state (audit log, approved list, ε ledger) only in
-its own runtime, which sits on that hospital's internal network and nowhere else. The SuperLink's port (Control and
+signing key and the operator's approved app packages only in ``serverapp`` (the consortium's own ServerApp
+runtime); a hospital's data, cache and state (audit log, approved list, ε ledger) only in its own runtime, which
+sits on that hospital's internal network and nowhere else. The SuperLink's port (Control and
 Runtime APIs) is published on the operator host's loopback only; hospitals reach the gateway's port.
 """
 

@@ -223,8 +223,9 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
         baselines = {"zero_shot": zero_shot_baseline(sites, config),
                      "centralized": centralized_baseline(sites, config)}
     history: list[dict] = []
-    # each round's global adaptors scored on the data directly (what the released figures approximate; rounds
-    exact: list[float | None] = [None] * resumed.server_round  # committed before a resumption are not rescored)
+    # each round's global adaptors scored on the data directly (what the released figures approximate); rounds
+    # committed before a resumption are not rescored
+    exact: list[float | None] = [None] * resumed.server_round
     logging.getLogger("flwr").setLevel(logging.WARNING)
     with Live(_progress_table(config, history, baselines), console=console, refresh_per_second=4) as live, \
             stop_after_round(console) as stop:

@@ -7,7 +7,7 @@ import inspect
 import os
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from deploy.redteam import attack
 from deploy.redteam.attacks_rounds import _dim
