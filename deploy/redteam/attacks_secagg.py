@@ -4,7 +4,7 @@ code (:mod:`server.secagg`) and manipulates what it sends."""
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from deploy.redteam import attack
 from deploy.redteam.attacks_rounds import PLAIN_RUN, _dim, _train
@@ -46,10 +46,9 @@ def _true_update(bench: Bench, hospital: Hospital, run: dict) -> tuple[dict[str,
             int(reply.content[METRICS][NUM_EXAMPLES]))
 
 
-def _negative_zero(arrays):
-    """The same adaptors with one 0.0 written as -0.0: other bytes (another digest), the same function."""
-    from flwr.app import Array, ArrayRecord
-
+def negative_zero(arrays: ArrayRecord) -> ArrayRecord:
+    """The same adaptors with one 0.0 written as -0.0: other bytes (another digest), the same function, the same
+    update. ValueError when the adaptors hold no 0.0."""
     out, flipped = {}, False
     for name, array in arrays.items():
         values = np.array(array.numpy())
@@ -57,6 +56,8 @@ def _negative_zero(arrays):
             values.flat[int(np.flatnonzero(values == 0)[0])] = -0.0
             flipped = True
         out[name] = Array(values)
+    if not flipped:
+        raise ValueError("the adaptors hold no 0.0 to write as -0.0")
     return ArrayRecord(out)
 
 
@@ -71,7 +72,7 @@ def rerun_subtract(bench: Bench) -> tuple[bool, str]:
         return True, f"not applicable here: no first sum ({first.failure})"
     rerun = {**SECURE_RUN, "run-dir": "runs/study-again"}
     again, grid = _secure_round(bench, hospitals[1:], rerun, 61,
-                                arrays=_negative_zero(bench.initial(rerun, _dim(bench))))
+                                arrays=negative_zero(bench.initial(rerun, _dim(bench))))
     if again.arrays is None:
         refusals = [r.error.reason for _, _, r in grid.received if r.has_error()]
         return True, f"no second sum: {len(refusals)} refusal(s) ({brief((refusals or [again.failure])[0], 80)})"

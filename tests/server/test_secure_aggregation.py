@@ -27,6 +27,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
 from client.secagg import STATE_KEY, register_secure_handlers
+from deploy.redteam.attacks_secagg import negative_zero
 from shared.config import run_identity
 from server.secagg import SecureRound, secure_round, secure_train
 from server.strategy import make_strategy
@@ -617,19 +618,6 @@ def test_a_server_that_forges_the_key_exchange_makes_every_honest_hospital_abort
     assert not shares
 
 
-def _negative_zero(arrays: ArrayRecord) -> ArrayRecord:
-    """``arrays`` with one 0.0 written as -0.0: other bytes (another digest), the same function, the same update."""
-    out, done = {}, False
-    for name, array in arrays.items():
-        value = array.numpy().copy()
-        zeros = np.flatnonzero(value == 0)
-        if not done and zeros.size:
-            value.flat[zeros[0]], done = np.float32(-0.0), True
-        out[name] = Array(value)
-    assert done
-    return ArrayRecord(out)
-
-
 @pytest.mark.parametrize("start", ["same adaptors", "a -0.0 for a 0.0"])
 def test_an_update_is_never_summed_with_another_set_of_hospitals_under_any_run(tmp_path, start):
     """The rerun-and-subtract attack: a round with all four hospitals, then the same round (same global adaptors, or
@@ -645,7 +633,7 @@ def test_an_update_is_never_summed_with_another_set_of_hospitals_under_any_run(t
     assert_is_fedavg(summed, [0, 1, 2, 3])
     without = LocalGrid(hospital_app(), hospitals=4, members=members, extra=audit)  # a fresh Flower run
     nodes = [n for n, k in without.partition.items() if k != 3]
-    arrays = GLOBAL if start == "same adaptors" else _negative_zero(GLOBAL)
+    arrays = GLOBAL if start == "same adaptors" else negative_zero(GLOBAL)
     rerun = secure_round(without, nodes, train_content(1, arrays), 1, timeout=1)
     assert rerun.arrays is None and not rerun.accepted
     refusals = [r.error.reason for kind, _, r in without.received if kind.endswith(SECAGG_CONSISTENCY)]
