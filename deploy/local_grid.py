@@ -34,7 +34,7 @@ from flwr.supercore.task_identity import TaskIdentity
 FIRST_NODE_ID = 1 << 32
 
 
-def _wire(message: Message) -> Message:
+def over_the_wire(message: Message) -> Message:
     """The message as its receiver gets it: through Flower's protobuf serialisation."""
     return message_from_proto(ProtoMessage.FromString(message_to_proto(message).SerializeToString()))
 
@@ -80,7 +80,7 @@ class LocalGrid(Grid):
             if node not in self._contexts:
                 raise ValueError(f"no simulated node {node}")
             message.metadata.__dict__["_message_id"] = message_id = f"{next(self._ids):032x}"
-            delivered = _wire(message)
+            delivered = over_the_wire(message)
             with self._done:
                 self._awaited.add(message_id)
                 self._queues[node].append((message_id, delivered))
@@ -109,7 +109,7 @@ class LocalGrid(Grid):
         try:
             reply = self._app(message, self._contexts[node])
             reply.metadata.__dict__["_message_id"] = f"r{message_id}"
-            reply = _wire(reply)
+            reply = over_the_wire(reply)
         except Exception as exc:  # as Flower reports a ClientApp's exception: an error reply, the node lives on
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=message)
             reply.metadata.__dict__["_message_id"] = f"r{message_id}"

@@ -23,27 +23,21 @@ from typing import Any, Iterator
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.common.serde import message_from_proto, message_to_proto
-from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
+from deploy.local_grid import over_the_wire
 from shared.config import FederationConfig, run_identity
 from shared.signing import ARRAYS_SIGNATURE, RoundBinding, arrays_digest, generate_keys, load_private_key, sign_round
 from shared.wire import ARRAYS, ARRAYS_DIGEST, CONFIG, encoded, to_record
 
 #: The server's node id (Flower's SuperLink), the hospitals' are ``FIRST_NODE + k``.
-SERVER_NODE, FIRST_NODE = 1, 100
+SERVER_NODE, FIRST_NODE = SUPERLINK_NODE_ID, 100
 
 
 def brief(text: str, width: int = 90) -> str:
     """``text`` cut to ``width`` characters for a one-line verdict, with an ellipsis where it was cut."""
     return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def _wire(message: Message) -> Message:
-    """The message as its receiver gets it: through Flower's protobuf serialisation."""
-    return message_from_proto(ProtoMessage.FromString(message_to_proto(message).SerializeToString()))
 
 
 @dataclass
@@ -69,13 +63,13 @@ class Hospital:
 
     def handle(self, message: Message) -> Message:
         """What the SuperNode relays back for ``message``: the app's reply, or an error reply if it raised."""
-        delivered = _wire(message)
+        delivered = over_the_wire(message)
         try:
             reply = self.app(delivered, self.context)
         except Exception as exc:  # noqa: BLE001  as a SuperNode reports a ClientApp that raised
             reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, repr(exc)), reply_to=delivered)
         reply.metadata.__dict__["_message_id"] = f"reply-{delivered.metadata.message_id}"
-        return _wire(reply)
+        return over_the_wire(reply)
 
 
 @dataclass
