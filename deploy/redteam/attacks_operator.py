@@ -4,8 +4,11 @@ and the gateway's door."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from deploy.redteam import attack
@@ -29,6 +32,19 @@ def _package(bench: Bench) -> bytes:
         for part in ("pyproject.toml", "README.md"):
             shutil.copy(source / part, app / part)
     return build_fab_from_disk(app)
+
+
+def _package_with(bench: Bench, name: str, changes: dict[str, Callable[[bytes], bytes]]) -> Path:
+    """A copy of that app package at ``bench.root / name`` with each file named in ``changes`` rewritten by its
+    function (a name the package lacks is added, from empty content)."""
+    path = bench.root / name
+    with zipfile.ZipFile(path, "w") as fab, zipfile.ZipFile(io.BytesIO(_package(bench))) as source:
+        for info in source.infolist():
+            data = source.read(info)
+            fab.writestr(info, changes[info.filename](data) if info.filename in changes else data)
+        for added in sorted(changes.keys() - set(source.namelist())):
+            fab.writestr(added, changes[added](b""))
+    return path
 
 
 @attack("signing-key-in-submitted-code", "anyone who can submit a run", "submit a run whose ServerApp reads the "
@@ -92,7 +108,7 @@ def _tamper_state(bench: Bench, rollback: bool) -> tuple[bool, str]:
     else:
         state = server_state.STATE
         saved = (run / state).read_text()
-        name = __import__("json").loads(saved)["arrays"]
+        name = json.loads(saved)["arrays"]
         from safetensors.numpy import save_file
 
         save_file({"w": np.full(4, 9, dtype=np.float32)}, run / name)
@@ -107,26 +123,17 @@ def _tamper_state(bench: Bench, rollback: bool) -> tuple[bool, str]:
 @attack("foreign-code", "server", "submit a run whose app package the hospital never approved (its client/ "
         "rewritten), hoping the hospital imports it")
 def foreign_code(bench: Bench) -> tuple[bool, str]:
-    from flwr.app import Message
+    from flwr.app import ConfigRecord, Message, RecordDict
 
     from client.runtime import serve_task
 
     hospital = bench.reset()[0]
-    content = _package(bench)
-    path = bench.root / "foreign.fab"
-    with zipfile.ZipFile(path, "w") as fab, zipfile.ZipFile(__import__("io").BytesIO(content)) as source:
-        for info in source.infolist():
-            data = source.read(info)
-            if info.filename == "client/app.py":
-                data += b"\nraise SystemExit('the package ran at the hospital')\n"
-            fab.writestr(info, data)
-    package = path.read_bytes()
+    package = _package_with(bench, "foreign.fab", {
+        "client/app.py": lambda data: data + b"\nraise SystemExit('the package ran at the hospital')\n"}).read_bytes()
     hospital.join(100, {})
     ran: list[Message] = []
     node_config = {**hospital.node_config, "approved-apps": str(hospital.folder / "state" / "approved.json")}
     hospital.context.node_config.update(node_config)
-    from flwr.app import ConfigRecord, RecordDict
-
     message = bench.message(hospital, "evaluate", RecordDict({"config": ConfigRecord({"stage": 0, "round": 0})}), 100)
     reply, outcome = serve_task(message, hospital.context, hashlib.sha256(package).hexdigest(), package,
                                 lambda msg, context: ran.append(msg) or msg)
@@ -143,11 +150,7 @@ def approve_markup(bench: Bench) -> tuple[bool, str]:
     from deploy.cli import app
 
     hidden = "[conceal]server/exfiltrate.py[/conceal]"
-    path = bench.root / "markup.fab"
-    with zipfile.ZipFile(path, "w") as fab, zipfile.ZipFile(__import__("io").BytesIO(_package(bench))) as source:
-        for info in source.infolist():
-            fab.writestr(info, source.read(info))
-        fab.writestr(hidden, b"import os\n")
+    path = _package_with(bench, "markup.fab", {hidden: lambda _: b"import os\n"})
     shown = CliRunner().invoke(app, ["approve", "--list", str(bench.root / "approved.json"), "--fab", str(path),
                                      "--show"], env={"COLUMNS": "400"})
     held = hidden in shown.stdout
