@@ -18,6 +18,9 @@ from shared.wire import METRICS
 ORACLE_RUN = {"scenario": "joint", "stages": 1, "wire-dtype": "float32"}
 #: Where the attacker's bump fires: cosine to the target above this (phantoms of one hospital differ by more).
 BUMP = 0.995
+#: The label oracle holds while the attacker's balanced accuracy (and membership accuracy) is not surely above this;
+#: Z99: the one-sided 99% normal quantile "surely" means.
+ORACLE_BOUND, Z99 = 0.75, 2.326
 TARGETS = 24
 
 
@@ -119,13 +122,19 @@ def label_oracle(bench: Bench) -> tuple[bool, str]:
     # membership: the attacker calibrates on the images it knows are outside (their median distance from 0.5)
     cut = float(np.median(scores[False]))
     member_right = sum(v > cut for v in scores[True]) + sum(v <= cut for v in scores[False])
-    balanced = float(np.mean([right / cells for right, cells in calls.values() if cells]))
+    rates = [(right / cells, cells) for right, cells in calls.values() if cells]
+    balanced = float(np.mean([rate for rate, _ in rates]))
     member_accuracy = member_right / granted
-    held = balanced <= 0.75 and member_accuracy <= 0.75
+    # the attack succeeds when its accuracy is above ORACLE_BOUND beyond sampling doubt (one-sided 99%): the
+    # hospital's random ties make a single run's accuracy spread by several points around its mean
+    balanced_low = balanced - Z99 * float(np.sqrt(sum(r * (1 - r) / n for r, n in rates))) / len(rates)
+    member_low = member_accuracy - Z99 * float(np.sqrt(member_accuracy * (1 - member_accuracy) / granted))
+    held = balanced_low <= ORACLE_BOUND and member_low <= ORACLE_BOUND
     (pos_right, pos), (neg_right, neg) = calls[True], calls[False]
     return held, (f"{granted} of {2 * TARGETS} evaluations answered; labels right: positives {pos_right}/{pos}, "
-                  f"negatives {neg_right}/{neg} (balanced {balanced:.0%}), membership {member_right}/{granted} "
-                  f"({member_accuracy:.0%}); chance 50%")
+                  f"negatives {neg_right}/{neg} (balanced {balanced:.0%}, at least {balanced_low:.0%} at 99%), "
+                  f"membership {member_right}/{granted} ({member_accuracy:.0%}, at least {member_low:.0%}); chance "
+                  f"50%, held while neither is surely above {ORACLE_BOUND:.0%}")
 
 
 @attack("eval-repeat", "server", "ask one (run, stage, round) again and again with other adaptors (another target "
