@@ -38,18 +38,20 @@ from rich.console import Console  # noqa: E402
 import client.centralized  # noqa: E402
 import client.site  # noqa: E402
 from deploy.report import headline  # noqa: E402
+from deploy.sim_data import phantom_labels  # noqa: E402
 from deploy.simulate import HOSPITALS_DIR, run_simulation, simulation_config, trainable_hospitals  # noqa: E402
 from shared.config import SimulationPlan  # noqa: E402
 from shared.scenarios import Task, make_tasks  # noqa: E402
 
 HOSPITALS, STAGES, ROUNDS = 5, 5, 2
+PHANTOM_LABELS = [phantom_labels(k) for k in range(HOSPITALS)]
 
 
 def run(root: Path, scenario: str, continual: str, seed: int, dp_epsilon: float | None = None, tag: str = "") -> dict:
     name = f"{scenario}-{tag or continual}-seed-{seed}{'-dp' if dp_epsilon else ''}"
     config = simulation_config(root / name, HOSPITALS, scenario=scenario, stages=STAGES, rounds_per_stage=ROUNDS,
                                seed=seed, continual=continual,
-                               min_hospitals=trainable_hospitals(HOSPITALS, scenario, STAGES))
+                               min_hospitals=trainable_hospitals(PHANTOM_LABELS, scenario, STAGES))
     hospitals = f"seed-{seed}" if not dp_epsilon else name  # a DP run's ε ledgers start empty
     config = dataclasses.replace(config, sim_dir=str(root / hospitals / HOSPITALS_DIR))
     plan = SimulationPlan(hospitals=HOSPITALS, cache_dir=str(root / "cache"), dp_epsilon=dp_epsilon)

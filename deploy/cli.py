@@ -31,8 +31,9 @@ from deploy.cli_redteam import redteam
 from deploy.cli_roster import roster
 from deploy.cli_server import server_app
 from deploy.cli_simulate import simulate
-from deploy.cli_options import (AdaptorKindOpt, ContinualOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt,
-                             LoraTargetsOpt, LoraTowersOpt, LwfWeightOpt, lora_settings)
+from deploy.cli_options import (AdaptorKindOpt, ContinualOpt, DiseasesOpt, FormatOpt, ImageRootOpt, LoraAlphaOpt,
+                                LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt, LoraTowersOpt,
+                                LwfWeightOpt, OutsideOpt, UncertainOpt, lora_settings)
 from deploy.drafts import DEFAULT_BANK
 from shared.config import (ADAPTOR_KINDS, OFFLINE_DEFAULT, AdaptorConfig, EmbedConfig, FederationConfig, LoraConfig,
                            TrainConfig, continual_method, default_cache_dir)
@@ -60,16 +61,11 @@ console = Console(stderr=True)
 
 _T, _A, _F = TrainConfig(), AdaptorConfig(), FederationConfig()
 DataOpt = Annotated[Path, typer.Option("--data", help="Label file: CheXpert/NIH/MIMIC CSV, ChestMNIST .npz or manifest CSV.")]
-FormatOpt = Annotated[str, typer.Option("--format", help="auto|chexpert|nih|mimic|chestmnist|manifest")]
 BackboneOpt = Annotated[str, typer.Option(help="biomedclip, hf-hub:ID, a local open_clip directory, or an open_clip name.")]
 CacheOpt = Annotated[Path, typer.Option(help="Embedding cache folder (stays on this machine).")]
-DiseasesOpt = Annotated[Optional[str], typer.Option(help="Schema (chexpert5, nih14, chexpert14) or comma-separated diseases.")]
-UncertainOpt = Annotated[str, typer.Option(help="Uncertain (-1) labels: ignore|ones|zeros.")]
 BadFileOpt = Annotated[str, typer.Option("--on-bad-file", help="skip (report and go on) or fail (stop at the first).")]
 PublicKeyOpt = Annotated[Optional[Path], typer.Option(help="consortium.pub: refuse a checkpoint it did not sign.")]
-ImageRootOpt = Annotated[Optional[Path], typer.Option(help="Folder image paths are relative to (default: the label file's).")]
 MaxPixelsOpt = Annotated[int, typer.Option(min=1, help="Largest image (width x height) to embed; larger ones are skipped as bad files.")]
-OutsideOpt = Annotated[bool, typer.Option(help="Accept image paths that lead outside the image root (refused by default).")]
 
 
 def _load_data(data: Path, fmt: str, diseases: str | None, uncertain: str, image_root: Path | None,

@@ -1,8 +1,9 @@
-"""Options of the adaptor kind, LoRA settings and continual learning, shared by ``retune train`` and
-``retune simulate``."""
+"""Options shared by ``retune train`` and ``retune simulate`` (and the other data commands): how a label file is
+read, the adaptor kind, LoRA settings and continual learning."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -10,6 +11,11 @@ import typer
 from shared.config import ADAPTOR_KINDS, CONTINUAL_METHODS, LORA_PRESETS, LORA_TOWERS, LoraConfig, split_names
 from shared.errors import RetuneError
 
+FormatOpt = Annotated[str, typer.Option("--format", help="auto|chexpert|nih|mimic|chestmnist|manifest")]
+DiseasesOpt = Annotated[Optional[str], typer.Option(help="Schema (chexpert5, nih14, chexpert14) or comma-separated diseases.")]
+UncertainOpt = Annotated[str, typer.Option(help="Uncertain (-1) labels: ignore|ones|zeros.")]
+ImageRootOpt = Annotated[Optional[Path], typer.Option(help="Folder image paths are relative to (default: the label file's).")]
+OutsideOpt = Annotated[bool, typer.Option(help="Accept image paths that lead outside the image root (refused by default).")]
 AdaptorKindOpt = Annotated[str, typer.Option(
     help=f"{'|'.join(ADAPTOR_KINDS)}: RE-tune adaptors on cached embeddings, LoRA inside the backbone's towers "
          "(no embedding cache for an adapted tower), or both.")]

@@ -1,4 +1,5 @@
-"""``retune simulate``: the researchers' main job, a federation of phantom hospitals on one machine."""
+"""``retune simulate``: the researchers' main job, a federation on one machine, of phantom hospitals or of their own
+data split into hospitals (``--data``, ``--partition``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from deploy.cli_options import (AdaptorKindOpt, ContinualOpt, LwfWeightOpt, LoraAlphaOpt, LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt,
-                             LoraTowersOpt, lora_fields, lora_settings)
-from shared.config import STRATEGIES, FederationConfig, SimulationPlan
+from deploy.cli_options import (AdaptorKindOpt, ContinualOpt, DiseasesOpt, FormatOpt, ImageRootOpt, LoraAlphaOpt,
+                                LoraDropoutOpt, LoraPresetOpt, LoraRankOpt, LoraTargetsOpt, LoraTowersOpt,
+                                LwfWeightOpt, OutsideOpt, UncertainOpt, lora_fields, lora_settings)
+from shared.config import STRATEGIES, FederationConfig, SimulationData, SimulationPlan
 from shared.errors import RetuneError
 
-_F, _P = FederationConfig(), SimulationPlan()
+_F, _P, _D = FederationConfig(), SimulationPlan(), SimulationData()
 
 
 def _hospital_list(text: str) -> tuple[int, ...]:
@@ -25,7 +27,16 @@ def _hospital_list(text: str) -> tuple[int, ...]:
 
 def simulate(
     out: Annotated[Path, typer.Option(help="Run folder: report.json, report.html, checkpoint/, hospitals/, cache/.")] = Path("runs/simulate"),
-    hospitals: Annotated[int, typer.Option(help="Simulated hospitals (phantom data, each its own scanner style).")] = _P.hospitals,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Your own label file (CheXpert/NIH/MIMIC CSV, ChestMNIST .npz or manifest CSV), split into hospitals by --partition (default: phantom hospitals).")] = None,
+    fmt: FormatOpt = _D.format,
+    partition: Annotated[str, typer.Option(help="With --data: natural[:COLUMN] (one hospital per value of the 'hospital' column, or COLUMN), iid, dirichlet:ALPHA[:DISEASE] or pathological:K[:DISEASE] (label skew over a disease or the label combination), with --hospitals N. Patient-disjoint; the same --seed, the same hospitals.")] = _D.partition,
+    hospital_labels: Annotated[str, typer.Option(help="With --data: what each hospital labels, 'site-a=Edema,Atelectasis;site-b=all' or a TOML file (default: every hospital labels all it has).")] = _D.hospital_labels,
+    diseases: DiseasesOpt = None, uncertain: UncertainOpt = _D.uncertain, image_root: ImageRootOpt = None,
+    metadata: Annotated[Optional[Path], typer.Option(help="MIMIC-CXR's metadata CSV (mimic-cxr-2.0.0-metadata.csv).")] = None,
+    allow_outside_paths: OutsideOpt = _D.allow_outside_paths,
+    splits: Annotated[str, typer.Option(help="official (the file's train/val/test, else by patient hash) or hash (every patient 80/10/10 by hash).")] = _D.splits,
+    min_train_images: Annotated[int, typer.Option(help="Refuse a partition that leaves a hospital fewer training images.")] = _D.min_train_images,
+    hospitals: Annotated[Optional[int], typer.Option(help=f"Phantom hospitals (default {_P.hospitals}), or with --data the hospitals of an iid, dirichlet or pathological partition.")] = None,
     stages: int = _F.stages, rounds_per_stage: int = _F.rounds_per_stage, local_epochs: int = _F.local_epochs,
     scenario: Annotated[str, typer.Option(help="data|class|label|joint (joint: one stage).")] = _F.scenario,
     strategy: Annotated[str, typer.Option(help="|".join(STRATEGIES) + ".")] = _F.strategy,
@@ -49,14 +60,28 @@ def simulate(
     lora_targets: LoraTargetsOpt = None, lora_towers: LoraTowersOpt = _F.lora_towers,
     continual: ContinualOpt = _F.continual, lwf_weight: LwfWeightOpt = _F.lwf_weight,
 ) -> None:
-    """Simulate a federation of phantom hospitals with Flower (the main job); re-running resumes it."""
+    """Simulate a federation with Flower (the main job): phantom hospitals, or your own data split into hospitals
+    (--data, --partition); re-running resumes it."""
+    from deploy.partition import PartitionSpec
     from deploy.report import headline
-    from deploy.simulate import SimulationInterrupted, run_simulation, simulation_config, trainable_hospitals
+    from deploy.sim_data import prepare_data
+    from deploy.simulate import (HOSPITALS_DIR, SimulationInterrupted, run_simulation, simulation_config,
+                                 trainable_hospitals)
 
-    plan = SimulationPlan(hospitals, images_per_hospital, image_size, dp_epsilon, dp_delta,
-                          _hospital_list(dp_hospitals), poison)  # --poison is checked first thing in the run
-    default_min = trainable_hospitals(hospitals, scenario, stages) - bool(poison)
-    config = simulation_config(out, hospitals, min_hospitals=min_hospitals or default_min,
+    source = SimulationData(str(data or ""), fmt, partition, hospital_labels, diseases or "", uncertain,
+                            str(image_root or ""), str(metadata or ""), allow_outside_paths, splits, min_train_images)
+    if data is not None:
+        PartitionSpec.parse(partition, hospitals, seed)  # --partition and --hospitals, before anything is read
+    console = Console(stderr=True)
+    made = prepare_data(out / HOSPITALS_DIR, SimulationPlan(hospitals or _P.hospitals, images_per_hospital,
+                                                                 image_size, data=source), seed, console)
+    count = len(made.hospitals)
+    plan = SimulationPlan(count, images_per_hospital, image_size, dp_epsilon, dp_delta, _hospital_list(dp_hospitals),
+                          poison, data=source)  # --poison is checked first thing in the run
+    default_min = trainable_hospitals([h.labelled for h in made.hospitals], scenario, stages, made.diseases) \
+        - bool(poison)
+    own = {"diseases": ",".join(made.diseases)} if data is not None else {}
+    config = simulation_config(out, count, min_hospitals=min_hospitals or default_min, **own,
                                stages=stages, rounds_per_stage=rounds_per_stage, local_epochs=local_epochs, scenario=scenario, strategy=strategy,
                                max_update_norm=max_update_norm, max_weight_ratio=max_weight_ratio,
                                trim_fraction=trim_fraction, byzantine_hospitals=byzantine_hospitals,
@@ -64,9 +89,8 @@ def simulate(
                                continual=continual, lwf_weight=lwf_weight,
                                adaptor_kind=adaptor_kind, **lora_fields(lora_settings(
                                    lora_preset, lora_rank, lora_alpha, lora_dropout, lora_targets, lora_towers)))
-    console = Console(stderr=True)
     try:
-        report = run_simulation(config, plan, console)
+        report = run_simulation(config, plan, console, data=made)
     except SimulationInterrupted as exc:
         console.print(f"[yellow]{exc}[/]")
         raise typer.Exit(130) from None

@@ -41,6 +41,26 @@ def plot_matrix(ax: plt.Axes, matrix: list[list[float | None]], labels: list[str
     plt.colorbar(image, ax=ax, fraction=0.046)
 
 
+def plot_partition(ax: plt.Axes, partition: dict) -> None:
+    """Heat map of a simulation's partition: per hospital (rows, with their image counts, every split) and disease
+    (columns), the positive images (the number) and their share of the hospital's images (the colour); a disease a
+    hospital does not label shows '–'."""
+    hospitals, diseases = partition["per_hospital"], partition["diseases"]
+    images = partition["images"]
+    counts = np.array([_nan([h["positives"][d] for d in diseases]) for h in hospitals])
+    share = counts / np.maximum(np.array(images, dtype=float), 1)[:, None]
+    image = ax.imshow(np.ma.masked_invalid(share), vmin=0, vmax=max(float(np.nanmax(share, initial=0)), 0.01),
+                      cmap="magma_r", aspect="auto")
+    ax.set_xticks(range(len(diseases)), diseases, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(hospitals)), [f"{h['name']} ({n:,} images)" for h, n in zip(hospitals, images)],
+                  fontsize=8)
+    for (i, j), value in np.ndenumerate(counts):
+        ax.text(j, i, "–" if np.isnan(value) else f"{int(value):,}", ha="center", va="center", fontsize=7,
+                color="white" if not np.isnan(value) and share[i, j] > 0.6 * np.nanmax(share) else "black")
+    ax.set_title(f"positives per disease per hospital\n{partition['description']}", fontsize=9)
+    plt.colorbar(image, ax=ax, fraction=0.046, label="share of the hospital's images")
+
+
 def plot_training(metrics: dict, path: Path) -> Path:
     """``metrics.png`` of ``retune train``: AUROC per disease vs zero-shot, loss per epoch, task matrix."""
     incremental = "task_matrix" in metrics

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from deploy.plots import plot_auroc_bars, plot_matrix  # noqa: E402
+from deploy.plots import plot_auroc_bars, plot_matrix, plot_partition  # noqa: E402
 from research.poison import Poison  # noqa: E402
 from shared.config import BYZANTINE_STRATEGIES  # noqa: E402
 from shared.continual import DISTILLING  # noqa: E402
@@ -93,17 +93,18 @@ def headline(report: dict) -> dict[str, float | None]:
             "forgetting": report["stages"]["forgetting"]}
 
 
-def build_report(config, plan, state, sites, baselines: dict, timing: dict, checkpoint: Path, exact: dict,
-                 exact_rounds: list[float | None]) -> dict:
-    """Everything a researcher needs to judge the run, as plain JSON. ``exact``: the final global adaptors scored on
-    the hospitals' test data without the hospitals' evaluation protection, and ``exact_rounds`` each round's macro
-    AUROC so scored (only a simulation can: it holds the data), to show what that protection costs monitoring."""
+def build_report(config, plan, state, sites, partition: dict, baselines: dict, timing: dict, checkpoint: Path,
+                 exact: dict, exact_rounds: list[float | None]) -> dict:
+    """Everything a researcher needs to judge the run, as plain JSON. ``partition``: where the hospitals came from
+    (:meth:`deploy.sim_data.SimulatedData.record`); ``exact``: the final global adaptors scored on the hospitals'
+    test data without the hospitals' evaluation protection, and ``exact_rounds`` each round's macro AUROC so scored
+    (only a simulation can: it holds the data), to show what that protection costs monitoring."""
     matrix = auroc_matrix(state.history, config.stages)
     final = state.history[-1]
     poison = None
     if plan.poison:
         spec = Poison.parse(plan.poison, plan.hospitals)
-        hospital = f"hospital-{spec.hospital}"
+        hospital = sites[spec.hospital].settings.name
         poison = {"kind": spec.kind, "hospital": hospital, "note": POISON_NOTE.format(kind=spec.kind, hospital=hospital)}
     return {
         "config": {**config.to_run_config(), **asdict(plan)},
@@ -113,6 +114,7 @@ def build_report(config, plan, state, sites, baselines: dict, timing: dict, chec
         "robustness": robustness(config),
         "poison": poison,
         "refused": refusals(state.history, state.hospitals),
+        "partition": partition,
         "hospitals": [{"name": s.settings.name, "labelled": list(s.settings.labelled or s.diseases),
                        "train_images": len(s.train.labels), "test_images": len(s.test.labels)} for s in sites],
         "rounds": state.history,
@@ -190,6 +192,23 @@ def _figures(report: dict) -> list[str]:
     return tags
 
 
+def _partition_panel(report: dict) -> str:
+    """Where the hospitals came from: the partition's settings and its heat map of positives per disease."""
+    partition = report.get("partition")
+    if not partition:  # a report written before partitions were recorded
+        return ""
+    hospitals = partition["per_hospital"]
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.38 * len(hospitals)))
+    plot_partition(ax, partition)
+    source = "phantom hospitals" if partition["source"] == "phantoms" else \
+        f"{partition['source']} ({partition['format']} format)"
+    dropped = f" · {partition['dropped_images']:,} images in no hospital" if partition["dropped_images"] else ""
+    settings = (f"{source} · {partition['description']} · splits: {partition['splits']} · "
+                f"{sum(partition['patients']):,} patients, {sum(partition['images']):,} images{dropped}")
+    return (f"<h2>Partition</h2><p class=\"note\">{html.escape(settings)}</p>"
+            f"{_figure_tag(fig, 'positives per disease per hospital')}")
+
+
 def _adaptors_line(report: dict) -> str:
     adaptors = report["adaptors"]
     lora = adaptors["lora"]
@@ -259,12 +278,14 @@ td:first-child{{text-align:left}}.note{{color:#666;font-size:90%}}</style></head
 {fmt(report['baselines']['centralized']['macro_auroc'])} · forgetting {fmt(report['stages']['forgetting'])} ·
 {report['timing']['seconds_per_round']:.1f} s per round{_privacy_line(report)}</p>
 <p>{_adaptors_line(report)}<br>{_continual_line(report)}</p>
-<p class="note">Not for clinical use. Phantom data. {html.escape(report['metric_note'])}</p>
+<p class="note">Not for clinical use.{" Phantom data." if report.get("partition", {}).get("source", "phantoms") == "phantoms" else ""}
+{html.escape(report['metric_note'])}</p>
 {_poison_banner(report)}
 {''.join(_figures(report))}
 <h2>AUROC per disease</h2><table><tr><th>disease</th><th>zero-shot</th><th>centralized</th><th>federated</th></tr>
 {rows}</table>
 <h2>Hospitals</h2><table><tr><th>hospital</th><th>labels</th><th>train</th><th>test</th></tr>{hospitals}</table>
+{_partition_panel(report)}
 {_refused_table(report)}
 <h2>Configuration</h2><p class="note">{config}</p></body></html>"""
     path.write_text(page)

@@ -1,6 +1,7 @@
 """``retune simulate``: a whole federation on one machine, in one process (:mod:`deploy.local_grid`).
 
-It prepares N phantom hospitals (each with its own scanner style, prevalence skew and labelled diseases),
+It makes the hospitals from one label table (N phantom hospitals, each with its own scanner style, prevalence skew
+and labelled diseases, or a researcher's own file split by :mod:`deploy.partition`: :mod:`deploy.sim_data`),
 embeds their images once, computes the zero-shot and centralized baselines, runs S stages × R rounds with
 the same ServerApp and ClientApp a deployment uses, and writes ``report.json``, ``report.html`` and the final
 checkpoint. Everything lands under ``--out``; running the same command again resumes an interrupted run.
@@ -15,7 +16,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from client.site import SIM_SITE_FILE, Site, load_site, site_logits, site_metric
 from client.trainer import stage_targets, train_adaptors
 from deploy.certs import make_hospital_keys
 from deploy.local_grid import run_local
-from research.phantom import write_phantom
+from deploy.sim_data import SimulatedData, prepare_data
 from server.app import CHECKPOINT, make_server_app
 from server.evaluation import federated_metrics
 from server.federation import initial_model, stage_diseases
@@ -60,53 +61,49 @@ def simulation_config(out: Path, hospitals: int, **settings) -> FederationConfig
                             sim_dir=str(out / HOSPITALS_DIR))
 
 
-def trainable_hospitals(hospitals: int, scenario: str, stages: int, diseases: tuple[str, ...] = CHEXPERT5) -> int:
-    """The fewest simulated hospitals that label a disease some stage supervises: a hospital that labels none of a
-    class-incremental stage's diseases has nothing to train on then, and declines that stage's rounds."""
+def trainable_hospitals(labelled: Sequence[Sequence[str]], scenario: str, stages: int,
+                        diseases: tuple[str, ...] = CHEXPERT5) -> int:
+    """The fewest hospitals (``labelled``: what each labels) that label a disease some stage supervises: a hospital
+    that labels none of a class-incremental stage's diseases has nothing to train on then, and declines that stage's
+    rounds."""
     if scenario not in ("class", "label"):
-        return hospitals
+        return len(labelled)
     groups = disease_groups(diseases, stages)
     supervised = groups if scenario == "class" else [sum(groups[:t + 1], ()) for t in range(stages)]
-    return min(sum(any(d in labelled_diseases(k, diseases) for d in group) for k in range(hospitals))
-               for group in supervised)
+    return min(sum(any(d in mine for d in group) for mine in labelled) for group in supervised)
 
 
-def labelled_diseases(hospital: int, diseases: tuple[str, ...] = CHEXPERT5) -> list[str]:
-    """Hospitals 0 and 1 label everything; hospital k ≥ 2 does not label disease k mod C (partial labels)."""
-    return [d for c, d in enumerate(diseases) if hospital < 2 or c != hospital % len(diseases)]
-
-
-def simulated_roster(config: FederationConfig, hospitals: int) -> Path:
+def simulated_roster(config: FederationConfig, names: Sequence[str]) -> Path:
     """Each simulated hospital's identity key (as a deployed one uses its SuperNode key) and the consortium's roster
     of them, made once: what secure aggregation checks every key announcement against."""
     roster = Path(config.sim_dir) / ROSTER_FILE
-    names = {f"hospital-{k}": Path(config.sim_dir) / f"hospital-{k}" / "identity" for k in range(hospitals)}
-    for name, folder in names.items():
+    folders = {name: Path(config.sim_dir) / f"hospital-{k}" / "identity" for k, name in enumerate(names)}
+    for name, folder in folders.items():
         if not (folder / "auth.pub").exists():
             make_hospital_keys(folder, name)
-    if not roster.exists() or set(json.loads(roster.read_text())["hospitals"]) != set(names):
-        Roster.write(roster, {name: folder / "auth.pub" for name, folder in names.items()})
+    if not roster.exists() or set(json.loads(roster.read_text())["hospitals"]) != set(folders):
+        Roster.write(roster, {name: folder / "auth.pub" for name, folder in folders.items()})
     return roster
 
 
-def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, console: Console) -> list[Site]:
-    """Generate (once) and embed (through the cache) every simulated hospital; returns their sites."""
+def prepare_hospitals(config: FederationConfig, plan: SimulationPlan, data: SimulatedData,
+                      console: Console) -> list[Site]:
+    """Write each simulated hospital's node settings (``hospital.json``) and embed its data (through the cache);
+    returns their sites."""
     sites = []
-    roster = simulated_roster(config, plan.hospitals)
-    for k in range(plan.hospitals):
+    roster = simulated_roster(config, [h.name for h in data.hospitals])
+    for k, hospital in enumerate(data.hospitals):
         folder = Path(config.sim_dir) / f"hospital-{k}"
-        if not (folder / "manifest.csv").exists():
-            write_phantom(folder, n=plan.images_per_hospital, hospital=k, seed=config.seed, size=plan.image_size)
         privacy = {"dp-max-epsilon": plan.dp_epsilon, "dp-delta": plan.dp_delta} if plan.dp_at(k) else {}
         (folder / SIM_SITE_FILE).write_text(json.dumps({
-            "name": f"hospital-{k}", "manifest": str((folder / "manifest.csv").resolve()),
+            "name": hospital.name, "manifest": str(hospital.manifest.resolve()), "allow-outside-paths": True,
             "cache": str(Path(plan.cache_dir or Path(config.run_dir) / "cache").resolve()), "backbone": config.backbone,
-            "diseases": ",".join(labelled_diseases(k)), "adaptor-kinds": ",".join(ADAPTOR_KINDS),
+            "diseases": ",".join(hospital.labelled), "adaptor-kinds": ",".join(ADAPTOR_KINDS),
             "lora-towers": ",".join(LORA_TOWERS), **privacy,
             "audit-log": str((folder / "audit.jsonl").resolve()),
             "secagg-key": str((folder / "identity" / "auth.key").resolve()), "roster": str(roster.resolve()),
             "consortium-key": str((Path(config.run_dir) / KEYS_DIR / PUBLIC_KEY).resolve())}, indent=2))
-        with console.status(f"embedding hospital-{k}"):
+        with console.status(f"embedding {hospital.name}"):
             sites.append(load_site(config, site_settings(config, {"partition-id": k})))
     return sites
 
@@ -191,9 +188,10 @@ def stop_after_round(console: Console) -> Iterator[threading.Event]:
 
 
 def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Console | None = None,
-                   client_mods: list | None = None) -> dict:
+                   client_mods: list | None = None, data: SimulatedData | None = None) -> dict:
     """Prepare hospitals, compute baselines, federate, and return the report (also written to disk).
 
+    ``data``: the hospitals :func:`deploy.sim_data.prepare_data` made from ``plan.data`` (made here when not given);
     ``client_mods`` are Flower client mods wrapped around every simulated hospital's ClientApp; ``plan.poison`` adds
     the (testing only) poisoning one.
     """
@@ -217,7 +215,10 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
     seals = out / KEYS_DIR / SEALS
     resumed = RunState.open(config, None, key, SealRegister(seals))  # a changed or rolled-back folder is refused
     start = time.perf_counter()
-    sites = prepare_hospitals(config, plan, console)
+    data = data or prepare_data(Path(config.sim_dir), plan, config.seed, console)
+    if len(data.hospitals) != plan.hospitals:
+        raise RetuneError(f"the plan counts {plan.hospitals} hospitals, the data make {len(data.hospitals)}")
+    sites = prepare_hospitals(config, plan, data, console)
     prepared_s = time.perf_counter() - start
     with console.status("baselines: zero-shot and centralized"):
         baselines = {"zero_shot": zero_shot_baseline(sites, config),
@@ -246,7 +247,7 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
     state = RunState.open(config, None, key)
     if not state.done:
         raise RuntimeError(f"the federation stopped before its last round; see the log above ({out})")
-    report = build_report(config, plan, state, sites, baselines,
+    report = build_report(config, plan, state, sites, data.record(), baselines,
                           {"prepare_s": prepared_s, "federation_s": federation_s}, out / CHECKPOINT,
                           exact_metrics(sites, config, state.arrays), exact)
     (out / "report.json").write_text(json.dumps(report, indent=2))

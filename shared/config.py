@@ -155,6 +155,53 @@ class EmbedConfig:
 
 
 @dataclass(frozen=True)
+class SimulationData:
+    """Where ``retune simulate`` takes its hospitals from: phantoms (no ``path``) or a researcher's label file,
+    partitioned patient by patient (see :mod:`deploy.partition`).
+
+    Parameters
+    ----------
+    path : str
+        Label file (any format ``retune data check`` reads; default "": phantom hospitals).
+    format : str
+        ``auto`` or one of chexpert, nih, mimic, chestmnist, manifest (default "auto").
+    partition : str
+        ``natural[:COLUMN]``, ``iid``, ``dirichlet:ALPHA[:DISEASE]`` or ``pathological:K[:DISEASE]`` (default
+        "natural": one hospital per value of the ``hospital`` column).
+    hospital_labels : str
+        What each hospital labels: ``'site-a=Edema,Atelectasis;site-b=all'`` or a TOML file (default "": every
+        hospital labels all it has; phantom hospitals leave one disease unlabelled from the third on).
+    diseases : str
+        Schema or comma-separated diseases (default "": the format's own).
+    uncertain : str
+        Uncertain (-1) labels: ignore, ones or zeros (default "ignore").
+    image_root : str
+        Folder image paths are relative to (default "": the label file's).
+    metadata : str
+        MIMIC-CXR's metadata CSV (default "").
+    allow_outside_paths : bool
+        Accept image paths that lead outside the image root (default False).
+    splits : str
+        ``official`` (the file's train/val/test where it has them, else by patient hash) or ``hash`` (every patient
+        by hash, 80/10/10) (default "official").
+    min_train_images : int
+        The fewest training images a hospital may have (default 20).
+    """
+
+    path: str = ""
+    format: str = "auto"
+    partition: str = "natural"
+    hospital_labels: str = ""
+    diseases: str = ""
+    uncertain: str = "ignore"
+    image_root: str = ""
+    metadata: str = ""
+    allow_outside_paths: bool = False
+    splits: str = "official"
+    min_train_images: int = 20
+
+
+@dataclass(frozen=True)
 class SimulationPlan:
     """What ``retune simulate`` generates besides the federation settings.
 
@@ -177,6 +224,8 @@ class SimulationPlan:
     cache_dir : str
         Where the simulated hospitals keep their embeddings (default "": ``cache/`` in the run folder); benchmarks
         share one across runs.
+    data : SimulationData
+        Where the hospitals come from (default: phantoms, ``hospitals`` of them).
     """
 
     hospitals: int = 5
@@ -187,6 +236,7 @@ class SimulationPlan:
     dp_hospitals: tuple[int, ...] = ()
     poison: str = ""
     cache_dir: str = ""
+    data: SimulationData = SimulationData()
 
     def __post_init__(self) -> None:
         if self.hospitals < 2:

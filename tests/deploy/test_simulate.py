@@ -86,7 +86,7 @@ def test_federation_learns_and_matches_centralized(finished):
         assert record["clients"] == HOSPITALS
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5 and "http" not in page.replace("http-equiv", "")
+    assert page.count("data:image/png;base64,") == 6 and "http" not in page.replace("http-equiv", "")
 
 
 def _embed_dim(report: dict) -> int:
@@ -130,7 +130,7 @@ def test_checkpoint_is_usable_by_evaluate_and_predict(finished, tmp_path):
     from deploy.cli import app
 
     out, report, _ = finished
-    manifest = out / "hospitals" / "hospital-0" / "manifest.csv"
+    manifest = out / "hospitals" / "phantoms" / "hospital-0" / "manifest.csv"  # the phantom hospital's own export
     runner = CliRunner()
     result = runner.invoke(app, ["evaluate", "--checkpoint", report["checkpoint"], "--data", str(manifest),
                                  "--cache", str(out / "cache"), "--public-key", str(out / "keys" / "consortium.pub")])
@@ -139,7 +139,7 @@ def test_checkpoint_is_usable_by_evaluate_and_predict(finished, tmp_path):
     assert metrics["macro_auroc"] > 0.5
     # the trained adaptors were loaded: identity adaptors (a fresh model) score exactly like the zero-shot baseline
     assert abs(metrics["macro_auroc"] - metrics["zero_shot"]["macro_auroc"]) > 1e-4
-    image = next((out / "hospitals" / "hospital-0" / "images").glob("*.png"))
+    image = next((out / "hospitals" / "phantoms" / "hospital-0" / "images").glob("*.png"))
     result = runner.invoke(app, ["predict", "--checkpoint", report["checkpoint"], "--json", str(image),
                                  "--cache", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -222,10 +222,12 @@ def test_interrupted_simulation_resumes_to_the_same_adaptors(finished, tmp_path,
     resumed_weights = load_file(out / state["arrays"])
     for key, value in load_file(reference / expected["arrays"]).items():
         np.testing.assert_allclose(resumed_weights[key], value, rtol=0, atol=1e-6)
-    # the figures are what each hospital released (noised per release, client/evaluation.py): the same adaptors
-    # give figures within the noise of the reference's
+    # scored exactly, the same adaptors give the same figure; what each hospital released is noised per release
+    # (client/evaluation.py: about 0.01 on these small test sets), so two runs' releases differ by that noise
+    resumed, first = json.loads((out / "report.json").read_text()), json.loads((reference / "report.json").read_text())
+    assert resumed["final"]["exact_macro_auroc"] == pytest.approx(first["final"]["exact_macro_auroc"], abs=1e-4)
     assert [r["macro_auroc"] for r in state["history"]] == pytest.approx(
-        [r["macro_auroc"] for r in expected["history"]], abs=0.02)
+        [r["macro_auroc"] for r in expected["history"]], abs=0.05)
 
 
 def test_every_hospital_audited_what_it_sent_and_the_checkpoint_is_signed(finished, tmp_path):

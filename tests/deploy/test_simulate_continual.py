@@ -9,23 +9,25 @@ import pytest
 from rich.console import Console
 
 from client.site import load_site, site_settings
+from deploy.sim_data import phantom_labels
 from deploy.simulate import run_simulation, simulation_config, trainable_hospitals
 from shared.config import SimulationPlan
 from shared.continual import stage_examples
 
 HOSPITALS, STAGES = 3, 5
+PHANTOM_LABELS = [phantom_labels(k) for k in range(HOSPITALS)]
 
 
 def _run(tmp_path, continual: str) -> dict:
     config = simulation_config(tmp_path / continual, HOSPITALS, scenario="class", stages=STAGES, rounds_per_stage=1,
                                local_epochs=2, continual=continual,
-                               min_hospitals=trainable_hospitals(HOSPITALS, "class", STAGES))
+                               min_hospitals=trainable_hospitals(PHANTOM_LABELS, "class", STAGES))
     plan = SimulationPlan(hospitals=HOSPITALS, images_per_hospital=150, image_size=64)
     return run_simulation(config, plan, Console(quiet=True))
 
 
 def test_replay_lets_a_hospital_keep_old_diseases_where_it_labels_none_of_the_new_one(tmp_path):
-    assert trainable_hospitals(HOSPITALS, "class", STAGES) == 2  # hospital-2 does not label Consolidation
+    assert trainable_hospitals(PHANTOM_LABELS, "class", STAGES) == 2  # hospital-2 does not label Consolidation
     plain, lwf, kept = _run(tmp_path, "none"), _run(tmp_path, "lwf"), _run(tmp_path, "auto")
     declined = [(r["hospital"], r["stage"]) for r in plain["refused"]]
     assert declined == [("hospital-2", 2)]

@@ -46,7 +46,7 @@ def test_lora_and_adaptors_federate_with_dp_at_one_hospital(tmp_path):
     assert sidecar["adaptor_kind"] == "both" and sidecar["lora"]["rank"] == 8
     learnt = [v for k, v in trained.state_dict().items() if "lora_B" in k]
     assert learnt and all(float(v.abs().max()) > 0 for v in learnt)  # B starts at zero: the federation moved it
-    image = sorted((tmp_path / "run" / "hospitals" / "hospital-0").rglob("*.png"))[0]
+    image = sorted((tmp_path / "run" / "hospitals" / "phantoms" / "hospital-0").rglob("*.png"))[0]
     result = CliRunner().invoke(app, ["predict", "--checkpoint", str(folder), "--cache", str(tmp_path / "cache"),
                                       "--json", str(image)])
     assert result.exit_code == 0, result.output
