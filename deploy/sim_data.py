@@ -27,6 +27,9 @@ from shared.errors import RetuneError
 from shared.labels import CHEXPERT5
 
 PHANTOMS_DIR = "phantoms"
+#: What gives small hospitals more images, per partition kind.
+_LARGER = {"iid": "fewer hospitals", "dirichlet": "fewer hospitals or a larger alpha",
+           "pathological": "fewer hospitals or a larger K"}
 PARTITION_FILE = "partition.json"
 SITE_MANIFEST = "manifest.csv"
 
@@ -188,8 +191,8 @@ def _hospitals(table: LabelTable, partition: Partition, labelled: dict, min_trai
                                            test, positives))
     if small:
         raise RetuneError(f"{len(small)} hospital(s) of {partition.spec.describe()} have fewer than "
-                          f"{min_train} training images or no test image: {', '.join(small)}; use fewer hospitals, a "
-                          "larger alpha, or --min-train-images")
+                          f"{min_train} training images or no test image: {', '.join(small)}; use "
+                          f"{_LARGER.get(partition.spec.kind, 'more data')}, or lower --min-train-images")
     _refuse_unlearnable(table, hospitals, partition, split)
     return tuple(hospitals)
 
