@@ -50,7 +50,7 @@ def simulate(
     images_per_hospital: int = _P.images_per_hospital,
     image_size: Annotated[int, typer.Option(help="Phantom image size in pixels.")] = _P.image_size,
     dp_epsilon: Annotated[Optional[float], typer.Option(help="DP-SGD with this ε budget (at --dp-hospitals, or every hospital).")] = None,
-    dp_hospitals: Annotated[str, typer.Option(help="Hospitals (from 0, comma-separated) that train with DP-SGD; default all.")] = "",
+    dp_hospitals: Annotated[str, typer.Option(help="Hospitals (numbers from 0, in the order of their names as report.json lists them; comma-separated) that train with DP-SGD; default all.")] = "",
     dp_delta: float = _P.dp_delta,
     dp_lr: Annotated[float, typer.Option(help="Local learning rate of hospitals under DP-SGD.")] = _F.dp_lr,
     secure_aggregation: Annotated[bool, typer.Option(help="Masked aggregation: the server sees only the sum.")] = False,
@@ -67,17 +67,28 @@ def simulate(
     from deploy.sim_data import prepare_data
     from deploy.simulate import (HOSPITALS_DIR, SimulationInterrupted, run_simulation, simulation_config,
                                  trainable_hospitals)
+    from research.poison import Poison
 
     source = SimulationData(str(data or ""), fmt, partition, hospital_labels, diseases or "", uncertain,
                             str(image_root or ""), str(metadata or ""), allow_outside_paths, splits, min_train_images)
-    if data is not None:
-        PartitionSpec.parse(partition, hospitals, seed)  # --partition and --hospitals, before anything is read
+    spec = PartitionSpec.parse(partition, hospitals, seed) if data is not None else None  # before anything is read
+
+    def plan_of(count: int) -> SimulationPlan:
+        plan = SimulationPlan(count, images_per_hospital, image_size, dp_epsilon, dp_delta,
+                              _hospital_list(dp_hospitals), poison, data=source)
+        if poison:
+            Poison.parse(poison, count)
+        return plan
+
+    # how many hospitals, where that is known before the data are read (a natural partition counts its column)
+    known = None if spec is not None and spec.kind == "natural" else (hospitals or _P.hospitals)
+    if known is not None:
+        plan_of(known)  # --dp-hospitals and --poison are checked before the data are read or written
     console = Console(stderr=True)
-    made = prepare_data(out / HOSPITALS_DIR, SimulationPlan(hospitals or _P.hospitals, images_per_hospital,
-                                                                 image_size, data=source), seed, console)
-    count = len(made.hospitals)
-    plan = SimulationPlan(count, images_per_hospital, image_size, dp_epsilon, dp_delta, _hospital_list(dp_hospitals),
-                          poison, data=source)  # --poison is checked first thing in the run
+    made = prepare_data(out / HOSPITALS_DIR, SimulationPlan(known or SimulationPlan.hospitals, images_per_hospital,
+                                                          image_size, data=source), seed, console)
+    plan = plan_of(len(made.hospitals))
+    count = plan.hospitals
     default_min = trainable_hospitals([h.labelled for h in made.hospitals], scenario, stages, made.diseases) \
         - bool(poison)
     own = {"diseases": ",".join(made.diseases)} if data is not None else {}

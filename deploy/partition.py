@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 from dataclasses import asdict, dataclass
 
+import datasets  # Flower Datasets' partitioners work on a Hugging Face Dataset
 import numpy as np
 import pandas as pd
+from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner,
+                                       PathologicalPartitioner)
 
 from shared.data.readers import LabelTable
 from shared.errors import RetuneError
@@ -74,7 +78,7 @@ class PartitionSpec:
             value = float(number) if kind == "dirichlet" else int(number)
         except ValueError:
             value = 0
-        if value <= 0:
+        if not (math.isfinite(value) and value > 0):
             what = "ALPHA, a positive number" if kind == "dirichlet" else "K, a positive whole number of classes"
             raise RetuneError(f"--partition {text!r}: {kind} needs {what} (e.g. {kind}:"
                               f"{'0.3' if kind == 'dirichlet' else '2'})")
@@ -131,14 +135,6 @@ def patient_classes(table: LabelTable, keys: pd.Series, by: str) -> pd.Series:
 def partition_table(table: LabelTable, spec: PartitionSpec, min_patients: int = 1) -> Partition:
     """Split ``table`` into hospitals by ``spec`` with Flower Datasets (one row per patient). A Dirichlet draw that
     leaves a hospital fewer than ``min_patients`` patients (at most an even share) is drawn again, up to 10 times."""
-    try:
-        import datasets  # Flower Datasets' partitioners work on a Hugging Face Dataset
-        from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
-                                               PathologicalPartitioner)
-    except ImportError:
-        raise RetuneError("retune simulate splits data into hospitals with Flower Datasets, which is not installed: "
-                          "pip install 'retune-fl[simulate]'") from None
-
     keys = patient_keys(table)
     order = pd.unique(keys)
     if spec.kind != "natural" and spec.hospitals > len(order):
@@ -147,21 +143,19 @@ def partition_table(table: LabelTable, spec: PartitionSpec, min_patients: int = 
     patients = pd.DataFrame({"patient_index": np.arange(len(order))}, index=order)
     if spec.kind == "natural":
         patients["natural"] = _natural_values(table, keys, spec.column).loc[order].to_numpy()
-        partitioner = NaturalIdPartitioner(partition_by="natural")
-    elif spec.kind == "iid":
-        partitioner = IidPartitioner(num_partitions=spec.hospitals)
-    else:
+        if patients["natural"].nunique() < 2:
+            raise RetuneError(f"--partition natural:{spec.column}: every image has the same {spec.column!r} "
+                              f"({patients['natural'].iloc[0]}), and a federation needs at least 2 hospitals; "
+                              "split it with iid, dirichlet:ALPHA or pathological:K and --hospitals N")
+    elif spec.kind != "iid":
         patients["class"] = patient_classes(table, keys, spec.by).loc[order].to_numpy()
-        partitioner = (DirichletPartitioner(num_partitions=spec.hospitals, partition_by="class", alpha=spec.alpha,
-                                            min_partition_size=max(1, min(min_patients, len(order) // spec.hospitals)),
-                                            seed=spec.seed)
-                       if spec.kind == "dirichlet" else
-                       PathologicalPartitioner(num_partitions=spec.hospitals, partition_by="class",
-                                               num_classes_per_partition=spec.classes, seed=spec.seed))
     dataset = datasets.Dataset.from_pandas(patients, preserve_index=False)
-    partitioner.dataset = dataset.shuffle(seed=spec.seed) if spec.kind == "iid" else dataset
     with contextlib.redirect_stderr(io.StringIO()):  # the partitioners' progress bars
         try:
+            partitioner = _partitioner(spec, len(order), min_patients)
+            # every kind but natural deals out patients in file order (Dirichlet and pathological a class's
+            # patients in one run each): shuffled by the seed, a file sorted by split or by id skews nothing
+            partitioner.dataset = dataset if spec.kind == "natural" else dataset.shuffle(seed=spec.seed)
             parts = [np.asarray(partitioner.load_partition(k)["patient_index"], dtype=np.int64)
                      for k in range(partitioner.num_partitions)]
         except ValueError as exc:  # e.g. Dirichlet could not give every hospital a patient in 10 draws
@@ -175,6 +169,20 @@ def partition_table(table: LabelTable, spec: PartitionSpec, min_patients: int = 
     kept = sum(len(r) for r in rows)
     return Partition(spec, tuple(names[k] for k in ranked), tuple(rows[k] for k in ranked),
                      tuple(len(parts[k]) for k in ranked), len(table) - kept)
+
+
+def _partitioner(spec: PartitionSpec, patients: int, min_patients: int) -> Partitioner:
+    """The Flower Datasets partitioner of ``spec`` over a dataset of ``patients`` rows."""
+    if spec.kind == "natural":
+        return NaturalIdPartitioner(partition_by="natural")
+    if spec.kind == "iid":
+        return IidPartitioner(num_partitions=spec.hospitals)
+    if spec.kind == "dirichlet":
+        return DirichletPartitioner(num_partitions=spec.hospitals, partition_by="class", alpha=spec.alpha, seed=spec.seed,
+                         min_partition_size=max(1, min(min_patients, patients // spec.hospitals)))
+    # the first class of hospital k is class k: with at least as many hospitals as classes, every class is kept
+    return PathologicalPartitioner(num_partitions=spec.hospitals, partition_by="class", num_classes_per_partition=spec.classes,
+                        class_assignment_mode="first-deterministic", seed=spec.seed)
 
 
 def _natural_values(table: LabelTable, keys: pd.Series, column: str) -> pd.Series:

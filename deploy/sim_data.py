@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +72,12 @@ def prepare_data(sim_dir: Path, plan: SimulationPlan, seed: int, console: Consol
     ``sim_dir``; the same settings give the same hospitals, and a run folder partitioned otherwise is refused."""
     data = plan.data
     if data.path:
-        table = _read(data)
         spec = PartitionSpec.parse(data.partition, None if data.partition.startswith("natural") else plan.hospitals,
                                    seed)
         labelled = hospital_labels(data.hospital_labels)
+        table = read_labels(data.path, data.format, data.diseases or None, data.uncertain, data.image_root or None,
+                            data.metadata or None, data.allow_outside_paths,
+                            keep=(spec.column,) if spec.kind == "natural" else ())
     else:
         if data.partition != "natural" or data.hospital_labels:
             raise RetuneError("--partition and --hospital-labels split a label file given with --data; without it "
@@ -104,6 +106,7 @@ def prepare_data(sim_dir: Path, plan: SimulationPlan, seed: int, console: Consol
                           f"which is not a hospital of this partition: {', '.join(partition.names)}")
     record = {**partition.record(), "source": str(Path(table.source).resolve()) if data.path else "phantoms",
               "format": table.format, "splits": data.splits, "sha256": _sha256(Path(table.source)),
+              "settings": asdict(data),
               "labelled": {name: list(labelled.get(name) or table.diseases) for name in partition.names}}
     _refuse_another_partition(sim_dir / PARTITION_FILE, record)
     simulated = _hospitals(table, partition, labelled, data.min_train_images, sim_dir)
@@ -155,11 +158,6 @@ def hospital_labels(text: str) -> dict[str, tuple[str, ...] | None]:
             raise RetuneError(f"--hospital-labels: {name} labels nothing; name its diseases or 'all'")
         out[name] = None if diseases == ("all",) else diseases
     return out
-
-
-def _read(data) -> LabelTable:
-    return read_labels(data.path, data.format, data.diseases or None, data.uncertain, data.image_root or None,
-                       data.metadata or None, data.allow_outside_paths)
 
 
 def _hospitals(table: LabelTable, partition: Partition, labelled: dict, min_train: int, sim_dir: Path

@@ -91,10 +91,12 @@ class _Parts(NamedTuple):
 
 def read_labels(path: str | os.PathLike, format: str = "auto", diseases: str | Sequence[str] | None = None,
                 uncertain: Uncertain = "ignore", image_root: str | os.PathLike | None = None,
-                metadata: str | os.PathLike | None = None, allow_outside_paths: bool = False) -> LabelTable:
+                metadata: str | os.PathLike | None = None, allow_outside_paths: bool = False,
+                keep: Sequence[str] = ()) -> LabelTable:
     """Read a label file. ``diseases`` (schema name, comma list or list) selects and orders the disease columns;
     ``image_root`` defaults to the label file's folder; ``metadata`` is MIMIC's metadata CSV; image references
-    that lead outside the image root are refused unless ``allow_outside_paths``."""
+    that lead outside the image root are refused unless ``allow_outside_paths``; ``keep`` names columns of a CSV
+    read row for row (manifest, chexpert, nih) to keep in the frame as text, never as diseases (a site, a scanner)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise RetuneError(f"label file {path} not found: check the path")
@@ -104,7 +106,8 @@ def read_labels(path: str | os.PathLike, format: str = "auto", diseases: str | S
     if fmt not in FORMATS:
         raise RetuneError(f"unknown label format {format!r}: use auto or one of {', '.join(FORMATS)}")
     root = Path(image_root).expanduser().resolve() if image_root else path.resolve().parent
-    parts = _READERS[fmt](path, root, Path(metadata).expanduser() if metadata else None)
+    parts = _keep_columns(_READERS[fmt](path, root, Path(metadata).expanduser() if metadata else None), path, fmt,
+                          keep)
     if parts.meta.empty:
         raise RetuneError(f"{path} has no rows: it holds no labelled images")
     requested = resolve_schema(diseases).diseases if diseases is not None else ()
@@ -115,6 +118,22 @@ def read_labels(path: str | os.PathLike, format: str = "auto", diseases: str | S
     raw = _parse_values(parts.values[list(columns)], names, path).set_axis(parts.meta.index)
     frame = pd.concat([parts.meta, apply_uncertain(raw, uncertain)], axis=1)
     return LabelTable(frame, names, fmt, str(path), raw, parts.notes)
+
+
+def _keep_columns(parts: _Parts, path: Path, fmt: str, keep: Sequence[str]) -> _Parts:
+    """``parts`` with each ``keep`` column of the file in its meta (absent columns are left for the caller to name)."""
+    wanted = [c for c in keep if c not in parts.meta]
+    if not wanted:
+        return parts
+    if fmt not in ("manifest", "chexpert", "nih"):
+        raise RetuneError(f"{path}: a {fmt} label file is not read row for row, so its column(s) {', '.join(wanted)} "
+                          "cannot be kept; write a manifest CSV with them")
+    source = read_csv(path, text=wanted)
+    meta = parts.meta.copy()
+    for column in (c for c in wanted if c in source):
+        meta[column] = source[column].astype("string").str.strip().loc[meta.index]
+    return parts._replace(meta=meta, values=parts.values.drop(columns=wanted, errors="ignore"),
+                          default=tuple(d for d in parts.default if d not in wanted))
 
 
 def detect_format(path: Path) -> str:

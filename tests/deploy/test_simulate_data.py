@@ -109,12 +109,14 @@ def test_skew_over_one_disease_and_pathological_classes(chexpert):
     shares = [np.nanmean(edema[rows] == 1) for rows in by_edema.rows]
     assert max(shares) - min(shares) > 0.2
     two = partition_table(table, PartitionSpec.parse("pathological:2", 3, seed=0))
-    classes = pd.Series(["+".join(d for d, v in zip(table.diseases, row) if v == 1) or "none"
-                         for row in table.labels()])
-    keys = patient_keys(table)
-    for rows in two.rows:  # a patient's class is what any of their images shows: at most 2 per hospital
-        per_patient = classes.iloc[rows].groupby(keys.iloc[rows].to_numpy()).agg(set)
-        assert len(per_patient) and all(len(c) >= 1 for c in per_patient)
+    positive = pd.DataFrame(table.labels() == 1, columns=list(table.diseases))
+    patient = table.frame["patient"].to_numpy()
+    for rows in two.rows:  # a patient's class: the diseases any of their images is positive for; 2 per hospital
+        classes = positive.iloc[rows].groupby(patient[rows]).any().apply(tuple, axis=1)
+        assert classes.nunique() == 2
+    one = partition_table(table, PartitionSpec.parse("pathological:1:Edema", 2, seed=0))
+    assert one.dropped_rows == 0  # hospital k's first class is class k: both Edema classes are kept
+    assert sorted({bool(np.any(edema[rows] == 1)) for rows in one.rows}) == [False, True]
     with pytest.raises(RetuneError, match="not one of the run's diseases"):
         partition_table(table, PartitionSpec.parse("dirichlet:0.3:Edemaa", 3, seed=0))
 
@@ -123,6 +125,8 @@ def test_skew_over_one_disease_and_pathological_classes(chexpert):
     ("natural", 3, "does not go with --partition natural"),
     ("dirichlet:0.3", None, "needs --hospitals"),
     ("dirichlet:-1", 4, "positive number"),
+    ("dirichlet:nan", 4, "positive number"),
+    ("dirichlet:inf", 4, "positive number"),
     ("pathological:x", 4, "whole number"),
     ("iid:3", 4, "takes no parameter"),
     ("kmeans", 4, "use natural"),
@@ -174,6 +178,54 @@ def test_a_run_folder_keeps_its_partition(chexpert, tmp_path):
         _prepare(tmp_path, SimulationData(**{**data.__dict__, "partition": "dirichlet:1.0"}), hospitals=4)
     with pytest.raises(RetuneError, match="hospitals were made otherwise .*seed"):
         prepare_data(tmp_path / HOSPITALS_DIR, SimulationPlan(hospitals=4, data=data), 1, QUIET)
+    with pytest.raises(RetuneError, match="hospitals were made otherwise .*settings"):  # other labels, same split
+        _prepare(tmp_path, SimulationData(**{**data.__dict__, "uncertain": "ones"}), hospitals=4)
+
+
+def test_a_file_sorted_by_split_gives_every_hospital_every_split(pool, tmp_path):
+    """Rows in file order train, then val, then test (as ChestMNIST stores them): the patients are shuffled by the
+    seed before Flower Datasets deals them out, so no hospital gets only one split."""
+    frame = pd.read_csv(pool, dtype={"patient": str})
+    frame.sort_values("split", key=lambda s: s.map({"train": 0, "val": 1, "test": 2}), kind="stable").to_csv(
+        pool.parent / "sorted.csv", index=False)
+    for partition in ("dirichlet:0.5", "pathological:1:Edema", "iid"):
+        made = _prepare(tmp_path / partition.replace(":", "-"),
+                        SimulationData(str(pool.parent / "sorted.csv"), partition=partition), hospitals=3)
+        assert all(h.train_images >= 20 and h.test_images > 0 for h in made.hospitals), partition
+
+
+def test_chestmnist_through_prepare_data(tmp_path):
+    """The README's ChestMNIST command: images inside the .npz, one patient per image, official splits stored in
+    order; every hospital gets train and test images, and the '::' references reach its manifest."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 300), ("val", 40), ("test", 90)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (rng.random((n, 14)) < 0.25).astype(np.uint8)
+    np.savez(tmp_path / "chestmnist.npz", **arrays)
+    made = _prepare(tmp_path / "run", SimulationData(str(tmp_path / "chestmnist.npz"),
+                                                     partition="dirichlet:0.5:Effusion"), hospitals=4)
+    assert all(h.test_images > 0 for h in made.hospitals)
+    manifest = pd.read_csv(made.hospitals[0].manifest)
+    assert manifest["image"].str.contains(r"chestmnist\.npz::(?:train|val|test)_images::\d+$").all()
+    assert read_labels(made.hospitals[0].manifest, allow_outside_paths=True).diseases == made.diseases
+
+
+def test_natural_partition_by_another_column(pool, tmp_path):
+    """A manifest's own 'site' column (text, not a disease) and CheXpert's 'AP/PA' each make a natural partition."""
+    frame = pd.read_csv(pool, dtype={"patient": str})
+    frame.rename(columns={"hospital": "site"}).to_csv(pool.parent / "by-site.csv", index=False)
+    made = _prepare(tmp_path / "site", SimulationData(str(pool.parent / "by-site.csv"), partition="natural:site"))
+    assert [h.name for h in made.hospitals] == ["general", "north", "St-Mary-s"] and made.diseases == CHEXPERT5
+    chexpert = pd.read_csv(pool.parent / "CheXpert-v1.0-small" / "train.csv")
+    chexpert["AP/PA"] = np.where(np.arange(len(chexpert)) // 3 % 2 == 0, "AP", "PA")  # per patient
+    chexpert.to_csv(pool.parent / "CheXpert-v1.0-small" / "views.csv", index=False)
+    views = _prepare(tmp_path / "view", SimulationData(str(pool.parent / "CheXpert-v1.0-small" / "views.csv"),
+                                                       partition="natural:AP/PA", splits="hash"))
+    assert [h.name for h in views.hospitals] == ["AP", "PA"] and [h.patients for h in views.hospitals] == [80, 80]
+    with pytest.raises(RetuneError, match="every image has the same 'hospital' \\(general\\).*at least 2"):
+        frame.assign(hospital="general").to_csv(pool.parent / "one-site.csv", index=False)
+        _prepare(tmp_path / "one", SimulationData(str(pool.parent / "one-site.csv")))
 
 
 def test_phantoms_cannot_be_repartitioned_in_place(tmp_path):
