@@ -39,24 +39,27 @@ from shared.config import (ADAPTOR_KINDS, OFFLINE_DEFAULT, AdaptorConfig, EmbedC
                            TrainConfig, continual_method, default_cache_dir)
 from shared.errors import RetuneError
 
+#: ``retune --help`` groups the commands by who runs them.
+RESEARCHER, HOSPITAL_IT, OPERATOR = "Researchers", "Hospital IT", "Consortium operators"
 app = typer.Typer(help="Federated RE-tune fine-tuning of chest X-ray vision-language models.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-app.add_typer(data_app, name="data")
-app.add_typer(audit_app, name="audit")
-app.add_typer(hospital_app, name="hospital")
-app.add_typer(server_app, name="server")
-app.add_typer(federation_app, name="federation")
-app.add_typer(vqa_app, name="vqa")
-app.command()(ask)
-app.command()(gateway)
-app.command()(roster)
-app.command()(simulate)
-app.command()(approve)
-app.command()(redteam)
-app.command()(keys)
-app.command(name="build-backbone")(build_backbone)
-app.command()(certs)
-app.command(help="Write procedurally generated phantom chest X-rays and their manifest.csv (offline demo data).")(phantom)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown")
+app.command(rich_help_panel=RESEARCHER)(simulate)
+app.add_typer(data_app, name="data", rich_help_panel=HOSPITAL_IT)
+app.command(rich_help_panel=HOSPITAL_IT)(approve)
+app.add_typer(hospital_app, name="hospital", rich_help_panel=HOSPITAL_IT)
+app.add_typer(audit_app, name="audit", rich_help_panel=HOSPITAL_IT)
+app.command(rich_help_panel=HOSPITAL_IT)(redteam)
+app.add_typer(federation_app, name="federation", rich_help_panel=OPERATOR)
+app.add_typer(server_app, name="server", rich_help_panel=OPERATOR)
+app.command(rich_help_panel=OPERATOR)(keys)
+app.command(rich_help_panel=OPERATOR)(certs)
+app.command(rich_help_panel=OPERATOR)(roster)
+app.command(rich_help_panel=OPERATOR)(gateway)
+app.command(rich_help_panel=RESEARCHER, help="Write procedurally generated phantom chest X-rays and their "
+            "manifest.csv (offline demo data).")(phantom)
+app.command(name="build-backbone", rich_help_panel=RESEARCHER)(build_backbone)
+app.add_typer(vqa_app, name="vqa", rich_help_panel=RESEARCHER)
+app.command(rich_help_panel=RESEARCHER)(ask)
 console = Console(stderr=True)
 
 _T, _A, _F = TrainConfig(), AdaptorConfig(), FederationConfig()
@@ -104,7 +107,7 @@ def _auroc_table(title: str, metrics: dict) -> Table:
     return table
 
 
-@app.command()
+@app.command(rich_help_panel=RESEARCHER)
 def embed(data: DataOpt, cache: CacheOpt = default_cache_dir(), backbone: BackboneOpt = OFFLINE_DEFAULT,
           fmt: FormatOpt = "auto", image_root: ImageRootOpt = None, on_bad_file: BadFileOpt = "skip",
           max_pixels: MaxPixelsOpt = EmbedConfig.max_pixels, allow_outside_paths: OutsideOpt = False) -> None:
@@ -117,7 +120,7 @@ def embed(data: DataOpt, cache: CacheOpt = default_cache_dir(), backbone: Backbo
     print(json.dumps(summary, indent=2))
 
 
-@app.command()
+@app.command(rich_help_panel=RESEARCHER)
 def train(
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Output folder: metrics.json, metrics.png, adaptors.safetensors + .json.")],
@@ -171,7 +174,7 @@ def train(
                   f"metrics.png and the adaptors checkpoint")
 
 
-@app.command()
+@app.command(rich_help_panel=RESEARCHER)
 def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="Folder holding adaptors.safetensors and adaptors.json.")],
     data: DataOpt, split: Annotated[str, typer.Option(help="train|val|test|all")] = "test",
@@ -206,7 +209,7 @@ def evaluate(
     print(json.dumps(metrics, indent=2))
 
 
-@app.command()
+@app.command(rich_help_panel=RESEARCHER)
 def predict(
     images: Annotated[list[Path], typer.Argument(help="PNG/JPEG/DICOM files.")],
     checkpoint: Annotated[Path, typer.Option(help="Folder holding adaptors.safetensors and adaptors.json.")],

@@ -84,7 +84,7 @@ def simulate(
     known = None if spec is not None and spec.kind == "natural" else (hospitals or _P.hospitals)
     if known is not None:
         plan_of(known)  # --dp-hospitals and --poison are checked before the data are read or written
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a line per figure, unbroken in a log or a pipe
     made = prepare_data(out / HOSPITALS_DIR, SimulationPlan(known or SimulationPlan.hospitals, images_per_hospital,
                                                           image_size, data=source), seed, console)
     plan = plan_of(len(made.hospitals))

@@ -154,7 +154,7 @@ def _progress_table(config: FederationConfig, history: list[dict], baselines: di
         table.add_row(str(r["stage"] + 1), str(r["round"] + 1), str(r["clients"]),
                       f"{r['macro_auroc']:.3f}" if r["macro_auroc"] is not None else "-",
                       f"{r['bytes_up']:,}", f"{r['wall_s']:.1f}")
-    table.caption = " · ".join(f"{name} {b['macro_auroc']:.3f}" for name, b in baselines.items())
+    table.caption = " · ".join(f"{name.replace('_', '-')} {b['macro_auroc']:.3f}" for name, b in baselines.items())
     return table
 
 
@@ -244,6 +244,8 @@ def run_simulation(config: FederationConfig, plan: SimulationPlan, console: Cons
                   make_client_app(config, client_mods), plan.hospitals,
                   workers=min(plan.hospitals, os.cpu_count() or 1), run_id=secrets.randbits(63))
         federation_s = time.perf_counter() - fed_start
+    if not console.is_terminal:  # Live leaves its last line (the table's caption) open where nothing redraws it
+        console.line()
     state = RunState.open(config, None, key)
     if not state.done:
         raise RuntimeError(f"the federation stopped before its last round; see the log above ({out})")

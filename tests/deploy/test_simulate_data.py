@@ -277,6 +277,9 @@ def test_chexpert_with_dirichlet_over_four_hospitals(chexpert, tmp_path):
             "--out", str(out)]
     done = retune(*args, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()  # a pipe, not a terminal: the last lines are whole, one figure each
+    assert any(line.startswith("trained retune: ") for line in lines), done.stderr[-2000:]
+    assert any(line.startswith("final macro AUROC ") and line.endswith(" s/round") for line in lines)
     report = json.loads((out / "report.json").read_text())
     assert report["partition"]["kind"] == "dirichlet" and report["partition"]["alpha"] == 0.3
     assert report["final"]["macro_auroc"] is not None and len(report["hospitals"]) == 4
