@@ -25,15 +25,6 @@ COUNTS = (10, 20, 30)
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What a ServerApp process has: Flower stamps every new Message with the task's run id."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for field, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, field, value)
-
-
 class _Nodes:
     """All a strategy's ``configure_train`` asks of the grid."""
 

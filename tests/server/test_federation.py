@@ -27,15 +27,6 @@ BACKBONE, OTHER = "aa" * 32, "bb" * 32
 Behaviour = Callable[[Message, int], Message | None]
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What a ServerApp process has: Flower stamps every new Message with the task's run id."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for field, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, field, value)
-
-
 def honest(name: str, backbone: str = BACKBONE, scale: float = 1.0) -> Behaviour:
     def reply(msg: Message, _round: int) -> Message:
         metrics = {NUM_EXAMPLES: 10, "train-loss": 0.5}

@@ -235,17 +235,6 @@ class LocalGrid:
         return replies
 
 
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Outside a ServerApp, messages need the identity Flower gives the server process (restored after)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _run(grid: LocalGrid, round_: int = 1) -> SecureRound:
     return secure_round(grid, grid.get_node_ids(), train_content(round_), round_, timeout=1)  # replies are instant
 

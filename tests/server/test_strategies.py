@@ -18,15 +18,6 @@ BACKBONE = "aa" * 32
 HOSPITALS = 8  # Bulyan tolerates one Byzantine hospital from 4f + 3 = 7, also after refusing one
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What a ServerApp process has: Flower stamps every new Message with the task's run id."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for field, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, field, value)
-
-
 #: The dtype replies cross the wire in (the strategies decode them to float32).
 WIRE = FederationConfig().wire_dtype
 
