@@ -121,7 +121,7 @@ class AdaptorStrategy:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        screened: list[tuple[Message, int]] = []
+        screened: list[tuple[Message, ArrayRecord, int]] = []  # reply, its decoded arrays, its example count
         for msg in sorted(replies, key=reply_order):
             if msg.has_error():
                 continue
