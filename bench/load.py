@@ -88,7 +88,7 @@ def simulation(root: Path, hospitals: int, images: int) -> dict:
 
 def deployment(root: Path, hospitals: int, images: int, rounds_per_stage: int = 2) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from deploy.federation import CONNECTION, Layout, down, up
+    from deploy.launcher import CONNECTION, Layout, down, up
     from server.state import STATE
 
     fed = root / "fed"

@@ -38,7 +38,7 @@ def up(
     floor: FloorOpt = None,
 ) -> None:
     """Start the federation (or restart what is not running), then say how to submit a run."""
-    from deploy.federation import CONNECTION, Layout, up as start
+    from deploy.launcher import CONNECTION, Layout, up as start
 
     with console.status("bringing the federation up (first time: keys, phantom data, embeddings)"):
         record = start(dir, hospitals, images, image_size, app=app, backbone=backbone, dp_epsilon=dp_epsilon,
@@ -58,7 +58,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Processes, connected hospitals and runs (with their Flower status)."""
-    from deploy.federation import status as read
+    from deploy.launcher import status as read
 
     state = read(dir)
     if as_json:
@@ -101,7 +101,7 @@ def compose(
 @federation_app.command()
 def down(dir: DirOpt) -> None:
     """Stop exactly the processes `up` started; keys, data, logs and state stay."""
-    from deploy.federation import down as stop
+    from deploy.launcher import down as stop
 
     stopped = stop(dir)
     console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")

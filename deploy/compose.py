@@ -2,7 +2,7 @@
 compose``): the same programs with the same flags, container paths instead of host paths.
 
 Files come read-only from a folder laid out as ``retune federation up`` lays out its ``--dir``
-(:class:`deploy.federation.Layout`, here ``./federation``): the operator's ``server/certs`` (``retune certs``) and
+(:class:`deploy.launcher.Layout`, here ``./federation``): the operator's ``server/certs`` (``retune certs``) and
 ``server/keys`` (``retune keys``), and each hospital's ``hospital-K/keys`` (``retune hospital keys``) with the
 ``ca.crt`` and ``consortium.pub`` the operator handed it. Each container mounts only what its process reads: the
 signing key and the operator's approved app packages only in ``serverapp`` (the consortium's own ServerApp
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy.federation import Layout
+from deploy.launcher import Layout
 from deploy.topology import (GATEWAY_PORT, QUIET_ENV, SUPERLINK_PORT, HospitalFiles, ServerFiles, Service, address,
                              hospital_floors, hospital_services, server_services)
 

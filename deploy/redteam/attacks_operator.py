@@ -51,7 +51,7 @@ def _package_with(bench: Bench, name: str, changes: dict[str, Callable[[bytes], 
         "consortium's signing key, to sign rounds and checkpoints as the consortium")
 def signing_key(bench: Bench) -> tuple[bool, str]:
     from deploy.topology import server_services
-    from deploy.federation import Layout
+    from deploy.launcher import Layout
 
     files = Layout(bench.root / "operator").server_files()
     exposed = [s.name for s in server_services(files, "127.0.0.1", "127.0.0.1", "127.0.0.1")

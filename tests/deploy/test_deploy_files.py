@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from deploy.compose import FILES_DIR, HOSPITAL, SERVER, render
-from deploy.federation import Layout
+from deploy.launcher import Layout
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"

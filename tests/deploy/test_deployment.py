@@ -34,7 +34,7 @@ from safetensors.numpy import load_file
 from client.audit import REFUSED, SENT, AuditLog, verify_log
 from client.runtime import HospitalRuntime
 from shared.task_runtime import RuntimeSettings
-from deploy.federation import BIN, CONNECTION, Layout, down, load_record, status, up
+from deploy.launcher import BIN, CONNECTION, Layout, down, load_record, status, up
 from deploy.processes import Process, free_port
 from server.state import STATE
 from shared.signing import verify_checkpoint
