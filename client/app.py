@@ -111,9 +111,10 @@ def make_client_app(config: FederationConfig | None = None, mods: list[Mod] | No
             run = run_identity(cfg.to_run_config())
             key = released_key(run, stage, round_, arrays_digest(msg.content[ARRAYS]).hex())
             try:
-                noisy_examples, _ = release_dp_round(model, embeddings, targets.labels, site.prompts, train_config,
-                                                     ledger, rounds_left, (run, stage, round_), key,
-                                                     site.settings.floor.dp_count_noise, targets.weights)
+                noisy_examples, _ = release_dp_round(
+                    model, embeddings, targets.labels, prompts=site.prompts, config=train_config, privacy=ledger,
+                    rounds_left=rounds_left, where=(run, stage, round_), key=key,
+                    count_noise=site.settings.floor.dp_count_noise, weights=targets.weights)
             except BudgetExhausted as exc:  # a deliberate decline: the server learns that, the detail stays here
                 return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{DECLINED_BUDGET}: {exc}"),
                                reply_to=msg), data

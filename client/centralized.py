@@ -33,7 +33,7 @@ def zero_shot_metrics(test: Split, prompts: Prompts, diseases: tuple[str, ...]) 
     return classification_metrics(logits, test.labels, diseases)
 
 
-def train_centralized(train: Split, test: Split, prompts: Prompts, diseases: tuple[str, ...],
+def train_centralized(train: Split, test: Split, prompts: Prompts, diseases: tuple[str, ...], *,
                       scenario: Scenario = "joint", train_config: TrainConfig = TrainConfig(),
                       adaptor_config: AdaptorConfig = AdaptorConfig(), n_tasks: int | None = None,
                       device: torch.device | str = "cpu", on_task_done=None, kind: str = "retune",
@@ -46,8 +46,9 @@ def train_centralized(train: Split, test: Split, prompts: Prompts, diseases: tup
     model = build_model(train.embeddings.shape[1], adaptor_config, kind, lora, clip, train_config.seed)
     tasks = make_tasks(scenario, train.labels, len(test.labels), diseases, n_tasks, train_config.seed)
     start = time.perf_counter()
-    result = run_scenario(model, tasks, train, test, prompts, diseases, train_config, device, on_task_done,
-                          continual, lwf_weight)
+    result = run_scenario(model, tasks, train=train, test=test, prompts=prompts, diseases=diseases,
+                          config=train_config, device=device, on_task_done=on_task_done, continual=continual,
+                          lwf_weight=lwf_weight)
     train_s = time.perf_counter() - start
     metrics = classification_metrics(result.final_logits, test.labels, diseases)
     zero = zero_shot_metrics(test, prompts, diseases)

@@ -102,7 +102,7 @@ def train_adaptors_dp(model: RetuneModel, embeddings: np.ndarray, labels: np.nda
         return DPRound(history, ledger.commit(*entries), examples)
 
 
-def release_dp_round(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, prompts: Prompts,
+def release_dp_round(model: RetuneModel, embeddings: np.ndarray, labels: np.ndarray, *, prompts: Prompts,
                      config: TrainConfig, privacy: HospitalPrivacy, rounds_left: int, where: tuple[str, int, int],
                      key: str, count_noise: float, weights: np.ndarray | None = None) -> tuple[int, bool]:
     """Set ``model`` to this round's noisy adaptors; returns (the noisy example count to report, whether both were

@@ -54,7 +54,7 @@ def task_auroc(logits: np.ndarray, test: Split, task: Task, diseases: tuple[str,
     return macro({d: aurocs[d] for d in task.scored})
 
 
-def run_scenario(model: RetuneModel, tasks: list[Task], train: Split, test: Split, prompts: Prompts,
+def run_scenario(model: RetuneModel, tasks: list[Task], *, train: Split, test: Split, prompts: Prompts,
                  diseases: tuple[str, ...], config: TrainConfig, device: torch.device | str = "cpu",
                  on_task_done=None, continual: str = "none", lwf_weight: float = FederationConfig.lwf_weight) -> ScenarioResult:
     """Train ``model`` through ``tasks`` in order, keeping earlier tasks' diseases by the ``continual`` method

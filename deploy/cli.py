@@ -158,9 +158,10 @@ def train(
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     adaptor_config = AdaptorConfig(kind=adaptor)  # type: ignore[arg-type]
     with console.status(f"training adaptors ({scenario})"):
-        run = train_centralized(splits["train"], splits["test"], prompts, table.diseases, scenario,  # type: ignore[arg-type]
-                                train_config, adaptor_config, tasks, bb.device, kind=adaptor_kind, lora=lora,
-                                clip=bb.model, continual=method, lwf_weight=lwf_weight)
+        run = train_centralized(splits["train"], splits["test"], prompts, table.diseases,
+                                scenario=scenario, train_config=train_config,  # type: ignore[arg-type]
+                                adaptor_config=adaptor_config, n_tasks=tasks, device=bb.device, kind=adaptor_kind,
+                                lora=lora, clip=bb.model, continual=method, lwf_weight=lwf_weight)
     metrics = {**run.metrics, "backbone": bb.describe(), "embed_s": embed_s, "embed_precision": store.precision,
                "train_config": {f.name: getattr(train_config, f.name) for f in fields(train_config)},
                "data": {"source": str(data), "format": table.format, "diseases": list(table.diseases),

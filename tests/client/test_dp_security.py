@@ -144,7 +144,9 @@ def test_a_round_asked_again_gets_the_same_update_and_no_new_charge(tmp_path, da
     torch.manual_seed(7)
     again = RetuneModel(DIM, AdaptorConfig(init="random"))  # weights of its own, which the release must replace
     fresh = RetuneModel(DIM).state_dict()
-    examples, reused = release_dp_round(first, x, y, prompts, config, privacy, 2, ("run-identity", 0, 0), key, 5.0)
+    release = {"prompts": prompts, "config": config, "privacy": privacy, "rounds_left": 2,
+               "where": ("run-identity", 0, 0), "count_noise": 5.0}
+    examples, reused = release_dp_round(first, x, y, key=key, **release)
     epsilon = privacy.epsilon()
     assert not reused and len(privacy.spent) == 2  # the update's steps and the noisy count, charged together
     assert [s.sample_rate for s in privacy.spent] == [pytest.approx(100 / len(x)), 1.0]
@@ -153,13 +155,12 @@ def test_a_round_asked_again_gets_the_same_update_and_no_new_charge(tmp_path, da
     assert set(kept) == set(sent) and all(np.array_equal(kept[name], sent[name].numpy()) for name in sent)
     assert kept_examples == examples and examples >= 1
     assert all(not torch.equal(sent[name], fresh[name]) for name in sent)  # trained and noised: not the start
-    examples_again, reused = release_dp_round(again, x, y, prompts, config, privacy, 2, ("run-identity", 0, 0), key,
-                                              5.0)
+    examples_again, reused = release_dp_round(again, x, y, key=key, **release)
     assert reused and examples_again == examples and privacy.epsilon() == epsilon and len(privacy.spent) == 2
     for name, value in again.state_dict().items():
         assert torch.equal(value, sent[name]), name
     changed = released_key("run-identity", 0, 0, "other global adaptors")  # same round, other adaptors: a new release
-    release_dp_round(other, x, y, prompts, config, privacy, 2, ("run-identity", 0, 0), changed, 5.0)
+    release_dp_round(other, x, y, key=changed, **release)
     assert len(privacy.spent) == 4
 
 

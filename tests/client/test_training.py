@@ -68,7 +68,8 @@ def test_rows_without_any_label_are_dropped(prompts):
 def test_incremental_scenarios_report_task_matrix_and_forgetting(prompts):
     train, test = _synthetic(900, 0), _synthetic(300, 1)
     for scenario, n_tasks in (("class", 3), ("label", 3), ("data", 3)):
-        run = train_centralized(train, test, prompts, DISEASES, scenario, TrainConfig(epochs=3), n_tasks=3)
+        run = train_centralized(train, test, prompts, DISEASES, scenario=scenario, train_config=TrainConfig(epochs=3),
+                                n_tasks=3)
         tasks = make_tasks(scenario, train.labels, len(test.labels), DISEASES, 3, 0)
         assert run.metrics["tasks"] == [t.name for t in tasks] and len(set(run.metrics["tasks"])) == n_tasks
         matrix = run.metrics["task_matrix"]

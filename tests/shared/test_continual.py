@@ -67,7 +67,8 @@ def test_with_lwf_the_old_diseases_scores_move_less_while_the_new_one_learns():
     for method in ("none", "lwf"):
         torch.manual_seed(0)
         model = RetuneModel(16)
-        run_scenario(model, tasks[:1], train, test, prompts, DISEASES, config)  # stage 1: disease A
+        # stage 1: disease A
+        run_scenario(model, tasks[:1], train=train, test=test, prompts=prompts, diseases=DISEASES, config=config)
         before = predict_logits(model, test.embeddings, prompts)
         rows = tasks[1].train_rows  # stage 2: disease B only
         labels_b = supervise(train.labels[rows], DISEASES, tasks[1].supervised)
@@ -108,7 +109,8 @@ def test_replay_trains_the_earlier_stages_images_on_their_own_labels_during_a_la
     for method in ("none", "lwf", "replay"):
         torch.manual_seed(0)
         model = RetuneModel(16)
-        run_scenario(model, tasks[:2], train, test, prompts, DISEASES, config, continual=method, lwf_weight=1.0)
+        run_scenario(model, tasks[:2], train=train, test=test, prompts=prompts, diseases=DISEASES, config=config,
+                     continual=method, lwf_weight=1.0)
         logits = torch.as_tensor(predict_logits(model, train.embeddings[tasks[0].train_rows], prompts))
         loss[method] = float(masked_bce(logits, first))  # disease A on stage 1's images, after stage 2
     assert loss["replay"] < 0.5 * loss["lwf"] and loss["replay"] < 0.5 * loss["none"]
