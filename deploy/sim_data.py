@@ -9,7 +9,6 @@ simulated SuperNode reads like any hospital's label file. Phantom hospitals are 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tomllib
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import pandas as pd
 from rich.console import Console
 
 from deploy.partition import Partition, PartitionSpec, partition_table, patient_keys
+from shared.artifact import sha256_file
 from shared.config import SimulationPlan
 from shared.data.names import did_you_mean
 from shared.data.readers import LabelTable, patient_split, read_labels
@@ -105,7 +105,7 @@ def prepare_data(sim_dir: Path, plan: SimulationPlan, seed: int, console: Consol
         raise RetuneError(f"--hospital-labels names {unknown[0]!r}{did_you_mean(unknown[0], partition.names)}, "
                           f"which is not a hospital of this partition: {', '.join(partition.names)}")
     record = {**partition.record(), "source": str(Path(table.source).resolve()) if data.path else "phantoms",
-              "format": table.format, "splits": data.splits, "sha256": _sha256(Path(table.source)),
+              "format": table.format, "splits": data.splits, "sha256": sha256_file(Path(table.source)),
               "settings": asdict(data),
               "labelled": {name: list(labelled.get(name) or table.diseases) for name in partition.names}}
     _refuse_another_partition(sim_dir / PARTITION_FILE, record)
@@ -206,14 +206,6 @@ def _refuse_unlearnable(table: LabelTable, hospitals: list[SimulatedHospital], p
         raise RetuneError(f"no hospital has a positive training image it labels of {', '.join(map(repr, unlearnable))}: "
                           "such a disease cannot be learnt; leave it out with --diseases, or label it somewhere "
                           "(--hospital-labels)")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _refuse_another_partition(path: Path, record: dict) -> None:
