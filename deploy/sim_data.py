@@ -162,50 +162,44 @@ def hospital_labels(text: str) -> dict[str, tuple[str, ...] | None]:
 
 def _hospitals(table: LabelTable, partition: Partition, labelled: dict, min_train: int, sim_dir: Path
                ) -> tuple[SimulatedHospital, ...]:
-    """Write each hospital's manifest; refuse hospitals too small to train and diseases nobody can learn."""
-    frame, labels = table.frame, table.labels()
-    split = frame["split"].to_numpy()
-    keys = patient_keys(table).to_numpy()
-    hospitals, small = [], []
-    for k, (name, rows) in enumerate(zip(partition.names, partition.rows)):
-        chosen = labelled.get(name) or table.diseases
-        for disease in chosen:
+    """Each hospital's rows with what it labels; hospitals too small to train and diseases nobody can learn are
+    refused before any manifest is written."""
+    labels, split = table.labels(), table.frame["split"].to_numpy()
+    for name, chosen in labelled.items():
+        for disease in chosen or ():
             if disease not in table.diseases:
                 raise RetuneError(f"--hospital-labels: {name} labels {disease!r}{did_you_mean(disease, table.diseases)}, "
                                   f"which is not a disease of this run: {', '.join(table.diseases)}")
-        mine = np.where(np.isin(table.diseases, chosen), labels[rows], np.nan)
-        folder = sim_dir / f"hospital-{k}"
-        folder.mkdir(parents=True, exist_ok=True)
-        site = pd.DataFrame({"image": frame["image"].to_numpy()[rows], "split": split[rows],
-                             "patient": keys[rows], "hospital": name})
-        site = pd.concat([site, pd.DataFrame(mine, columns=list(table.diseases)).astype("Int64")], axis=1)
-        site.to_csv(folder / SITE_MANIFEST, index=False)
-        train, test = int((split[rows] == "train").sum()), int((split[rows] == "test").sum())
-        if train < min_train or test == 0:
-            small.append(f"{name} ({train} training, {test} test)")
-        positives = {d: int(np.nansum(mine[:, c] == 1)) if d in chosen else None
-                     for c, d in enumerate(table.diseases)}
-        hospitals.append(SimulatedHospital(name, folder / SITE_MANIFEST, tuple(chosen), partition.patients[k], train,
-                                           test, positives))
+    # each hospital's labels, NaN where it does not label the disease
+    masked = [np.where(np.isin(table.diseases, labelled.get(name) or table.diseases), labels[rows], np.nan)
+              for name, rows in zip(partition.names, partition.rows)]
+    counts = [(int(np.sum(split[rows] == "train")), int(np.sum(split[rows] == "test"))) for rows in partition.rows]
+    small = [f"{name} ({train} training, {test} test)" for name, (train, test) in zip(partition.names, counts)
+             if train < min_train or test == 0]
     if small:
         raise RetuneError(f"{len(small)} hospital(s) of {partition.spec.describe()} have fewer than "
                           f"{min_train} training images or no test image: {', '.join(small)}; use "
                           f"{_LARGER.get(partition.spec.kind, 'more data')}, or lower --min-train-images")
-    _refuse_unlearnable(table, hospitals, partition, split)
+    learnt = np.logical_or.reduce([np.any(mine[split[rows] == "train"] == 1, axis=0)
+                                   for mine, rows in zip(masked, partition.rows)])
+    if not learnt.all():
+        unlearnable = ", ".join(repr(d) for d, ok in zip(table.diseases, learnt) if not ok)
+        raise RetuneError(f"no hospital has a positive training image it labels of {unlearnable}: such a disease "
+                          "cannot be learnt; leave it out with --diseases, or label it somewhere (--hospital-labels)")
+    keys = patient_keys(table).to_numpy()
+    hospitals = []
+    for k, (name, rows, mine, (train, test)) in enumerate(zip(partition.names, partition.rows, masked, counts)):
+        folder = sim_dir / f"hospital-{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        site = pd.DataFrame({"image": table.frame["image"].to_numpy()[rows], "split": split[rows],
+                             "patient": keys[rows], "hospital": name})
+        pd.concat([site, pd.DataFrame(mine, columns=list(table.diseases)).astype("Int64")], axis=1).to_csv(
+            folder / SITE_MANIFEST, index=False)
+        chosen = labelled.get(name) or table.diseases
+        positives = {d: int(np.sum(mine[:, c] == 1)) if d in chosen else None for c, d in enumerate(table.diseases)}
+        hospitals.append(SimulatedHospital(name, folder / SITE_MANIFEST, tuple(chosen), partition.patients[k], train,
+                                           test, positives))
     return tuple(hospitals)
-
-
-def _refuse_unlearnable(table: LabelTable, hospitals: list[SimulatedHospital], partition: Partition,
-                        split: np.ndarray) -> None:
-    """A disease with no positive training image at any hospital that labels it cannot be learnt: name it."""
-    labels = table.labels()
-    unlearnable = [disease for c, disease in enumerate(table.diseases)
-                   if not any(np.any(labels[rows][split[rows] == "train", c] == 1)
-                              for h, rows in zip(hospitals, partition.rows) if disease in h.labelled)]
-    if unlearnable:
-        raise RetuneError(f"no hospital has a positive training image it labels of {', '.join(map(repr, unlearnable))}: "
-                          "such a disease cannot be learnt; leave it out with --diseases, or label it somewhere "
-                          "(--hospital-labels)")
 
 
 def _refuse_another_partition(path: Path, record: dict) -> None:
