@@ -80,14 +80,15 @@ def simulate(
             Poison.parse(poison, count)
         return plan
 
-    # how many hospitals, where that is known before the data are read (a natural partition counts its column)
-    known = None if spec is not None and spec.kind == "natural" else (hospitals or _P.hospitals)
-    if known is not None:
-        plan_of(known)  # --dp-hospitals and --poison are checked before the data are read or written
+    # the hospitals are counted before the data are read (and --dp-hospitals and --poison checked against them),
+    # except in a natural partition, whose column's values are the hospitals
+    natural = spec is not None and spec.kind == "natural"
+    plan = SimulationPlan(images_per_hospital=images_per_hospital, image_size=image_size, data=source) if natural \
+        else plan_of(hospitals or _P.hospitals)
     console = Console(stderr=True, soft_wrap=True)  # a line per figure, unbroken in a log or a pipe
-    made = prepare_data(out / HOSPITALS_DIR, SimulationPlan(known or SimulationPlan.hospitals, images_per_hospital,
-                                                          image_size, data=source), seed, console)
-    plan = plan_of(len(made.hospitals))
+    made = prepare_data(out / HOSPITALS_DIR, plan, seed, console)
+    if natural:
+        plan = plan_of(len(made.hospitals))
     count = plan.hospitals
     default_min = trainable_hospitals([h.labelled for h in made.hospitals], scenario, stages, made.diseases) \
         - bool(poison)
